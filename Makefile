@@ -1,0 +1,32 @@
+# Two commands: `make demo` and `make test`. Each creates .venv and installs what it needs on first use.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.clex-installed
+QUIET_PIP = $(PY) -m pip install -q --disable-pip-version-check
+
+.PHONY: demo test lint bench setup clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@echo "setting up $(VENV) (first run only; log in $(VENV)/install.log)"
+	@( $(QUIET_PIP) torch==2.13.0 && $(QUIET_PIP) -e '.[train,dev]' ) > $(VENV)/install.log 2>&1 \
+		|| { tail -40 $(VENV)/install.log; exit 1; }
+	@touch $(STAMP)
+
+demo: $(STAMP)
+	@$(VENV)/bin/clex demo
+
+test: $(STAMP)
+	@$(PY) -m pytest
+
+lint: $(STAMP)
+	@$(VENV)/bin/ruff check src tests benchmarks
+
+bench: $(STAMP)
+	@$(PY) benchmarks/overhead.py
+
+clean:
+	rm -rf $(VENV) build src/*.egg-info .pytest_cache

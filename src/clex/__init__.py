@@ -1,0 +1,24 @@
+"""clex: CLEX (Continuous Length EXtrapolation) and the standard RoPE scaling baselines for transformers.
+
+Public API::
+
+    clex.apply(model, "clex", max_factor=16)      # or "yarn:factor=8", "pi", "ntk", "dynamic", …
+    clex.from_pretrained(path)                     # clex, reference-CLEX or plain checkpoints
+    clex.available_methods()
+"""
+
+from .methods import available_methods
+from .models import UnsupportedModelError, apply, clex_modules, from_pretrained
+from .rotary import CLEXConfig, extrapolated_positions, sample_scale_factor
+
+__all__ = [
+    "CLEXConfig",
+    "UnsupportedModelError",
+    "apply",
+    "available_methods",
+    "clex_modules",
+    "extrapolated_positions",
+    "from_pretrained",
+    "sample_scale_factor",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,274 @@
+"""The one seam into transformers: find a model's rotary module, switch its method, round-trip checkpoints.
+
+A method is switched by writing its ``rope_parameters`` into the model's config and rebuilding the
+model's own rotary class from that config, so stock methods run on transformers' own code. CLEX
+wraps the rebuilt module in :class:`clex.rotary.ClexRotary`, which owns the two learned matrices
+(``…rotary_emb.clex_ode.up_proj`` / ``down_proj`` in the state dict).
+
+Importing clex registers the ``clex`` and ``ntk`` rope types with transformers and hooks
+``PreTrainedModel.post_init`` so that any model whose config says ``rope_type = "clex"`` gets its
+CLEX module at construction: ``AutoModelForCausalLM.from_pretrained`` then loads CLEX weights like any
+other weight.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import json
+import os
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
+
+from .dynamics import CLEXDynamics
+from .methods import get_method, parse_method, register_with_transformers
+from .rotary import CLEXConfig, ClexRotary
+
+# Families whose rotary module is tested (tests/test_models.py); others with a standard rotary
+# module work through the same seam.
+SUPPORTED_FAMILIES = (
+    "llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma2", "gemma3_text",
+    "olmo2", "starcoder2", "gpt_neox", "phi", "phi3",
+)  # fmt: skip
+GLOBAL_LAYER_TYPE = "full_attention"  # models with per-layer-type rope (Gemma 3): CLEX goes here
+REFERENCE_UP, REFERENCE_DOWN = "clex_layer.proj_func.ode_up_proj", "clex_layer.proj_func.ode_down_proj"
+
+
+class UnsupportedModelError(ValueError):
+    """The model has no rotary position embedding that clex can replace."""
+
+
+# --- finding the rotary modules ---------------------------------------------------------------------
+def _is_rotary(module: nn.Module) -> bool:
+    return isinstance(module, ClexRotary) or (
+        type(module).__name__.endswith("RotaryEmbedding")
+        and (hasattr(module, "inv_freq") or any(k.endswith("_inv_freq") for k in module._buffers))
+    )
+
+
+def rotary_modules(model: nn.Module) -> Iterator[tuple[nn.Module, str, nn.Module]]:
+    """``(parent, attribute, module)`` for every rotary module of ``model`` (not descending into them)."""
+    for name, child in model.named_children():
+        if _is_rotary(child):
+            yield model, name, child
+        else:
+            yield from rotary_modules(child)
+
+
+def _text_config(model_or_config):
+    config = getattr(model_or_config, "config", model_or_config)
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def _rope_layer_type(config) -> str | None:
+    """The key of the rope parameters that CLEX and the baselines change (None: one flat dict)."""
+    params = config.rope_parameters or {}
+    nested = config.nested_rope_parameter_keys(params)
+    if not nested:
+        return None
+    if GLOBAL_LAYER_TYPE not in nested:
+        raise UnsupportedModelError(
+            f"{config.model_type}: per-layer rope parameters without a {GLOBAL_LAYER_TYPE!r} entry ({nested})"
+        )
+    return GLOBAL_LAYER_TYPE
+
+
+def _current_rope(config) -> dict:
+    layer_type = _rope_layer_type(config)
+    return config.rope_parameters[layer_type] if layer_type else config.rope_parameters
+
+
+def _unsupported(model) -> UnsupportedModelError:
+    model_type = getattr(_text_config(model), "model_type", type(model).__name__)
+    return UnsupportedModelError(
+        f"model type {model_type!r} has no rotary position embedding to scale; "
+        f"supported families: {', '.join(SUPPORTED_FAMILIES)}"
+    )
+
+
+# --- switching the method ---------------------------------------------------------------------------
+def apply(model: PreTrainedModel, method: str, **params) -> PreTrainedModel:
+    """Make ``model`` use ``method`` (e.g. ``"clex"``, ``"yarn"`` with ``factor=8``, or ``"yarn:factor=8"``).
+
+    In place; returns the model. The training length L defaults to the model's context before any
+    extension (``original_max_position_embeddings`` of its rope parameters, else
+    ``max_position_embeddings``); pass ``original_max_position_embeddings=`` to override it.
+    Re-applying ``clex`` to a CLEX model keeps its learned weights.
+    """
+    name, spec_params = parse_method(method)
+    params = {**spec_params, **params}
+    found = list(rotary_modules(model))
+    if not found:
+        raise _unsupported(model)
+    config = _private_config(model)
+    layer_type = _rope_layer_type(config)
+    current = _current_rope(config)
+    L = params.pop("original_max_position_embeddings", None) or current.get(
+        "original_max_position_embeddings", config.max_position_embeddings
+    )
+    if not isinstance(L, int) or L < 1:
+        raise ValueError(f"original_max_position_embeddings must be a positive integer, got {L!r}")
+    spec = get_method(name)
+    if name == "clex":
+        params.setdefault("ode_base", float(current["rope_theta"]))
+    rope = spec.rope_parameters(params, L, current["rope_theta"])
+    if "partial_rotary_factor" in current:
+        rope["partial_rotary_factor"] = current["partial_rotary_factor"]
+    clex_config = CLEXConfig.from_rope_parameters(rope, L) if name == "clex" else None
+    if clex_config is not None:
+        rope = {**clex_config.to_rope_parameters(), "rope_theta": rope["rope_theta"]}
+        if "partial_rotary_factor" in current:
+            rope["partial_rotary_factor"] = current["partial_rotary_factor"]
+
+    if layer_type:
+        config.rope_parameters[layer_type] = rope
+    else:
+        config.rope_parameters = rope
+    config.max_position_embeddings = spec.extended_length(rope, L) if spec.extended_length else L
+    config.validate_rope()
+
+    for parent, attr, old in found:
+        base = old.original if isinstance(old, ClexRotary) else old
+        buffer = next(iter(base.buffers()), None)
+        new = type(base)(config).to(buffer.device if buffer is not None else "cpu")
+        if clex_config is not None:
+            new = _wrap(new, clex_config, layer_type, previous=old)
+        setattr(parent, attr, new)
+    return model
+
+
+def _private_config(model: nn.Module):
+    """Give ``model`` its own copy of its config before changing it: models built from one config
+    object share it, and switching one model's method must not switch another's config."""
+    old = model.config
+    new = copy.deepcopy(old)
+    mapping = {id(old): new, id(_text_config(old)): _text_config(new)}
+    for module in model.modules():
+        config = getattr(module, "config", None)
+        if id(config) in mapping and isinstance(module, nn.Module):
+            module.config = mapping[id(config)]
+    return _text_config(new)
+
+
+def _wrap(rotary: nn.Module, config: CLEXConfig, layer_type: str | None, previous=None) -> ClexRotary:
+    device = next(iter(rotary.buffers())).device
+    wrapped = ClexRotary(rotary, config, layer_type).to(device)
+    if isinstance(previous, ClexRotary) and previous.rotary_dim == wrapped.rotary_dim:
+        if previous.config.param_factor == config.param_factor:
+            wrapped.clex_ode.load_state_dict(previous.clex_ode.state_dict())
+    return wrapped
+
+
+def clex_modules(model: nn.Module) -> list[ClexRotary]:
+    """The CLEX rotary modules of ``model`` (empty if it does not use CLEX)."""
+    return [m for m in model.modules() if isinstance(m, ClexRotary)]
+
+
+# --- construction hook: configs that say "clex" get their module at model init ----------------------
+def _install_from_config(model: PreTrainedModel) -> None:
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(config, "rope_parameters"):
+        return
+    try:
+        config = _text_config(model)
+        layer_type = _rope_layer_type(config)
+    except (UnsupportedModelError, AttributeError, TypeError):
+        return
+    rope = (config.rope_parameters or {}).get(layer_type) if layer_type else config.rope_parameters
+    if not rope or rope.get("rope_type", rope.get("type")) != "clex":
+        return
+    clex_config = CLEXConfig.from_rope_parameters(dict(rope), config.max_position_embeddings)
+    for parent, attr, module in rotary_modules(model):
+        if not isinstance(module, ClexRotary):
+            setattr(parent, attr, _wrap(module, clex_config, layer_type))
+
+
+def _patch_transformers() -> None:
+    """Hooks installed once on import (idempotent)."""
+    register_with_transformers()
+    if getattr(PreTrainedModel, "_clex_patched", False):
+        return
+    original_post_init = PreTrainedModel.post_init
+    original_init_weights = PreTrainedModel._init_weights
+    original_checkpointing = PreTrainedModel._activation_checkpointing_enable
+
+    @functools.wraps(original_post_init)
+    def post_init(self, *args, **kwargs):
+        _install_from_config(self)
+        return original_post_init(self, *args, **kwargs)
+
+    @functools.wraps(original_init_weights)
+    def _init_weights(self, module):
+        if isinstance(module, CLEXDynamics):  # CLEX weights missing from a checkpoint: the reference init
+            module.reset_parameters()
+            return
+        return original_init_weights(self, module)
+
+    @functools.wraps(original_checkpointing)
+    def _activation_checkpointing_enable(self, activation_checkpointing_kwargs=None, *args, **kwargs):
+        # Reentrant checkpointing drops gradients of inputs passed by keyword (the cos/sin that carry
+        # CLEX's gradients) and breaks with peft: force the non-reentrant variant on CLEX models.
+        if clex_modules(self):
+            activation_checkpointing_kwargs = {**(activation_checkpointing_kwargs or {}), "use_reentrant": False}
+        return original_checkpointing(self, activation_checkpointing_kwargs, *args, **kwargs)
+
+    PreTrainedModel.post_init = post_init
+    PreTrainedModel._init_weights = _init_weights
+    PreTrainedModel._activation_checkpointing_enable = _activation_checkpointing_enable
+    PreTrainedModel._clex_patched = True
+
+
+# --- loading ----------------------------------------------------------------------------------------
+def from_pretrained(path: str | os.PathLike, **kwargs) -> PreTrainedModel:
+    """Load a causal LM saved by clex, by the CLEX reference code, or any supported model.
+
+    Reference checkpoints (``rope_scaling = {"type": "clex", …}``, weights under
+    ``model.clex_layer.proj_func``) are converted on the fly: their matrices are transposed into
+    ``clex_ode`` and their top-level ``log_scale`` moves into the rope parameters.
+    Never runs remote code; weights load from safetensors.
+    """
+    if kwargs.get("trust_remote_code"):
+        raise ValueError("clex.from_pretrained never runs remote code (trust_remote_code=True refused)")
+    config = kwargs.pop("config", None) or AutoConfig.from_pretrained(path)
+    text = _text_config(config)
+    rope = _current_rope(text) if getattr(text, "rope_parameters", None) else {}
+    reference = _reference_weights(path) if rope.get("rope_type") == "clex" else None
+    if reference is not None and "log_scale" not in rope:
+        rope["log_scale"] = bool(getattr(text, "log_scale", False))
+    kwargs.setdefault("use_safetensors", True)
+    model = AutoModelForCausalLM.from_pretrained(path, config=config, **kwargs)
+    if reference is not None:
+        modules = clex_modules(model)
+        with torch.no_grad():
+            for module in modules:
+                module.clex_ode.up_proj.copy_(reference[REFERENCE_UP].T)
+                module.clex_ode.down_proj.copy_(reference[REFERENCE_DOWN].T)
+    return model
+
+
+def _reference_weights(path) -> dict[str, torch.Tensor] | None:
+    """The reference's two CLEX matrices if ``path`` holds them, else None."""
+    from safetensors import safe_open
+
+    if not os.path.isdir(path):
+        return None
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.exists(index):
+        with open(index) as f:
+            files = sorted(set(json.load(f)["weight_map"].values()))
+    else:
+        files = [f for f in os.listdir(path) if f.endswith(".safetensors")]
+    found: dict[str, torch.Tensor] = {}
+    for file in files:
+        with safe_open(os.path.join(path, file), framework="pt") as f:
+            for key in f.keys():
+                for suffix in (REFERENCE_UP, REFERENCE_DOWN):
+                    if key.endswith(suffix):
+                        found[suffix] = f.get_tensor(key).float()
+    return found if len(found) == 2 else None
+
+
+_patch_transformers()

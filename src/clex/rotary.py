@@ -1,0 +1,254 @@
+"""The CLEX rotary embedding: a drop-in for a model's own rotary module.
+
+It returns ``(cos, sin)`` exactly as the module it replaces does (shape, dtype, partial rotary
+width, ``attention_scaling``), with frequencies ``θ(t)`` from the CLEX ODE:
+
+* inference — ``t`` from the current length ``n = max(position_ids) + 1`` and the training length
+  ``L``: ``ceil(n / L)`` (the reference) or ``n / L`` (``continuous``), clamped to ``[1, max_factor]``.
+  The integer grid ``θ(1) … θ(max_factor)`` is solved once and cached until the parameters change.
+* training — ``position_ids`` from :func:`extrapolated_positions` end at ``L·t' − 1``, so the same
+  rule gives back ``t = t'``; with gradients enabled the ODE is solved from 1 to ``t'`` on the fly.
+
+At ``t = 1`` the frequencies are the original module's buffer itself: for ``n ≤ L`` a CLEX model
+computes exactly what the unmodified model does.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import asdict, dataclass, fields
+
+import torch
+from torch import nn
+
+from .dynamics import CLEXDynamics, validate_dynamics
+
+POLICIES = ("ceil", "continuous")
+LAYOUTS = ("scatter", "chunks")
+
+
+@dataclass(frozen=True)
+class CLEXConfig:
+    """CLEX's settings; stored in ``config.rope_parameters`` with ``rope_type = "clex"``."""
+
+    original_max_position_embeddings: int  # L: the length the frequencies θ were trained for
+    max_factor: int = 16
+    param_factor: int = 1
+    act: str = "tanh"
+    time_dt: float = 0.25  # RK4 step of our residual-form solver (the reference's 0.01 agrees to <1e-6)
+    ode_base: float = 10000.0  # base of θ_ntk inside the field; the reference always uses 10000
+    policy: str = "ceil"
+    log_scale: bool = False  # the reference's query scaling by ln(n)/ln(L)
+    clamp: bool = True  # beyond max_factor·L: warn and keep θ(max_factor); False raises
+
+    def __post_init__(self) -> None:
+        L = self.original_max_position_embeddings
+        if not isinstance(L, int) or isinstance(L, bool) or L < 1:
+            raise ValueError(f"original_max_position_embeddings must be a positive integer, got {L!r}")
+        mf = self.max_factor
+        if not isinstance(mf, int) or isinstance(mf, bool) or mf < 1:
+            raise ValueError(f"max_factor must be an integer >= 1, got {mf!r}")
+        validate_dynamics(4, self.param_factor, self.act, self.ode_base, self.time_dt)
+        if self.policy not in POLICIES:
+            raise ValueError(f"policy must be one of {POLICIES}, got {self.policy!r}")
+        for name in ("log_scale", "clamp"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
+
+    # Keys of the reference's rope_scaling that carry no information for us.
+    IGNORED_KEYS = frozenset({"rope_type", "type", "rope_theta", "partial_rotary_factor", "factor"})
+
+    @classmethod
+    def from_rope_parameters(cls, params: dict, default_length: int) -> CLEXConfig:
+        """Build from a ``rope_parameters`` dict (ours or the reference's ``rope_scaling``)."""
+        known = {f.name for f in fields(cls)}
+        unknown = set(params) - known - cls.IGNORED_KEYS
+        if unknown:
+            raise ValueError(f"unknown CLEX parameter(s) {sorted(unknown)}; expected some of {sorted(known)}")
+        kwargs = {k: v for k, v in params.items() if k in known}
+        kwargs.setdefault("original_max_position_embeddings", default_length)
+        if isinstance(kwargs.get("time_dt"), int) and not isinstance(kwargs.get("time_dt"), bool):
+            kwargs["time_dt"] = float(kwargs["time_dt"])
+        if isinstance(kwargs.get("ode_base"), int) and not isinstance(kwargs.get("ode_base"), bool):
+            kwargs["ode_base"] = float(kwargs["ode_base"])
+        return cls(**kwargs)
+
+    def to_rope_parameters(self) -> dict:
+        return {"rope_type": "clex", **asdict(self)}
+
+
+class ClexRotary(nn.Module):
+    """Wraps a model's rotary module (``original``) and replaces its frequencies with CLEX's.
+
+    ``original`` still supplies θ (its ``inv_freq`` buffer), ``attention_scaling`` and, for models
+    with several rope layer types (Gemma 3), the rope of the types CLEX does not touch.
+    The class name deliberately avoids "RotaryEmbedding": transformers re-initialises modules so named.
+    """
+
+    def __init__(self, original: nn.Module, config: CLEXConfig, layer_type: str | None = None) -> None:
+        super().__init__()
+        self.original = original
+        self.layer_type = layer_type
+        self.config = config
+        rotary_dim = 2 * self._base_inv_freq().numel()
+        self.clex_ode = CLEXDynamics(rotary_dim, config.param_factor, config.act, config.ode_base, config.time_dt)
+        self._grid: torch.Tensor | None = None
+        self._grid_key: tuple | None = None
+        self._warned = False
+
+    # --- what the wrapped module knows -------------------------------------------------------
+    def _base_inv_freq(self) -> torch.Tensor:
+        name = "inv_freq" if self.layer_type is None else f"{self.layer_type}_inv_freq"
+        return getattr(self.original, name)
+
+    def _attention_scaling(self) -> float:
+        name = "attention_scaling" if self.layer_type is None else f"{self.layer_type}_attention_scaling"
+        return float(getattr(self.original, name, 1.0))
+
+    @property
+    def rotary_dim(self) -> int:
+        return self.clex_ode.rotary_dim
+
+    # --- t and θ(t) -----------------------------------------------------------------------------
+    def scaling_factor(self, n: int) -> float:
+        """t for a sequence of current length ``n`` under the configured policy, clamped."""
+        cfg = self.config
+        L = cfg.original_max_position_embeddings
+        t = float(math.ceil(n / L)) if cfg.policy == "ceil" else n / L
+        if t > cfg.max_factor:
+            msg = (
+                f"sequence length {n} exceeds CLEX's max_factor·L = {cfg.max_factor}·{L}; "
+                f"frequencies stay at t = {cfg.max_factor}"
+            )
+            if not cfg.clamp:
+                raise ValueError(msg + " (clamp=False)")
+            if not self._warned:
+                warnings.warn(msg, stacklevel=3)
+                self._warned = True
+            t = float(cfg.max_factor)
+        return max(1.0, t)
+
+    def trajectory(self) -> torch.Tensor:
+        """``θ(1) … θ(max_factor)`` (fp32, one row per integer t), cached until the parameters change."""
+        ode = self.clex_ode
+        key = (ode.up_proj._version, ode.down_proj._version, ode.up_proj.data_ptr(), ode.down_proj.data_ptr())
+        if self._grid is None or self._grid_key != key:
+            self._check_finite()
+            with torch.no_grad():
+                grid = range(1, self.config.max_factor + 1)
+                self._grid = torch.exp(ode.solve(self._log_theta(), grid, self._ode_dtype())).float()
+            self._grid_key = key
+        return self._grid
+
+    def frequencies(self, t: float) -> torch.Tensor:
+        """θ(t) in fp32; differentiable in the CLEX parameters when gradients are enabled."""
+        inv_freq = self._base_inv_freq().float()
+        if t <= 1.0:
+            return inv_freq
+        needs_grad = torch.is_grad_enabled() and (
+            self.clex_ode.up_proj.requires_grad or self.clex_ode.down_proj.requires_grad
+        )
+        if needs_grad:
+            self._check_finite()
+            return torch.exp(self.clex_ode.solve(self._log_theta(), [t], self._ode_dtype())[0]).float()
+        grid = self.trajectory()
+        if t == int(t):
+            return grid[int(t) - 1]
+        # continuous t: continue from the grid point below (the residual field needs no restart)
+        start = math.floor(t)
+        with torch.no_grad():
+            log_start = torch.log(grid[start - 1].to(self._ode_dtype()))
+            return torch.exp(self.clex_ode.solve(log_start, [t], self._ode_dtype(), start=start)[0]).float()
+
+    def _log_theta(self) -> torch.Tensor:
+        return torch.log(self._base_inv_freq().to(self._ode_dtype()))
+
+    def _ode_dtype(self) -> torch.dtype:
+        return torch.float32 if self._base_inv_freq().device.type == "mps" else torch.float64
+
+    def _check_finite(self) -> None:
+        if not self.clex_ode.parameters_finite():
+            raise ValueError("CLEX parameters (clex_ode.up_proj / down_proj) contain NaN or inf")
+
+    # --- forward --------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor, layer_type: str | None = None):
+        if layer_type is not None and layer_type != self.layer_type:
+            return self.original(x, position_ids, layer_type)
+        n = int(position_ids.max()) + 1
+        t = self.scaling_factor(n)
+        inv_freq = self.frequencies(t).to(x.device)
+        with torch.autocast(x.device.type, enabled=False):
+            freqs = position_ids[..., None].float() * inv_freq
+            emb = torch.cat((freqs, freqs), dim=-1)
+            scale = self._attention_scaling()
+            if self.config.log_scale:
+                # Scaling cos and sin by √s scales every q·k by s: the reference's queries × ln n / ln L.
+                L = self.config.original_max_position_embeddings
+                scale *= math.sqrt(math.log(n) / math.log(L)) if L > 1 else 1.0
+            cos, sin = emb.cos(), emb.sin()
+            if scale != 1.0:
+                cos, sin = cos * scale, sin * scale
+        return cos.to(x.dtype), sin.to(x.dtype)
+
+
+# --- training-time sampling ------------------------------------------------------------------------
+def sample_scale_factor(max_factor: int, generator: torch.Generator | None = None) -> int:
+    """The training step's t': uniform over the integers 1 … max_factor (1 included, as the reference)."""
+    if not isinstance(max_factor, int) or max_factor < 1:
+        raise ValueError(f"max_factor must be an integer >= 1, got {max_factor!r}")
+    return int(torch.randint(1, max_factor + 1, (1,), generator=generator).item())
+
+
+def extrapolated_positions(
+    length: int,
+    t: int,
+    generator: torch.Generator | None = None,
+    layout: str = "scatter",
+    chunks: int = 2,
+) -> torch.Tensor:
+    """Position ids for ``length`` training tokens that span ``0 … length·t − 1`` (DESIGN.md §1).
+
+    First 0, last ``length·t − 1``, strictly increasing; ``t = 1`` gives ``0 … length − 1``.
+    ``scatter`` (the reference): the ``length − 2`` inner positions are a random sorted sample of
+    ``1 … length·t − 2``. ``chunks``: ``chunks`` contiguous runs with random skips between them
+    (PoSE-like), which keeps short offsets exact.
+
+    Pass an explicit all-ones ``attention_mask`` with these ids: without one, transformers reads
+    gaps in ``position_ids`` as boundaries of packed sequences and blocks attention across them.
+    """
+    if not isinstance(length, int) or length < 2:
+        raise ValueError(f"length must be an integer >= 2, got {length!r}")
+    if not isinstance(t, int) or t < 1:
+        raise ValueError(f"t must be an integer >= 1, got {t!r}")
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    span = length * t
+    if t == 1:
+        return torch.arange(length)
+    if layout == "scatter":
+        inner = torch.randperm(span - 2, generator=generator)[: length - 2].sort().values + 1
+        return torch.cat([torch.tensor([0]), inner, torch.tensor([span - 1])])
+    if not isinstance(chunks, int) or chunks < 1 or chunks > length:
+        raise ValueError(f"chunks must be an integer in [1, length], got {chunks!r}")
+    # Split the tokens into `chunks` runs; distribute the span - length unused positions as skips
+    # before runs 2 … chunks, so the first run starts at 0 and the last ends at span - 1.
+    sizes = _split(length, chunks)
+    skip_total = span - length
+    if chunks == 1:
+        raise ValueError("layout='chunks' needs chunks >= 2 to reach positions beyond length")
+    cuts = torch.randint(0, skip_total + 1, (chunks - 2,), generator=generator).sort().values
+    bounds = torch.cat([torch.tensor([0]), cuts, torch.tensor([skip_total])])
+    skips = (bounds[1:] - bounds[:-1]).tolist()
+    out, pos = [], 0
+    for i, size in enumerate(sizes):
+        if i > 0:
+            pos += skips[i - 1]
+        out.append(torch.arange(pos, pos + size))
+        pos += size
+    return torch.cat(out)
+
+
+def _split(n: int, parts: int) -> list[int]:
+    base, extra = divmod(n, parts)
+    return [base + (1 if i < extra else 0) for i in range(parts)]
