@@ -104,6 +104,8 @@ def apply(model: PreTrainedModel, method: str, **params) -> PreTrainedModel:
     if not found:
         raise _unsupported(model)
     config = _private_config(model)
+    if getattr(config, "head_dim", 0) is None:  # Mixtral & co: stock rope functions read it unguarded
+        config.head_dim = config.hidden_size // config.num_attention_heads
     layer_type = _rope_layer_type(config)
     current = _current_rope(config)
     L = params.pop("original_max_position_embeddings", None) or current.get(
@@ -215,10 +217,28 @@ def _patch_transformers() -> None:
             activation_checkpointing_kwargs = {**(activation_checkpointing_kwargs or {}), "use_reentrant": False}
         return original_checkpointing(self, activation_checkpointing_kwargs, *args, **kwargs)
 
+    _accept_registered_rope_types()
     PreTrainedModel.post_init = post_init
     PreTrainedModel._init_weights = _init_weights
     PreTrainedModel._activation_checkpointing_enable = _activation_checkpointing_enable
     PreTrainedModel._clex_patched = True
+
+
+def _accept_registered_rope_types() -> None:
+    """Phi-3-style configs refuse every rope type but their own; let them take any registered one."""
+    from transformers import Phi3Config, PhimoeConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, RotaryEmbeddingConfigMixin
+
+    for cls in (Phi3Config, PhimoeConfig):
+        own = cls.validate_rope
+
+        def validate_rope(self, _own=own):
+            rope_type = (self.rope_parameters or {}).get("rope_type")
+            if rope_type in ROPE_INIT_FUNCTIONS and rope_type != "longrope":
+                return RotaryEmbeddingConfigMixin.validate_rope(self)
+            return _own(self)
+
+        cls.validate_rope = validate_rope
 
 
 # --- loading ----------------------------------------------------------------------------------------

@@ -229,26 +229,20 @@ def extrapolated_positions(
     if layout == "scatter":
         inner = torch.randperm(span - 2, generator=generator)[: length - 2].sort().values + 1
         return torch.cat([torch.tensor([0]), inner, torch.tensor([span - 1])])
-    if not isinstance(chunks, int) or chunks < 1 or chunks > length:
-        raise ValueError(f"chunks must be an integer in [1, length], got {chunks!r}")
-    # Split the tokens into `chunks` runs; distribute the span - length unused positions as skips
-    # before runs 2 … chunks, so the first run starts at 0 and the last ends at span - 1.
-    sizes = _split(length, chunks)
+    if not isinstance(chunks, int) or chunks < 2 or chunks > length:
+        raise ValueError(f"chunks must be an integer in [2, length] (one run cannot reach length·t), got {chunks!r}")
+    # Random run lengths (each >= 1) and random skips between runs; the first run starts at 0 and
+    # the last ends at span - 1, so all span - length unused positions fall between runs.
+    size_cuts = (torch.randperm(length - 1, generator=generator)[: chunks - 1] + 1).sort().values
+    size_bounds = [0, *size_cuts.tolist(), length]
     skip_total = span - length
-    if chunks == 1:
-        raise ValueError("layout='chunks' needs chunks >= 2 to reach positions beyond length")
-    cuts = torch.randint(0, skip_total + 1, (chunks - 2,), generator=generator).sort().values
-    bounds = torch.cat([torch.tensor([0]), cuts, torch.tensor([skip_total])])
-    skips = (bounds[1:] - bounds[:-1]).tolist()
+    skip_cuts = torch.randint(0, skip_total + 1, (chunks - 2,), generator=generator).sort().values.tolist()
+    skip_bounds = [0, *skip_cuts, skip_total]
     out, pos = [], 0
-    for i, size in enumerate(sizes):
+    for i in range(chunks):
         if i > 0:
-            pos += skips[i - 1]
+            pos += skip_bounds[i] - skip_bounds[i - 1]
+        size = size_bounds[i + 1] - size_bounds[i]
         out.append(torch.arange(pos, pos + size))
         pos += size
     return torch.cat(out)
-
-
-def _split(n: int, parts: int) -> list[int]:
-    base, extra = divmod(n, parts)
-    return [base + (1 if i < extra else 0) for i in range(parts)]
