@@ -96,34 +96,42 @@ def apply(model: PreTrainedModel, method: str, **params) -> PreTrainedModel:
     In place; returns the model. The training length L defaults to the model's context before any
     extension (``original_max_position_embeddings`` of its rope parameters, else
     ``max_position_embeddings``); pass ``original_max_position_embeddings=`` to override it.
-    Re-applying ``clex`` to a CLEX model keeps its learned weights.
+    Re-applying ``clex`` to a CLEX model keeps its learned weights. On bad input nothing changes.
     """
     name, spec_params = parse_method(method)
     params = {**spec_params, **params}
     found = list(rotary_modules(model))
     if not found:
         raise _unsupported(model)
-    config = _private_config(model)
+    # Work on a copy of the config: models built from one config object share it, and a failed
+    # apply must leave the model as it was.
+    new_root = copy.deepcopy(model.config)
+    config = _text_config(new_root)
     if getattr(config, "head_dim", 0) is None:  # Mixtral & co: stock rope functions read it unguarded
         config.head_dim = config.hidden_size // config.num_attention_heads
     layer_type = _rope_layer_type(config)
     current = _current_rope(config)
-    L = params.pop("original_max_position_embeddings", None) or current.get(
-        "original_max_position_embeddings", config.max_position_embeddings
-    )
-    if not isinstance(L, int) or L < 1:
+    L = params.pop("original_max_position_embeddings", None)
+    if L is None:
+        L = current.get("original_max_position_embeddings", config.max_position_embeddings)
+    if not isinstance(L, int) or isinstance(L, bool) or L < 1:
         raise ValueError(f"original_max_position_embeddings must be a positive integer, got {L!r}")
     spec = get_method(name)
     if name == "clex":
         params.setdefault("ode_base", float(current["rope_theta"]))
     rope = spec.rope_parameters(params, L, current["rope_theta"])
+    clex_config = None
+    if name == "clex":
+        clex_config = CLEXConfig.from_rope_parameters(rope, L)
+        rope = {**clex_config.to_rope_parameters(), "rope_theta": rope["rope_theta"]}
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        rotary_dim = int(head_dim * current.get("partial_rotary_factor", 1.0))
+        if rotary_dim % 2:
+            raise ValueError(
+                f"CLEX needs an even rotary dimension, got {rotary_dim} (head_dim × partial_rotary_factor)"
+            )
     if "partial_rotary_factor" in current:
         rope["partial_rotary_factor"] = current["partial_rotary_factor"]
-    clex_config = CLEXConfig.from_rope_parameters(rope, L) if name == "clex" else None
-    if clex_config is not None:
-        rope = {**clex_config.to_rope_parameters(), "rope_theta": rope["rope_theta"]}
-        if "partial_rotary_factor" in current:
-            rope["partial_rotary_factor"] = current["partial_rotary_factor"]
 
     if layer_type:
         config.rope_parameters[layer_type] = rope
@@ -132,27 +140,27 @@ def apply(model: PreTrainedModel, method: str, **params) -> PreTrainedModel:
     config.max_position_embeddings = spec.extended_length(rope, L) if spec.extended_length else L
     config.validate_rope()
 
-    for parent, attr, old in found:
+    rebuilt = []
+    for _, _, old in found:
         base = old.original if isinstance(old, ClexRotary) else old
         buffer = next(iter(base.buffers()), None)
         new = type(base)(config).to(buffer.device if buffer is not None else "cpu")
-        if clex_config is not None:
-            new = _wrap(new, clex_config, layer_type, previous=old)
+        rebuilt.append(_wrap(new, clex_config, layer_type, previous=old) if clex_config else new)
+    # commit: nothing above touched the model
+    _replace_config(model, new_root)
+    for (parent, attr, _), new in zip(found, rebuilt):
         setattr(parent, attr, new)
     return model
 
 
-def _private_config(model: nn.Module):
-    """Give ``model`` its own copy of its config before changing it: models built from one config
-    object share it, and switching one model's method must not switch another's config."""
+def _replace_config(model: nn.Module, new_root) -> None:
+    """Point every submodule that held the old config at the new one."""
     old = model.config
-    new = copy.deepcopy(old)
-    mapping = {id(old): new, id(_text_config(old)): _text_config(new)}
+    mapping = {id(old): new_root, id(_text_config(old)): _text_config(new_root)}
     for module in model.modules():
         config = getattr(module, "config", None)
-        if id(config) in mapping and isinstance(module, nn.Module):
+        if id(config) in mapping:
             module.config = mapping[id(config)]
-    return _text_config(new)
 
 
 def _wrap(rotary: nn.Module, config: CLEXConfig, layer_type: str | None, previous=None) -> ClexRotary:
@@ -239,6 +247,10 @@ def _accept_registered_rope_types() -> None:
             return _own(self)
 
         cls.validate_rope = validate_rope
+        # configs are strict dataclasses that also keep their validators in a list
+        validators = getattr(cls, "__class_validators__", None)
+        if validators is not None:
+            validators[:] = [validate_rope if v is own else v for v in validators]
 
 
 # --- loading ----------------------------------------------------------------------------------------

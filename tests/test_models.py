@@ -1,0 +1,277 @@
+"""The seam into transformers, for every supported family: equalities of logits, round trips, errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import transformers as tf
+from conftest import FAMILIES, L, clone, make_model, randomize_clex, tokens
+
+import clex
+
+
+def logits(model, ids, **kwargs):
+    with torch.no_grad():
+        return model(ids, **kwargs).logits
+
+
+def test_inside_window_clex_equals_vanilla(family):
+    model = make_model(family)
+    vanilla = clone(model)
+    clex.apply(model, "clex")
+    randomize_clex(model)  # even a trained CLEX is plain RoPE for n <= L
+    for n in (1, L // 2, L):
+        ids = tokens(n, batch=2)
+        torch.testing.assert_close(logits(model, ids), logits(vanilla, ids), rtol=0, atol=1e-5)
+
+
+def test_untrained_clex_equals_stock_dynamic_ntk(family):
+    """Independent reference: transformers' own dynamic rope with factor 2 uses α = 2n/L − 1."""
+    model = make_model(family)
+    stock = clone(model)
+    clex.apply(model, "clex")
+    clex.apply(stock, "dynamic", factor=2)
+    assert not clex.clex_modules(stock)
+    for k in (2, 3, 4):
+        ids = tokens(k * L, seed=k)
+        # fresh stock model each length: stock dynamic rope keeps its longest frequencies (stateful)
+        fresh = clone(stock)
+        torch.testing.assert_close(logits(model, ids), logits(fresh, ids), rtol=0, atol=1e-4)
+    vanilla = clone(stock)
+    clex.apply(vanilla, "vanilla")
+    ids = tokens(3 * L)
+    assert (logits(model, ids) - logits(vanilla, ids)).abs().max() > 1e-4  # the scaling did something
+
+
+def test_save_load_roundtrip_and_backward(family, tmp_path):
+    model = make_model(family)
+    clex.apply(model, "clex", max_factor=4)
+    randomize_clex(model)
+    ids = tokens(3 * L)
+    want = logits(model, ids)
+    model.save_pretrained(tmp_path)
+
+    from safetensors import safe_open
+
+    with safe_open(tmp_path / "model.safetensors", "pt") as f:
+        names = [k for k in f.keys() if "clex" in k]
+    assert len(names) == 2 and all("clex_ode" in k for k in names)
+    rope = json.loads((tmp_path / "config.json").read_text())["rope_parameters"]
+    rope = rope.get("full_attention", rope)
+    assert rope["rope_type"] == "clex" and rope["max_factor"] == 4
+    assert rope["original_max_position_embeddings"] == L
+
+    for loader in (clex.from_pretrained, tf.AutoModelForCausalLM.from_pretrained):
+        loaded = loader(tmp_path).eval()
+        loaded.config._attn_implementation = model.config._attn_implementation
+        torch.testing.assert_close(logits(loaded, ids), want, rtol=0, atol=1e-5)
+
+    # forward + backward: gradients reach the base model and both CLEX matrices
+    loaded.train()
+    out = loaded(ids, labels=ids)
+    out.loss.backward()
+    ode = clex.clex_modules(loaded)[0].clex_ode
+    for p in (ode.up_proj, ode.down_proj):
+        assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_gradients_reach_clex_with_extrapolated_positions(attn, checkpointing):
+    model = make_model("llama", attn=attn)
+    clex.apply(model, "clex", max_factor=4)
+    randomize_clex(model)
+    model.train()
+    if checkpointing:
+        # asks for the reentrant variant: clex forces non-reentrant, or CLEX would get no gradient
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    t = 3
+    pos = clex.extrapolated_positions(L, t, torch.Generator().manual_seed(0))[None]
+    ids = tokens(L)
+    out = model(ids, position_ids=pos, attention_mask=torch.ones_like(ids), labels=ids)
+    out.loss.backward()
+    ode = clex.clex_modules(model)[0].clex_ode
+    for p in (ode.up_proj, ode.down_proj):
+        assert p.grad is not None and p.grad.abs().sum() > 0
+
+
+def test_training_forward_uses_theta_t_and_full_causal_attention():
+    model = make_model("llama")
+    clex.apply(model, "clex", max_factor=4)
+    randomize_clex(model)
+    pos = clex.extrapolated_positions(L, 4, torch.Generator().manual_seed(0), layout="chunks")[None]
+    ids = tokens(L)
+    mask = torch.ones_like(ids)
+    base = logits(model, ids, position_ids=pos, attention_mask=mask)
+    changed = ids.clone()
+    changed[0, 0] = (changed[0, 0] + 1) % 64
+    # with the explicit mask, the last token attends across the skip to the first token
+    assert (logits(model, changed, position_ids=pos, attention_mask=mask)[0, -1] - base[0, -1]).abs().max() > 1e-6
+    # the rotary module saw n = 4L, so t = 4: equal to cos/sin built from θ(4) at those positions
+    rot = clex.clex_modules(model)[0]
+    cos, _ = rot(torch.zeros(1), pos)
+    torch.testing.assert_close(cos[0, :, : rot.rotary_dim // 2], torch.cos(pos[0, :, None] * rot.trajectory()[3]))
+
+
+@pytest.mark.parametrize(
+    "spec", ["pi:factor=4", "ntk:factor=4", "dynamic:factor=4", "yarn:factor=4", "llama3:factor=4"]
+)
+def test_stock_methods_match_transformers_own_config(spec):
+    """A method switched by clex equals the same model built by transformers from that rope config."""
+    model = make_model("llama")
+    clex.apply(model, spec)
+    rebuilt_config = tf.LlamaConfig.from_dict(model.config.to_dict())
+    rebuilt_config._attn_implementation = "eager"
+    rebuilt = tf.LlamaForCausalLM(rebuilt_config).eval()
+    rebuilt.load_state_dict(model.state_dict())
+    ids = tokens(3 * L)
+    torch.testing.assert_close(logits(model, ids), logits(rebuilt, ids), rtol=0, atol=1e-6)
+    assert type(rebuilt.model.rotary_emb) is type(model.model.rotary_emb)
+
+
+def test_pi_is_linear_interpolation():
+    model = make_model("llama")
+    base_freq = model.model.rotary_emb.inv_freq.clone()
+    clex.apply(model, "pi", factor=4)
+    torch.testing.assert_close(model.model.rotary_emb.inv_freq, base_freq / 4)
+
+
+def test_ntk_is_static_ntk_aware():
+    model = make_model("llama")
+    clex.apply(model, "ntk", factor=3)
+    d = 8
+    want = 1.0 / (10000.0 * 3 ** (d / (d - 2))) ** (torch.arange(0, d, 2).float() / d)
+    torch.testing.assert_close(model.model.rotary_emb.inv_freq, want)
+
+
+def test_longrope_takes_per_pair_factors():
+    model = make_model("llama")
+    base_freq = model.model.rotary_emb.inv_freq.clone()
+    long = [1.0, 2.0, 4.0, 8.0]
+    clex.apply(model, "longrope", long_factor=long, short_factor=[1.0] * 4, factor=4)
+    ids = tokens(2 * L)
+    logits(model, ids)  # beyond L: the long factors are switched in
+    torch.testing.assert_close(model.model.rotary_emb.inv_freq, base_freq / torch.tensor(long))
+
+
+def test_gemma3_local_layers_keep_their_rope():
+    model = make_model("gemma3_text")
+    clex.apply(model, "clex")
+    randomize_clex(model)
+    rot = clex.clex_modules(model)[0]
+    assert rot.layer_type == "full_attention"
+    x, pos = torch.zeros(1), torch.arange(3 * L)[None]
+    for got, want in zip(rot(x, pos, "sliding_attention"), rot.original(x, pos, "sliding_attention")):
+        assert torch.equal(got, want)
+    rope = model.config.rope_parameters
+    assert rope["sliding_attention"]["rope_type"] == "default" and rope["full_attention"]["rope_type"] == "clex"
+
+
+def test_reapplying_clex_keeps_learned_weights_and_switching_back_works():
+    model = make_model("llama")
+    vanilla = clone(model)
+    clex.apply(model, "clex")
+    randomize_clex(model)
+    learned = clex.clex_modules(model)[0].clex_ode.down_proj.clone()
+    clex.apply(model, "clex", policy="continuous")
+    assert torch.equal(clex.clex_modules(model)[0].clex_ode.down_proj, learned)
+    assert clex.clex_modules(model)[0].config.policy == "continuous"
+    clex.apply(model, "vanilla")
+    ids = tokens(3 * L)
+    torch.testing.assert_close(logits(model, ids), logits(vanilla, ids), rtol=0, atol=0)
+
+
+def test_apply_does_not_touch_models_sharing_the_config():
+    config = FAMILIES["llama"]()
+    a, b = tf.LlamaForCausalLM(config), tf.LlamaForCausalLM(config)
+    clex.apply(a, "clex")
+    assert b.config.rope_parameters["rope_type"] == "default"
+    assert a.config.rope_parameters["rope_type"] == "clex"
+    assert a.model.config is a.config
+
+
+def test_bf16_model_keeps_clex_in_fp32():
+    model = make_model("llama")
+    clex.apply(model, "clex")
+    model.to(torch.bfloat16)
+    ode = clex.clex_modules(model)[0].clex_ode
+    assert ode.up_proj.dtype == torch.float32
+    out = logits(model, tokens(3 * L))
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+
+
+# --- errors --------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "config",
+    [
+        tf.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64),
+        tf.BloomConfig(n_layer=1, hidden_size=32, n_head=2, vocab_size=64),
+    ],
+)
+def test_models_without_rope_are_refused(config):
+    model = tf.AutoModelForCausalLM.from_config(config)
+    with pytest.raises(clex.UnsupportedModelError, match=config.model_type) as err:
+        clex.apply(model, "clex")
+    assert "llama" in str(err.value) and "phi3" in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "method,params,name",
+    [
+        ("clex", dict(max_factor=0), "max_factor"),
+        ("clex", dict(act="relu"), "act"),
+        ("clex", dict(time_dt=0.0), "time_dt"),
+        ("clex", dict(time_dt=-1.0), "time_dt"),
+        ("clex", dict(param_factor=0), "param_factor"),
+        ("clex", dict(bogus=1), "bogus"),
+        ("warp", {}, "unknown method"),
+        ("pi", {}, "factor"),
+        ("pi", dict(factor=0.5), "factor"),
+        ("yarn", dict(factor=float("nan")), "factor"),
+        ("longrope", dict(long_factor=[1, -1, 1, 1], short_factor=[1] * 4), "long_factor"),
+        ("clex", dict(original_max_position_embeddings=0), "original_max_position_embeddings"),
+    ],
+)
+def test_bad_parameters_raise_value_error_naming_them(method, params, name):
+    model = make_model("llama")
+    before = json.dumps(model.config.to_dict(), sort_keys=True, default=str)
+    with pytest.raises(ValueError, match=name):
+        clex.apply(model, method, **params)
+    # nothing lost: the model is unchanged
+    assert json.dumps(model.config.to_dict(), sort_keys=True, default=str) == before
+    assert type(model.model.rotary_emb).__name__ == "LlamaRotaryEmbedding"
+
+
+def test_odd_rotary_dim_is_refused():
+    config = tf.PhiConfig(**{**dict(vocab_size=64, hidden_size=40, intermediate_size=64, num_hidden_layers=1,
+                                    num_attention_heads=4, max_position_embeddings=L)}, partial_rotary_factor=0.3)
+    model = tf.AutoModelForCausalLM.from_config(config)  # head_dim 10 × 0.3 = 3 rotary dims
+    with pytest.raises(ValueError, match="rotary"):
+        clex.apply(model, "clex")
+
+
+def test_nan_clex_weights_in_checkpoint_raise(tmp_path):
+    model = make_model("llama")
+    clex.apply(model, "clex")
+    with torch.no_grad():
+        clex.clex_modules(model)[0].clex_ode.up_proj[0, 0] = float("inf")
+    model.save_pretrained(tmp_path)
+    loaded = clex.from_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="NaN or inf"):
+        logits(loaded, tokens(2 * L))
+
+
+def test_method_strings_parse():
+    from clex.methods import parse_method
+
+    assert parse_method("yarn:factor=8,beta_fast=32") == ("yarn", {"factor": 8, "beta_fast": 32})
+    assert parse_method("clex:policy=continuous,log_scale=true") == (
+        "clex", {"policy": "continuous", "log_scale": True}
+    )  # fmt: skip
+    with pytest.raises(ValueError, match="key=value"):
+        parse_method("pi:8")
+    assert set(clex.available_methods()) >= {
+        "vanilla", "pi", "ntk", "dynamic", "yarn", "longrope", "llama3", "clex"
+    }  # fmt: skip
