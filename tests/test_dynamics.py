@@ -43,7 +43,7 @@ def reference_trajectory(dyn: CLEXDynamics, log_theta0: torch.Tensor, times, ste
     return torch.stack(out)
 
 
-def random_dynamics(d=32, k=1, act="tanh", base=10000.0, scale=0.05, seed=0, time_dt=0.25):
+def random_dynamics(d=32, k=1, act="tanh", base=10000.0, scale=0.05, seed=0, time_dt=0.2):
     torch.manual_seed(seed)
     dyn = CLEXDynamics(d, k, act, base, time_dt)
     g = torch.Generator().manual_seed(seed)

@@ -10,7 +10,7 @@ form, so we solve only the learned residual ``u = z − log θ_ntk(t)``::
     du/dt = W_down · σ(W_up · (u + 2·log θ_ntk(t))),   u(1) = log θ − log θ_ntk(1)
 
 That field has no ``1/(2t−1)`` term, is exactly zero when untrained (``W_down = 0``: CLEX is then NTK
-with α = 2t − 1, whatever ``ode_base`` is) and is smooth, so classic RK4 with a step of 0.25 matches
+with α = 2t − 1, whatever ``ode_base`` is) and is smooth, so classic RK4 with a step of 0.2 matches
 the reference's step of 0.01 to better than 1e-6 (``tests/test_dynamics.py`` holds the accuracy,
 ``benchmarks/overhead.py`` the time). The solve runs in float64 with autocast off: it costs a few
 hundred tiny mat-vecs, and fp32 rounding, not the step, limits the reference's accuracy.
@@ -64,7 +64,7 @@ class CLEXDynamics(nn.Module):
         param_factor: int = 1,
         act: str = "tanh",
         ode_base: float = 10000.0,
-        time_dt: float = 0.25,
+        time_dt: float = 0.2,
     ) -> None:
         super().__init__()
         validate_dynamics(rotary_dim, param_factor, act, ode_base, time_dt)
