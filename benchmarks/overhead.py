@@ -51,7 +51,7 @@ def timed(fn, sync=lambda: None) -> float:
 
 
 def bench_ode(repeats: int) -> dict:
-    d, h = 128, 64
+    d, _h = 128, 64
     torch.manual_seed(0)
     dyn = CLEXDynamics(d, ode_base=10000.0)
     with torch.no_grad():
@@ -70,7 +70,8 @@ def bench_ode(repeats: int) -> dict:
         def field(t, x):
             a = torch.clamp(2 * t - 1, min=1.0)
             ntk = 1.0 / ((10000 * a ** (d / (d - 2))) ** (index.to(dtype) / d))
-            delta = -2 * index.to(dtype) / (d - 2) / (10000 ** (index.to(dtype) / d) * a ** (index.to(dtype) / (d - 2) + 1))
+            i = index.to(dtype)
+            delta = -2 * i / (d - 2) / (10000 ** (i / d) * a ** (i / (d - 2) + 1))
             return torch.tanh((x + torch.log(ntk)) @ up) @ down + delta / ntk
 
         return field
@@ -115,7 +116,8 @@ def bench_model(shape: str, repeats: int, device: str, forward_factor: int, max_
     ours.load_state_dict(vanilla.state_dict())
     clex.apply(ours, "clex", max_factor=max_factor)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else torch.autocast("cpu", enabled=False)
+    on_gpu = device == "cuda"
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if on_gpu else torch.autocast("cpu", enabled=False)
     g = torch.Generator().manual_seed(0)
     long_ids = torch.randint(0, cfg.vocab_size, (1, forward_factor * L), generator=g).to(device)
     ids = torch.randint(0, cfg.vocab_size, (1, L), generator=g).to(device)
@@ -173,9 +175,10 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     print(f"# {platform.processor() or platform.machine()}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, device {args.device}")  # fmt: skip
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
     ode = bench_ode(args.ode_repeats)  # one thread: the ODE is a chain of tiny mat-vecs
-    torch.set_num_threads(args.threads or torch.get_num_interop_threads() or 1)
+    torch.set_num_threads(threads)
     print(json.dumps(ode))
     print(f"ODE 1→16, dim 128, fwd+bwd, 1 thread: ours {ode['ode_ours_ms']:.1f} ms (step {ode['ode_time_dt']}, "
           f"rel err {ode['ode_ours_max_rel_err']:.1e}) vs torchdiffeq RK4 dt=0.01 "

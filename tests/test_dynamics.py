@@ -58,7 +58,7 @@ def test_untrained_is_ntk_with_alpha_2t_minus_1(base):
     dyn = CLEXDynamics(d, ode_base=10000.0)  # the field's base differs from the model's: still NTK
     times = [1, 2, 3.5, 8, 16]
     got = dyn.solve(log_theta(d, base), times)
-    for row, t in zip(got, times):
+    for row, t in zip(got, times, strict=True):
         alpha = 2 * t - 1
         expected = log_theta(d, base * alpha ** (d / (d - 2)))
         torch.testing.assert_close(row, expected, rtol=0, atol=1e-12)
@@ -105,7 +105,6 @@ def test_continuous_and_restarted_solves_agree():
 def test_gradients_match_finite_differences():
     dyn = random_dynamics(d=8, k=1, scale=0.3)
     z0 = log_theta(8, 10000.0)
-
 
     # fp64 leaves: the module keeps its own matrices in fp32, too coarse for finite differences
     up = dyn.up_proj.detach().double().requires_grad_()

@@ -7,9 +7,9 @@ import json
 import pytest
 import torch
 import transformers as tf
-from conftest import FAMILIES, L, clone, make_model, randomize_clex, tokens
 
 import clex
+from conftest import FAMILIES, L, clone, make_model, randomize_clex, tokens
 
 
 def logits(model, ids, **kwargs):
@@ -163,7 +163,7 @@ def test_gemma3_local_layers_keep_their_rope():
     rot = clex.clex_modules(model)[0]
     assert rot.layer_type == "full_attention"
     x, pos = torch.zeros(1), torch.arange(3 * L)[None]
-    for got, want in zip(rot(x, pos, "sliding_attention"), rot.original(x, pos, "sliding_attention")):
+    for got, want in zip(rot(x, pos, "sliding_attention"), rot.original(x, pos, "sliding_attention"), strict=True):
         assert torch.equal(got, want)
     rope = model.config.rope_parameters
     assert rope["sliding_attention"]["rope_type"] == "default" and rope["full_attention"]["rope_type"] == "clex"
@@ -245,8 +245,19 @@ def test_bad_parameters_raise_value_error_naming_them(method, params, name):
 
 
 def test_odd_rotary_dim_is_refused():
-    config = tf.PhiConfig(**{**dict(vocab_size=64, hidden_size=40, intermediate_size=64, num_hidden_layers=1,
-                                    num_attention_heads=4, max_position_embeddings=L)}, partial_rotary_factor=0.3)
+    config = tf.PhiConfig(
+        **{
+            **dict(
+                vocab_size=64,
+                hidden_size=40,
+                intermediate_size=64,
+                num_hidden_layers=1,
+                num_attention_heads=4,
+                max_position_embeddings=L,
+            )
+        },
+        partial_rotary_factor=0.3,
+    )
     model = tf.AutoModelForCausalLM.from_config(config)  # head_dim 10 × 0.3 = 3 rotary dims
     with pytest.raises(ValueError, match="rotary"):
         clex.apply(model, "clex")
@@ -275,3 +286,18 @@ def test_method_strings_parse():
     assert set(clex.available_methods()) >= {
         "vanilla", "pi", "ntk", "dynamic", "yarn", "longrope", "llama3", "clex"
     }  # fmt: skip
+
+
+def test_clex_config_over_plain_weights_initialises_clex_as_the_reference(tmp_path):
+    """A checkpoint whose config says clex but that has no CLEX weights (e.g. a base model with an
+    edited config) gets the reference init: W_down = 0, so it is exactly NTK with α = 2t − 1."""
+    model = make_model("llama")
+    model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["rope_parameters"] = {"rope_type": "clex", "rope_theta": 10000.0, "max_factor": 4}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    loaded = tf.AutoModelForCausalLM.from_pretrained(tmp_path)
+    ode = clex.clex_modules(loaded)[0].clex_ode
+    assert torch.equal(ode.down_proj, torch.zeros_like(ode.down_proj))
+    bound = 1 / ode.up_proj.shape[0] ** 0.5
+    assert ode.up_proj.abs().max() <= bound and ode.up_proj.abs().max() > bound / 2

@@ -11,7 +11,13 @@ from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
 import clex  # noqa: F401
-from clex.rotary import CLEXConfig, ClexRotary, extrapolated_positions, sample_scale_factor
+from clex.rotary import (
+    CLEXConfig,
+    ClexRotary,
+    extrapolated_positions,
+    sample_scale_factor,
+    sample_training_positions,
+)
 
 L = 32
 
@@ -60,7 +66,7 @@ def test_cos_sin_match_the_replaced_module_inside_window():
         x = torch.zeros(1, dtype=dtype)
         got = rot(x, positions(L))
         want = rot.original(x, positions(L))
-        for g, w in zip(got, want):
+        for g, w in zip(got, want, strict=True):
             assert g.dtype == w.dtype == dtype and g.shape == w.shape
             assert torch.equal(g, w)
 
@@ -164,3 +170,14 @@ def test_sample_scale_factor_is_uniform_over_1_to_max():
     assert counts[0] == 0 and (counts[1:] > 400).all() and min(draws) == 1 and max(draws) == 8
     with pytest.raises(ValueError, match="max_factor"):
         sample_scale_factor(0)
+
+
+def test_sample_training_positions_pairs_t_with_its_span():
+    g = torch.Generator().manual_seed(3)
+    seen = set()
+    for _ in range(50):
+        t, pos = sample_training_positions(L, 4, g, layout="chunks")
+        seen.add(t)
+        assert pos[0] == 0 and pos[-1] == L * t - 1 and len(pos) == L
+        assert make_rotary(max_factor=4).scaling_factor(int(pos.max()) + 1) == t
+    assert seen == {1, 2, 3, 4}

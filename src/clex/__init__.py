@@ -5,11 +5,12 @@ Public API::
     clex.apply(model, "clex", max_factor=16)      # or "yarn:factor=8", "pi", "ntk", "dynamic", …
     clex.from_pretrained(path)                     # clex, reference-CLEX or plain checkpoints
     clex.available_methods()
+    clex.sample_training_positions(L, max_factor, generator)   # a CLEX training step's (t', position_ids)
 """
 
 from .methods import available_methods
 from .models import UnsupportedModelError, apply, clex_modules, from_pretrained
-from .rotary import CLEXConfig, extrapolated_positions, sample_scale_factor
+from .rotary import CLEXConfig, extrapolated_positions, sample_scale_factor, sample_training_positions
 
 __all__ = [
     "CLEXConfig",
@@ -20,5 +21,6 @@ __all__ = [
     "extrapolated_positions",
     "from_pretrained",
     "sample_scale_factor",
+    "sample_training_positions",
 ]
 __version__ = "0.1.0"

@@ -64,7 +64,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         print(f"{spec:18s} {inside:16.2e} {(out - ref).abs().max().item():17.2e}")
     clex_model = model
     grid = clex_modules(clex_model)[0].trajectory()
-    print("untrained CLEX θ(t)/θ for the slowest pair, t = 1…16:", " ".join(f"{x:.3f}" for x in grid[:, -1] / grid[0, -1]))
+    ratios = " ".join(f"{x:.3f}" for x in grid[:, -1] / grid[0, -1])
+    print("untrained CLEX θ(t)/θ for the slowest pair, t = 1…16:", ratios)
     with tempfile.TemporaryDirectory() as tmp:
         clex_model.save_pretrained(tmp)
         reloaded = AutoModelForCausalLM.from_pretrained(tmp).eval()

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from itertools import pairwise
 
 import torch
 from torch import nn
@@ -119,7 +120,7 @@ class CLEXDynamics(nn.Module):
         times = [float(t) for t in times]
         if not times:
             raise ValueError("times must not be empty")
-        if start < 1.0 or any(b < a for a, b in zip([start] + times, times)):
+        if start < 1.0 or any(b < a for a, b in pairwise([start, *times])):
             raise ValueError(f"times must be increasing from start = {start} >= 1, got {times}")
         device = self.up_proj.device
         with torch.autocast(device.type, enabled=False):

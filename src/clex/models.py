@@ -148,7 +148,7 @@ def apply(model: PreTrainedModel, method: str, **params) -> PreTrainedModel:
         rebuilt.append(_wrap(new, clex_config, layer_type, previous=old) if clex_config else new)
     # commit: nothing above touched the model
     _replace_config(model, new_root)
-    for (parent, attr, _), new in zip(found, rebuilt):
+    for (parent, attr, _), new in zip(found, rebuilt, strict=True):
         setattr(parent, attr, new)
     return model
 

@@ -246,3 +246,17 @@ def extrapolated_positions(
         out.append(torch.arange(pos, pos + size))
         pos += size
     return torch.cat(out)
+
+
+def sample_training_positions(
+    length: int,
+    max_factor: int,
+    generator: torch.Generator | None = None,
+    layout: str = "scatter",
+    chunks: int = 2,
+) -> tuple[int, torch.Tensor]:
+    """One CLEX training step's ``(t', position_ids)``: t' uniform in 1 … max_factor, then ``length``
+    positions spanning ``0 … length·t' − 1``. Feeding these ids (with an all-ones attention mask)
+    makes the CLEX rotary module solve the ODE to exactly t' with gradients."""
+    t = sample_scale_factor(max_factor, generator)
+    return t, extrapolated_positions(length, t, generator, layout, chunks)
