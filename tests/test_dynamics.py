@@ -148,6 +148,9 @@ def test_solve_rejects_decreasing_times():
         dyn.solve(log_theta(16, 1e4), [0.5])
 
 
-def test_matrices_stay_fp32_when_model_is_cast():
-    dyn = CLEXDynamics(16).to(torch.bfloat16)
+def test_matrices_keep_exact_fp32_values_when_model_is_cast():
+    dyn = CLEXDynamics(16)
+    before = dyn.up_proj.detach().clone()
+    dyn.to(torch.bfloat16).half()
     assert dyn.up_proj.dtype == dyn.down_proj.dtype == torch.float32
+    assert torch.equal(dyn.up_proj, before)

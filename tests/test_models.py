@@ -169,18 +169,37 @@ def test_gemma3_local_layers_keep_their_rope():
     assert rope["sliding_attention"]["rope_type"] == "default" and rope["full_attention"]["rope_type"] == "clex"
 
 
-def test_reapplying_clex_keeps_learned_weights_and_switching_back_works():
+def test_reapplying_clex_keeps_learned_weights_and_settings():
     model = make_model("llama")
     vanilla = clone(model)
-    clex.apply(model, "clex")
+    clex.apply(model, "clex", max_factor=4, act="silu", log_scale=True)
     randomize_clex(model)
     learned = clex.clex_modules(model)[0].clex_ode.down_proj.clone()
     clex.apply(model, "clex", policy="continuous")
-    assert torch.equal(clex.clex_modules(model)[0].clex_ode.down_proj, learned)
-    assert clex.clex_modules(model)[0].config.policy == "continuous"
+    (module,) = clex.clex_modules(model)
+    assert torch.equal(module.clex_ode.down_proj, learned)
+    cfg = module.config
+    assert (cfg.policy, cfg.max_factor, cfg.act, cfg.log_scale) == ("continuous", 4, "silu", True)
+    with pytest.warns(UserWarning, match="different field"):
+        clex.apply(model, "clex", act="tanh")
+    assert not clex.clex_modules(model)[0].clex_ode.down_proj.any()  # untrained again
     clex.apply(model, "vanilla")
     ids = tokens(3 * L)
     torch.testing.assert_close(logits(model, ids), logits(vanilla, ids), rtol=0, atol=0)
+
+
+def test_bf16_loading_keeps_clex_weights_exact(tmp_path):
+    model = make_model("llama")
+    clex.apply(model, "clex")
+    randomize_clex(model)
+    want = clex.clex_modules(model)[0].clex_ode.down_proj.detach().clone()
+    model.save_pretrained(tmp_path)
+    for loader in (clex.from_pretrained, tf.AutoModelForCausalLM.from_pretrained):
+        loaded = loader(tmp_path, dtype=torch.bfloat16)
+        assert loaded.model.embed_tokens.weight.dtype == torch.bfloat16
+        assert torch.equal(clex.clex_modules(loaded)[0].clex_ode.down_proj, want)
+    model.to(torch.bfloat16)
+    assert torch.equal(clex.clex_modules(model)[0].clex_ode.down_proj, want)  # values, not just dtype
 
 
 def test_apply_does_not_touch_models_sharing_the_config():
@@ -192,12 +211,10 @@ def test_apply_does_not_touch_models_sharing_the_config():
     assert a.model.config is a.config
 
 
-def test_bf16_model_keeps_clex_in_fp32():
+def test_bf16_forward_is_finite():
     model = make_model("llama")
     clex.apply(model, "clex")
     model.to(torch.bfloat16)
-    ode = clex.clex_modules(model)[0].clex_ode
-    assert ode.up_proj.dtype == torch.float32
     out = logits(model, tokens(3 * L))
     assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
 
@@ -269,9 +286,12 @@ def test_nan_clex_weights_in_checkpoint_raise(tmp_path):
     with torch.no_grad():
         clex.clex_modules(model)[0].clex_ode.up_proj[0, 0] = float("inf")
     model.save_pretrained(tmp_path)
-    loaded = clex.from_pretrained(tmp_path)
     with pytest.raises(ValueError, match="NaN or inf"):
-        logits(loaded, tokens(2 * L))
+        clex.from_pretrained(tmp_path)  # at load
+    loaded = tf.AutoModelForCausalLM.from_pretrained(tmp_path)
+    logits(loaded, tokens(L))  # inside L the CLEX path is not used
+    with pytest.raises(ValueError, match="NaN or inf"):
+        logits(loaded, tokens(2 * L))  # at the first use
 
 
 def test_method_strings_parse():
@@ -301,3 +321,11 @@ def test_clex_config_over_plain_weights_initialises_clex_as_the_reference(tmp_pa
     assert torch.equal(ode.down_proj, torch.zeros_like(ode.down_proj))
     bound = 1 / ode.up_proj.shape[0] ** 0.5
     assert ode.up_proj.abs().max() <= bound and ode.up_proj.abs().max() > bound / 2
+
+
+def test_cached_decoding_across_a_change_of_t_warns():
+    model = make_model("llama")
+    clex.apply(model, "clex", max_factor=4)
+    prompt = tokens(L - 2)
+    with pytest.warns(UserWarning, match="t changed from 1 to 2"):
+        model.generate(prompt, max_new_tokens=8, do_sample=False, pad_token_id=0, eos_token_id=None)

@@ -181,3 +181,19 @@ def test_sample_training_positions_pairs_t_with_its_span():
         assert pos[0] == 0 and pos[-1] == L * t - 1 and len(pos) == L
         assert make_rotary(max_factor=4).scaling_factor(int(pos.max()) + 1) == t
     assert seen == {1, 2, 3, 4}
+
+
+@pytest.mark.parametrize("layout", ["scatter", "chunks"])
+def test_training_longer_than_the_base_context(layout):
+    """length = k·L (the reference's long regime): fractional ids spanning 0 … L·t − 1."""
+    k, g = 4, torch.Generator().manual_seed(0)
+    rot = make_rotary(max_factor=8)
+    for t in (1, 2, 4, 8):
+        pos = extrapolated_positions(k * L, t, g, layout, base_length=L)
+        assert pos.dtype == torch.float32 and len(pos) == k * L
+        assert pos[0] == 0 and pos[-1] == pytest.approx(L * t - 1) and (pos[1:] > pos[:-1]).all()
+        assert rot.scaling_factor(math.ceil(pos.max().item()) + 1) == t
+    # t = 1 is position interpolation by ~k; t = k spans the inference window 0 … length − 1
+    pi = extrapolated_positions(k * L, 1, g, layout, base_length=L)
+    torch.testing.assert_close(pi, torch.arange(k * L) * (L - 1) / (k * L - 1))
+    assert extrapolated_positions(k * L, k, g, layout, base_length=L)[-1] == k * L - 1

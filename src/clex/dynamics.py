@@ -89,11 +89,13 @@ class CLEXDynamics(nn.Module):
         init.zeros_(self.down_proj)
 
     def _apply(self, fn, recurse=True):
-        """Keep the two matrices in fp32 whatever ``model.to(dtype)`` asks (the solve runs in fp64)."""
+        """Keep the two matrices in fp32, with their exact values, whatever ``model.to(dtype)`` asks:
+        the values are moved, never rounded through the requested dtype (the solve runs in fp64)."""
+        saved = {name: p.data for name, p in self._parameters.items() if p is not None}
         super()._apply(fn, recurse)
-        for p in self.parameters(recurse=False):
-            if p.is_floating_point() and p.dtype != torch.float32 and p.device.type != "meta":
-                p.data = p.data.float()
+        for name, p in self._parameters.items():
+            if p is not None and p.dtype != torch.float32 and p.device.type != "meta":
+                p.data = saved[name].to(device=p.device, dtype=torch.float32)
         return self
 
     def extra_repr(self) -> str:

@@ -17,7 +17,9 @@ import copy
 import functools
 import json
 import os
+import warnings
 from collections.abc import Iterator
+from dataclasses import asdict
 
 import torch
 from torch import nn
@@ -117,7 +119,13 @@ def apply(model: PreTrainedModel, method: str, **params) -> PreTrainedModel:
     if not isinstance(L, int) or isinstance(L, bool) or L < 1:
         raise ValueError(f"original_max_position_embeddings must be a positive integer, got {L!r}")
     spec = get_method(name)
-    if name == "clex":
+    if name == "clex" and current.get("rope_type") == "clex":
+        # re-applying CLEX: unspecified settings stay as they are (its field, its t policy …)
+        previous = CLEXConfig.from_rope_parameters(dict(current), L)
+        for key, value in asdict(previous).items():
+            if key != "original_max_position_embeddings":
+                params.setdefault(key, value)
+    elif name == "clex":
         params.setdefault("ode_base", float(current["rope_theta"]))
     rope = spec.rope_parameters(params, L, current["rope_theta"])
     clex_config = None
@@ -166,9 +174,19 @@ def _replace_config(model: nn.Module, new_root) -> None:
 def _wrap(rotary: nn.Module, config: CLEXConfig, layer_type: str | None, previous=None) -> ClexRotary:
     device = next(iter(rotary.buffers())).device
     wrapped = ClexRotary(rotary, config, layer_type).to(device)
-    if isinstance(previous, ClexRotary) and previous.rotary_dim == wrapped.rotary_dim:
-        if previous.config.param_factor == config.param_factor:
+    if isinstance(previous, ClexRotary):
+        old = previous.config
+        same_field = (previous.rotary_dim, old.param_factor, old.act, old.ode_base) == (
+            wrapped.rotary_dim, config.param_factor, config.act, config.ode_base
+        )  # fmt: skip
+        if same_field:
             wrapped.clex_ode.load_state_dict(previous.clex_ode.state_dict())
+        else:
+            warnings.warn(
+                "re-applying CLEX with a different field (param_factor, act or ode_base): the learned "
+                "weights do not carry over; starting from the untrained path (NTK, α = 2t − 1)",
+                stacklevel=3,
+            )
     return wrapped
 
 
@@ -191,6 +209,7 @@ def _install_from_config(model: PreTrainedModel) -> None:
     if not rope or rope.get("rope_type", rope.get("type")) != "clex":
         return
     clex_config = CLEXConfig.from_rope_parameters(dict(rope), config.max_position_embeddings)
+    rope.update(clex_config.to_rope_parameters())  # saved configs carry every setting, defaults included
     for parent, attr, module in rotary_modules(model):
         if not isinstance(module, ClexRotary):
             setattr(parent, attr, _wrap(module, clex_config, layer_type))
@@ -208,7 +227,10 @@ def _patch_transformers() -> None:
     @functools.wraps(original_post_init)
     def post_init(self, *args, **kwargs):
         _install_from_config(self)
-        return original_post_init(self, *args, **kwargs)
+        result = original_post_init(self, *args, **kwargs)
+        if clex_modules(self):  # load CLEX weights in fp32 even when the model loads in bf16/fp16
+            self._keep_in_fp32_modules_strict = {*(self._keep_in_fp32_modules_strict or ()), "clex_ode"}
+        return result
 
     @functools.wraps(original_init_weights)
     def _init_weights(self, module):
@@ -273,11 +295,13 @@ def from_pretrained(path: str | os.PathLike, **kwargs) -> PreTrainedModel:
     kwargs.setdefault("use_safetensors", True)
     model = AutoModelForCausalLM.from_pretrained(path, config=config, **kwargs)
     if reference is not None:
-        modules = clex_modules(model)
         with torch.no_grad():
-            for module in modules:
+            for module in clex_modules(model):
                 module.clex_ode.up_proj.copy_(reference[REFERENCE_UP].T)
                 module.clex_ode.down_proj.copy_(reference[REFERENCE_DOWN].T)
+    for module in clex_modules(model):
+        if not module.clex_ode.parameters_finite():
+            raise ValueError(f"{path}: CLEX weights (clex_ode.up_proj / down_proj) contain NaN or inf")
     return model
 
 

@@ -94,8 +94,10 @@ class ClexRotary(nn.Module):
         rotary_dim = 2 * self._base_inv_freq().numel()
         self.clex_ode = CLEXDynamics(rotary_dim, config.param_factor, config.act, config.ode_base, config.time_dt)
         self._grid: torch.Tensor | None = None
-        self._grid_key: tuple | None = None
+        self._grid_key: tuple = ()
         self._warned = False
+        self._last_t: float | None = None
+        self._decode_warned: set[str] = set()
 
     # --- what the wrapped module knows -------------------------------------------------------
     def _base_inv_freq(self) -> torch.Tensor:
@@ -132,13 +134,18 @@ class ClexRotary(nn.Module):
     def trajectory(self) -> torch.Tensor:
         """``θ(1) … θ(max_factor)`` (fp32, one row per integer t), cached until the parameters change."""
         ode = self.clex_ode
-        key = (ode.up_proj._version, ode.down_proj._version, ode.up_proj.data_ptr(), ode.down_proj.data_ptr())
-        if self._grid is None or self._grid_key != key:
+        # Compare values, not version counters: writes through ``.data`` (some optimizers, weight
+        # loading) do not bump ``_version``. d²·k numbers: negligible next to a forward.
+        state = (ode.up_proj.detach(), ode.down_proj.detach(), self._base_inv_freq())
+        if self._grid is None or not all(
+            a.shape == b.shape and a.device == b.device and torch.equal(a, b)
+            for a, b in zip(state, self._grid_key, strict=True)
+        ):
             self._check_finite()
             with torch.no_grad():
                 grid = range(1, self.config.max_factor + 1)
                 self._grid = torch.exp(ode.solve(self._log_theta(), grid, self._ode_dtype())).float()
-            self._grid_key = key
+            self._grid_key = tuple(x.clone() for x in state)
         return self._grid
 
     def frequencies(self, t: float) -> torch.Tensor:
@@ -175,8 +182,12 @@ class ClexRotary(nn.Module):
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor, layer_type: str | None = None):
         if layer_type is not None and layer_type != self.layer_type:
             return self.original(x, position_ids, layer_type)
-        n = int(position_ids.max()) + 1
+        first, last = (int(v) for v in torch.aminmax(position_ids))
+        n = last + 1
         t = self.scaling_factor(n)
+        if first > 0:  # continuing from a KV cache
+            self._check_cached_decoding(t)
+        self._last_t = t
         inv_freq = self.frequencies(t).to(x.device)
         with torch.autocast(x.device.type, enabled=False):
             freqs = position_ids[..., None].float() * inv_freq
@@ -190,6 +201,24 @@ class ClexRotary(nn.Module):
             if scale != 1.0:
                 cos, sin = cos * scale, sin * scale
         return cos.to(x.dtype), sin.to(x.dtype)
+
+    def _check_cached_decoding(self, t: float) -> None:
+        """Cached keys were rotated (and log-scaled) for the t of the step that wrote them."""
+        if self._last_t is not None and t != self._last_t and "t" not in self._decode_warned:
+            self._decode_warned.add("t")
+            warnings.warn(
+                f"CLEX's t changed from {self._last_t:g} to {t:g} while decoding with a KV cache: keys "
+                "cached earlier keep the old frequencies, as stock transformers does for dynamic rope; "
+                "a full forward over the whole sequence gives the exact logits.",
+                stacklevel=3,
+            )
+        if self.config.log_scale and "log_scale" not in self._decode_warned:
+            self._decode_warned.add("log_scale")
+            warnings.warn(
+                "log_scale with a KV cache: cached keys keep the √(ln n/ln L) of the step that wrote them, "
+                "so attention logits differ from a full forward (exact only without a cache).",
+                stacklevel=3,
+            )
 
 
 # --- training-time sampling ------------------------------------------------------------------------
@@ -206,13 +235,20 @@ def extrapolated_positions(
     generator: torch.Generator | None = None,
     layout: str = "scatter",
     chunks: int = 2,
+    base_length: int | None = None,
 ) -> torch.Tensor:
-    """Position ids for ``length`` training tokens that span ``0 … length·t − 1`` (DESIGN.md §1).
+    """Position ids for ``length`` training tokens that make the model see distances up to ``L·t``
+    (DESIGN.md §1), where ``L = base_length`` (default: ``length``).
 
-    First 0, last ``length·t − 1``, strictly increasing; ``t = 1`` gives ``0 … length − 1``.
-    ``scatter`` (the reference): the ``length − 2`` inner positions are a random sorted sample of
-    ``1 … length·t − 2``. ``chunks``: ``chunks`` contiguous runs with random skips between them
-    (PoSE-like), which keeps short offsets exact.
+    First 0, last ``L·t − 1``, strictly increasing, so the CLEX rotary module infers exactly ``t``.
+    ``scatter`` (the reference): ``length − 2`` inner positions drawn at random without replacement
+    from ``1 … length·t − 2``. ``chunks``: ``chunks`` contiguous runs of random lengths with random
+    skips between them (PoSE-like), which keeps short offsets exact.
+
+    Training longer than the base context (``length = k·L``, the reference's long regime): the
+    positions are scaled by ``(L·t − 1)/(length·t − 1) ≈ 1/k`` (fractional ids), so ``t = 1`` is
+    position interpolation by k and ``t = k`` is nearly contiguous ``0 … length − 1``. Unlike the
+    reference's ``/k``, the last position stays above the one before it.
 
     Pass an explicit all-ones ``attention_mask`` with these ids: without one, transformers reads
     gaps in ``position_ids`` as boundaries of packed sequences and blocks attention across them.
@@ -223,6 +259,17 @@ def extrapolated_positions(
         raise ValueError(f"t must be an integer >= 1, got {t!r}")
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    if base_length is not None and (not isinstance(base_length, int) or base_length < 1):
+        raise ValueError(f"base_length must be a positive integer, got {base_length!r}")
+    raw = _raw_positions(length, t, generator, layout, chunks)
+    L = base_length or length
+    if L == length:
+        return raw
+    return raw.double().mul_((L * t - 1) / (length * t - 1)).float()
+
+
+def _raw_positions(length: int, t: int, generator, layout: str, chunks: int) -> torch.Tensor:
+    """``length`` integer positions in ``0 … length·t − 1``, first and last included."""
     span = length * t
     if t == 1:
         return torch.arange(length)
@@ -254,9 +301,11 @@ def sample_training_positions(
     generator: torch.Generator | None = None,
     layout: str = "scatter",
     chunks: int = 2,
+    base_length: int | None = None,
 ) -> tuple[int, torch.Tensor]:
     """One CLEX training step's ``(t', position_ids)``: t' uniform in 1 … max_factor, then ``length``
-    positions spanning ``0 … length·t' − 1``. Feeding these ids (with an all-ones attention mask)
-    makes the CLEX rotary module solve the ODE to exactly t' with gradients."""
+    positions spanning ``0 … L·t' − 1`` (``L = base_length``, the model's CLEX training length;
+    default ``length``). Feeding these ids (with an all-ones attention mask) makes the CLEX rotary
+    module solve the ODE to exactly t' with gradients."""
     t = sample_scale_factor(max_factor, generator)
-    return t, extrapolated_positions(length, t, generator, layout, chunks)
+    return t, extrapolated_positions(length, t, generator, layout, chunks, base_length)
