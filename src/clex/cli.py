@@ -75,6 +75,34 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval_ppl(args: argparse.Namespace) -> int:
+    """Perplexity against length for several methods on the same token windows."""
+    from .data import parse_length
+    from .eval.ppl import evaluate_ppl, write_report
+    from .methods import split_methods
+    from .report import ppl_markdown
+
+    report = evaluate_ppl(
+        args.model,
+        split_methods(args.methods),
+        [parse_length(x) for x in args.lengths.split(",") if x.strip()],
+        data=args.data,
+        samples=args.samples,
+        tokenizer=args.tokenizer,
+        mode="concat" if args.concat else "filter",
+        stride=args.stride,
+        dtype=args.dtype,
+        device=args.device,
+        text_field=args.text_field,
+        per_position=args.per_position,
+        show_progress=not args.no_progress,
+    )
+    out = write_report(report, args.out)
+    print(ppl_markdown(report).split("\n\n| method | length")[0])
+    print(f"\nwrote {out / 'results.json'}, results.md, ppl.png")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="clex", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -83,6 +111,29 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--model", required=True, help="checkpoint directory (or hub name)")
     info.set_defaults(func=cmd_info)
     sub.add_parser("demo", help=cmd_demo.__doc__.splitlines()[0]).set_defaults(func=cmd_demo)
+
+    ev = sub.add_parser("eval", help="evaluations").add_subparsers(dest="evaluation", required=True)
+    ppl = ev.add_parser("ppl", help=cmd_eval_ppl.__doc__, description=cmd_eval_ppl.__doc__)
+    ppl.add_argument("--model", required=True, help="model directory (or hub name)")
+    ppl.add_argument("--methods", default="vanilla,clex",
+                     help="comma-separated methods with parameters, e.g. vanilla,pi:factor=8,yarn:factor=8,clex; "
+                     "`clex` on a CLEX-trained model is its learned CLEX (default: %(default)s)")  # fmt: skip
+    ppl.add_argument("--lengths", required=True, help="comma-separated lengths in tokens, k suffix allowed: 1k,2k,4k")
+    ppl.add_argument("--data", default="sotu:test", help="sotu[:split], kjv[:split], a .txt/.jsonl/.parquet file or "
+                     "folder, or a hub dataset name (default: %(default)s)")  # fmt: skip
+    ppl.add_argument("--samples", type=int, default=8, help="windows per length (default: %(default)s)")
+    ppl.add_argument("--concat", action="store_true",
+                     help="join documents into one stream before cutting windows (default: only documents at "
+                     "least as long as the window, cut from their start)")  # fmt: skip
+    ppl.add_argument("--stride", type=int, default=None, help="sliding-window mode with this stride")
+    ppl.add_argument("--tokenizer", default=None, help="tokenizer directory or `bytes` (default: the model's)")
+    ppl.add_argument("--text-field", default="text", help="text field of .jsonl/.parquet/hub data")
+    ppl.add_argument("--dtype", default="auto", help="auto (fp32 on CPU, bf16 on GPU), float32, bfloat16, float16")
+    ppl.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    ppl.add_argument("--per-position", action="store_true", help="also plot the loss by position at the longest length")
+    ppl.add_argument("--out", default="runs/eval-ppl", help="output directory (default: %(default)s)")
+    ppl.add_argument("--no-progress", action="store_true", help="no progress bar")
+    ppl.set_defaults(func=cmd_eval_ppl)
     return parser
 
 

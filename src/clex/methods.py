@@ -163,6 +163,22 @@ def parse_method(spec: str) -> tuple[str, dict]:
     return name, params
 
 
+def split_methods(text: str) -> list[str]:
+    """``"vanilla,yarn:factor=8,beta_fast=32,clex"`` → ``["vanilla", "yarn:factor=8,beta_fast=32", "clex"]``:
+    a comma-separated item with ``=`` but no ``:`` is another parameter of the method before it."""
+    specs: list[str] = []
+    for item in filter(None, (p.strip() for p in text.split(","))):
+        if "=" in item and ":" not in item:
+            if not specs:
+                raise ValueError(f"method list {text!r} starts with a parameter ({item!r}), not a method")
+            specs[-1] += "," + item
+        else:
+            specs.append(item)
+    for spec in specs:
+        parse_method(spec)
+    return specs
+
+
 def _parse_value(text: str):
     lowered = text.lower()
     if lowered in ("true", "false"):

