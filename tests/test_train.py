@@ -116,19 +116,22 @@ def _cli(model_dir, corpus, out, *extra):
 
 
 def test_kill_and_resume_matches_an_uninterrupted_run(model_dir, corpus, tmp_path):
+    # train length 4L: the long regime (fractional positions), and steps slow enough to kill mid-run
+    long = ("--train-length", str(4 * L))
     ref = tmp_path / "ref"
-    subprocess.run(_cli(model_dir, corpus, ref), check=True, capture_output=True)
+    subprocess.run(_cli(model_dir, corpus, ref, *long), check=True, capture_output=True)
     out = tmp_path / "killed"
-    proc = subprocess.Popen(_cli(model_dir, corpus, out, "--save-every", "4"), stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen(_cli(model_dir, corpus, out, *long, "--save-every", "4"), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)  # fmt: skip
     deadline = time.time() + 120
-    while not (out / "checkpoint-0000008").exists():
-        assert proc.poll() is None and time.time() < deadline, "run ended before its second checkpoint"
-        time.sleep(0.05)
+    while not (out / "checkpoint-0000004").exists():
+        assert proc.poll() is None and time.time() < deadline, "run ended before its first checkpoint"
+        time.sleep(0.01)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not (out / "trainer_state.json").exists()  # it really died mid-run
-    subprocess.run(_cli(model_dir, corpus, out, "--save-every", "4", "--resume"), check=True, capture_output=True)
+    resumed = _cli(model_dir, corpus, out, *long, "--save-every", "4", "--resume")
+    subprocess.run(resumed, check=True, capture_output=True)
     a, b = metrics(ref), metrics(out)
     assert [r["step"] for r in b] == list(range(1, 17))
     assert [r["loss"] for r in a] == pytest.approx([r["loss"] for r in b], rel=1e-6, abs=1e-6)
@@ -142,11 +145,13 @@ def test_two_processes_take_the_same_steps_as_one(model_dir, corpus, tmp_path):
     one = tmp_path / "one"
     subprocess.run(_cli(model_dir, corpus, one, "--steps", "6"), check=True, capture_output=True)
     two = tmp_path / "two"
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2",
-              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
-              "29533", "-m", "clex"]  # fmt: skip
+    # accelerate's launcher starts one CPU process unless MPI is set up; torch's own launcher gives
+    # accelerate a gloo process group (DistributedType.MULTI_CPU), as `accelerate launch` does on GPUs.
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+              "-m", "clex"]  # fmt: skip
     cmd = launch + _cli(model_dir, corpus, two, "--steps", "6", "--batch-size", "2")[3:]
-    result = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env)
     assert result.returncode == 0, result.stderr[-2000:]
     a, b = metrics(one), metrics(two)
     assert [r["t"] for r in a] == [r["t"] for r in b]

@@ -159,16 +159,17 @@ def add_lora(model, spec: str):
 # --- the loop -------------------------------------------------------------------------------------
 def train(cfg: TrainConfig) -> Path:
     """Run (or resume) a fine-tuning job; returns the output directory holding the final model."""
-    from accelerate import Accelerator
+    from accelerate import Accelerator, DistributedDataParallelKwargs
     from transformers import get_cosine_schedule_with_warmup
 
     _validate(cfg)
     out = Path(cfg.out)
     _check_out_dir(out, cfg)
-    accelerator = Accelerator(mixed_precision=_mixed_precision())
     torch.manual_seed(cfg.seed)
-
     model, L, length = prepare_model(cfg)
+    # At t' = 1 the CLEX matrices take no part in the loss: DDP must not wait for their gradients.
+    ddp = DistributedDataParallelKwargs(find_unused_parameters=bool(clex_modules(model)))
+    accelerator = Accelerator(mixed_precision=_mixed_precision(), kwargs_handlers=[ddp])
     tok = D.load_tokenizer(cfg.tokenizer or cfg.model)
     docs = D.tokenize_documents(D.load_documents(cfg.data, cfg.text_field), tok)
     samples = pack(docs, length, getattr(tok, "eos_token_id", None))
@@ -194,7 +195,10 @@ def train(cfg: TrainConfig) -> Path:
         groups.append({"params": clex_params, "lr": cfg.clex_lr or cfg.lr, "weight_decay": 0.0})
     optimizer = torch.optim.AdamW(groups)
     scheduler = get_cosine_schedule_with_warmup(optimizer, int(cfg.warmup * cfg.steps), cfg.steps)
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    # The scheduler is stepped once per optimizer step whatever the process count (accelerate's
+    # prepared scheduler steps once per process), and checkpointed with the rest of the state.
+    model, optimizer = accelerator.prepare(model, optimizer)
+    accelerator.register_for_checkpointing(scheduler)
 
     start_step = _resume(accelerator, out) if cfg.resume else 0
     if accelerator.is_main_process:
