@@ -30,6 +30,9 @@ from clex.eval import ppl as P  # noqa: E402
 from overhead import SHAPES  # noqa: E402
 
 
+tf.utils.logging.disable_progress_bar()
+
+
 def build(shape: str, path: Path) -> None:
     cfg = tf.LlamaConfig(**SHAPES[shape])
     torch.manual_seed(0)
@@ -74,6 +77,7 @@ def peak_memory(model_dir: Path, length: int, mode: str) -> dict:
     code = f"""
 import json, resource, torch, transformers as tf
 from clex.eval import ppl as P
+tf.utils.logging.disable_progress_bar()
 model = tf.AutoModelForCausalLM.from_pretrained({str(model_dir)!r}, attn_implementation="sdpa").eval()
 ids = torch.randint(0, model.config.vocab_size, (1, {length}), generator=torch.Generator().manual_seed(0))
 with torch.no_grad():
