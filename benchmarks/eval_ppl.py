@@ -29,7 +29,6 @@ from clex import data as D  # noqa: E402
 from clex.eval import ppl as P  # noqa: E402
 from overhead import SHAPES  # noqa: E402
 
-
 tf.utils.logging.disable_progress_bar()
 
 

@@ -321,11 +321,3 @@ def test_clex_config_over_plain_weights_initialises_clex_as_the_reference(tmp_pa
     assert torch.equal(ode.down_proj, torch.zeros_like(ode.down_proj))
     bound = 1 / ode.up_proj.shape[0] ** 0.5
     assert ode.up_proj.abs().max() <= bound and ode.up_proj.abs().max() > bound / 2
-
-
-def test_cached_decoding_across_a_change_of_t_warns():
-    model = make_model("llama")
-    clex.apply(model, "clex", max_factor=4)
-    prompt = tokens(L - 2)
-    with pytest.warns(UserWarning, match="t changed from 1 to 2"):
-        model.generate(prompt, max_new_tokens=8, do_sample=False, pad_token_id=0, eos_token_id=None)

@@ -127,6 +127,55 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+class _ByteStreamer:
+    """Streams byte-level tokens to stdout as UTF-8 (``generate``'s streamer protocol)."""
+
+    def __init__(self) -> None:
+        import codecs
+
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.prompt_done = False
+
+    def put(self, value) -> None:
+        if not self.prompt_done:  # the first call carries the prompt
+            self.prompt_done = True
+            return
+        sys.stdout.write(self.decoder.decode(bytes(int(v) for v in value.reshape(-1).tolist())))
+        sys.stdout.flush()
+
+    def end(self) -> None:
+        sys.stdout.write(self.decoder.decode(b"", final=True) + "\n")
+        sys.stdout.flush()
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    """Generate from a prompt, streaming to stdout, with a KV-cache policy for CLEX models."""
+    import torch
+    from transformers import TextStreamer
+
+    from .cache import generate
+    from .data import ByteTokenizer, encode, load_tokenizer
+    from .models import from_pretrained
+
+    text = sys.stdin.read() if args.prompt_file == "-" else open(args.prompt_file, encoding="utf-8").read()
+    tok = load_tokenizer(args.tokenizer or args.model)
+    model = from_pretrained(args.model).eval()
+    ids = torch.tensor([encode(tok, text)], dtype=torch.long)
+    if ids.shape[1] == 0:
+        raise ValueError(f"prompt file {args.prompt_file} is empty")
+    vocab = model.config.get_text_config().vocab_size
+    if int(ids.max()) >= vocab:
+        raise ValueError(f"the tokenizer gives id {int(ids.max())}, beyond the model's vocabulary of {vocab}")
+    streamer = _ByteStreamer() if isinstance(tok, ByteTokenizer) else TextStreamer(tok, skip_prompt=True)
+    sampling = args.temperature > 0
+    extra = {"temperature": args.temperature, "top_p": args.top_p} if sampling else {}
+    pad = getattr(tok, "pad_token_id", None) or getattr(tok, "eos_token_id", None) or 0
+    torch.manual_seed(args.seed)
+    generate(model, ids, policy=args.policy, max_new_tokens=args.max_new_tokens, do_sample=sampling,
+             streamer=streamer, pad_token_id=pad, **extra)  # fmt: skip
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="clex", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -194,6 +243,19 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--out", required=True)
     tr.add_argument("--no-progress", action="store_true")
     tr.set_defaults(func=cmd_train)
+
+    ge = sub.add_parser("generate", help=cmd_generate.__doc__, description=cmd_generate.__doc__)
+    ge.add_argument("--model", required=True)
+    ge.add_argument("--prompt-file", required=True, help="text file with the prompt (- for stdin)")
+    ge.add_argument("--max-new-tokens", type=int, default=256)
+    ge.add_argument("--policy", default="rerotate", choices=["rerotate", "recompute", "frozen", "off"],
+                    help="KV cache when CLEX's t changes: rerotate cached keys once (default), recompute the "
+                    "prefix, freeze t from the final length, or off (stock behaviour)")  # fmt: skip
+    ge.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
+    ge.add_argument("--top-p", type=float, default=1.0)
+    ge.add_argument("--seed", type=int, default=0)
+    ge.add_argument("--tokenizer", default=None, help="tokenizer directory or `bytes` (default: the model's)")
+    ge.set_defaults(func=cmd_generate)
     return parser
 
 

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
+from .cache import install_cache_hook
 from .dynamics import CLEXDynamics
 from .methods import get_method, parse_method, register_with_transformers
 from .rotary import CLEXConfig, ClexRotary
@@ -158,6 +159,8 @@ def apply(model: PreTrainedModel, method: str, **params) -> PreTrainedModel:
     _replace_config(model, new_root)
     for (parent, attr, _), new in zip(found, rebuilt, strict=True):
         setattr(parent, attr, new)
+        if isinstance(new, ClexRotary):
+            install_cache_hook(parent, attr)
     return model
 
 
@@ -213,6 +216,7 @@ def _install_from_config(model: PreTrainedModel) -> None:
     for parent, attr, module in rotary_modules(model):
         if not isinstance(module, ClexRotary):
             setattr(parent, attr, _wrap(module, clex_config, layer_type))
+            install_cache_hook(parent, attr)
 
 
 def _patch_transformers() -> None:

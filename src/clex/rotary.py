@@ -96,8 +96,12 @@ class ClexRotary(nn.Module):
         self._grid: torch.Tensor | None = None
         self._grid_key: tuple = ()
         self._warned = False
-        self._last_t: float | None = None
         self._decode_warned: set[str] = set()
+        # generation (clex.cache): the KV-cache policy, a fixed t, and state of the recompute policy
+        self.policy = "rerotate"
+        self.t_override: float | None = None
+        self._recorded_ids: torch.Tensor | None = None
+        self._in_recompute = False
 
     # --- what the wrapped module knows -------------------------------------------------------
     def _base_inv_freq(self) -> torch.Tensor:
@@ -184,10 +188,9 @@ class ClexRotary(nn.Module):
             return self.original(x, position_ids, layer_type)
         first, last = (int(v) for v in torch.aminmax(position_ids))
         n = last + 1
-        t = self.scaling_factor(n)
-        if first > 0:  # continuing from a KV cache
-            self._check_cached_decoding(t)
-        self._last_t = t
+        t = self.t_override if self.t_override is not None else self.scaling_factor(n)
+        if first > 0 and self.config.log_scale:  # continuing from a KV cache
+            self._warn_log_scale_with_cache()
         inv_freq = self.frequencies(t).to(x.device)
         with torch.autocast(x.device.type, enabled=False):
             freqs = position_ids[..., None].float() * inv_freq
@@ -202,17 +205,8 @@ class ClexRotary(nn.Module):
                 cos, sin = cos * scale, sin * scale
         return cos.to(x.dtype), sin.to(x.dtype)
 
-    def _check_cached_decoding(self, t: float) -> None:
-        """Cached keys were rotated (and log-scaled) for the t of the step that wrote them."""
-        if self._last_t is not None and t != self._last_t and "t" not in self._decode_warned:
-            self._decode_warned.add("t")
-            warnings.warn(
-                f"CLEX's t changed from {self._last_t:g} to {t:g} while decoding with a KV cache: keys "
-                "cached earlier keep the old frequencies, as stock transformers does for dynamic rope; "
-                "a full forward over the whole sequence gives the exact logits.",
-                stacklevel=3,
-            )
-        if self.config.log_scale and "log_scale" not in self._decode_warned:
+    def _warn_log_scale_with_cache(self) -> None:
+        if "log_scale" not in self._decode_warned:
             self._decode_warned.add("log_scale")
             warnings.warn(
                 "log_scale with a KV cache: cached keys keep the √(ln n/ln L) of the step that wrote them, "

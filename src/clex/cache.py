@@ -1,0 +1,223 @@
+"""Generation when t changes: keep a CLEX model's KV cache right (``clex.generate``).
+
+Keys in the cache were rotated with θ(t) of the step that wrote them. When t changes, every cached
+key at position m is rotated once more by ``m·(θ(t') − θ(t))`` — rotations compose — so the cache
+equals keys rotated with the new frequencies: the reference's semantics (it re-rotates un-rotated
+keys at every step) at O(changes of t) instead of O(steps).
+
+A forward pre-hook on the decoder (installed with every CLEX module) does it before the step whose
+t differs from the cache's. Policies (``ClexRotary.policy``):
+
+* ``rerotate`` (default, also for plain ``model.generate``): re-rotate the cached keys in place;
+* ``recompute``: re-run the prefill over the whole sequence so far at the new t (``clex.generate``
+  only: it needs the token ids, which it records at each step);
+* ``frozen``: t fixed for the whole generation from prompt length + max_new_tokens;
+* ``off``: stock transformers behaviour (cached keys keep their old frequencies; warns once).
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+
+import torch
+from torch import nn
+
+from .rotary import ClexRotary
+
+POLICIES = ("rerotate", "recompute", "frozen", "off")
+
+
+def install_cache_hook(decoder: nn.Module, attr: str) -> None:
+    """Register the re-rotation pre-hook on ``decoder``, whose child ``attr`` is the CLEX module.
+
+    The hook finds the module by name at call time, so deep copies of the model stay correct.
+    """
+    for handle_id, hook in list(decoder._forward_pre_hooks.items()):
+        if isinstance(hook, functools.partial) and hook.func is _cache_hook:
+            del decoder._forward_pre_hooks[handle_id]
+            decoder._forward_pre_hooks_with_kwargs.pop(handle_id, None)
+    decoder.register_forward_pre_hook(functools.partial(_cache_hook, attr), with_kwargs=True)
+
+
+def _cache_hook(attr: str, decoder: nn.Module, args, kwargs):
+    rot = getattr(decoder, attr, None)
+    cache = kwargs.get("past_key_values")
+    if not isinstance(rot, ClexRotary) or cache is None or rot._in_recompute:
+        return None
+    positions = _step_positions(kwargs, args, cache)
+    if positions is None:
+        return None
+    t_new = rot.t_override if rot.t_override is not None else rot.scaling_factor(int(positions.max()) + 1)
+    t_old = getattr(cache, "_clex_t", None)
+    cache._clex_t = t_new
+    if t_old is None or t_old == t_new or cache.get_seq_length() == 0:
+        return None
+    if rot.policy == "rerotate":
+        rerotate(rot, decoder, cache, t_old, t_new, kwargs.get("attention_mask"))
+    elif rot.policy == "recompute":
+        _recompute(rot, decoder, cache, t_new, kwargs.get("attention_mask"))
+    elif rot.policy == "off" and "t" not in rot._decode_warned:
+        rot._decode_warned.add("t")
+        warnings.warn(
+            f"CLEX's t changed from {t_old:g} to {t_new:g} while decoding with a KV cache and cache policy 'off': "
+            "keys cached earlier keep the old frequencies, as stock transformers does for dynamic rope",
+            stacklevel=2,
+        )
+    return None
+
+
+def _step_positions(kwargs, args, cache) -> torch.Tensor | None:
+    """Position ids of the tokens of this forward, as the model will compute them."""
+    position_ids = kwargs.get("position_ids")
+    if position_ids is not None:
+        return position_ids
+    ids = kwargs.get("input_ids", args[0] if args and isinstance(args[0], torch.Tensor) else None)
+    embeds = kwargs.get("inputs_embeds")
+    q = ids.shape[1] if ids is not None else embeds.shape[1] if embeds is not None else None
+    if q is None:
+        return None
+    past = cache.get_seq_length()
+    return torch.arange(past, past + q)[None]
+
+
+def _slot_positions(attention_mask: torch.Tensor | None, batch: int, length: int, device) -> torch.Tensor:
+    """Position of each of the first ``length`` sequence slots, per row: from the attention mask as
+    ``generate`` computes position ids (left padding: pads sit at position 1), else 0 … length − 1."""
+    if attention_mask is None:
+        return torch.arange(length, device=device)[None].expand(batch, -1)
+    if attention_mask.dim() == 4:  # static caches get a prepared [B, 1, q, kv] mask: read its last query row
+        last = attention_mask[:, 0, -1, :]
+        attention_mask = (last == 0) if last.is_floating_point() else last.bool()
+    mask = attention_mask[:, :length].to(device)
+    return (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 1)
+
+
+def _clex_layers(decoder: nn.Module, rot: ClexRotary, n_layers: int) -> list[int]:
+    """Indices of the layers whose keys CLEX rotates (Gemma 3: the global ones only)."""
+    layer_types = getattr(decoder.config, "layer_types", None)
+    if rot.layer_type is None or not layer_types:
+        return list(range(n_layers))
+    return [i for i in range(n_layers) if layer_types[i] == rot.layer_type]
+
+
+@torch.no_grad()
+def rerotate(rot: ClexRotary, decoder: nn.Module, cache, t_old: float, t_new: float, attention_mask=None) -> None:
+    """Rotate every cached key of the CLEX layers from θ(t_old) to θ(t_new), in place."""
+    theta_old, theta_new = rot.frequencies(t_old), rot.frequencies(t_new)
+    half = theta_old.numel()
+    for i in _clex_layers(decoder, rot, len(cache.layers)):
+        layer = cache.layers[i]
+        keys = getattr(layer, "keys", None)
+        if keys is None or not getattr(layer, "is_initialized", True) or keys.numel() == 0:
+            continue
+        start, stop = _filled_slots(layer)
+        if stop <= start:
+            continue
+        batch = keys.shape[0]
+        seq_positions = _slot_positions(attention_mask, batch, stop, keys.device)[:, start:stop].float()
+        # the angles exactly as the rotary module computes them (fp32 products), differenced in fp64
+        delta = (seq_positions[..., None] * theta_new.to(keys.device)).double() - (
+            seq_positions[..., None] * theta_old.to(keys.device)
+        ).double()
+        cos, sin = torch.cos(delta), torch.sin(delta)  # [B, S, d/2]
+        slot = slice(start - _slot_offset(layer), stop - _slot_offset(layer))
+        k = keys[:, :, slot, : 2 * half].double()
+        k1, k2 = k[..., :half], k[..., half:]
+        c, s = cos[:, None], sin[:, None]
+        rotated = torch.cat((k1 * c - k2 * s, k2 * c + k1 * s), dim=-1)
+        keys[:, :, slot, : 2 * half] = rotated.to(keys.dtype)
+
+
+def _filled_slots(layer) -> tuple[int, int]:
+    """The sequence indices [start, stop) a cache layer holds."""
+    from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer, StaticLayer
+
+    if isinstance(layer, DynamicSlidingWindowLayer):
+        stop = int(layer.cumulative_length)
+        return stop - layer.keys.shape[-2], stop
+    if isinstance(layer, DynamicLayer):
+        return 0, layer.keys.shape[-2]
+    if isinstance(layer, StaticLayer) and not getattr(layer, "is_sliding", False):
+        return 0, int(layer.get_seq_length())
+    raise NotImplementedError(f"clex cannot re-rotate a {type(layer).__name__} cache layer")
+
+
+def _slot_offset(layer) -> int:
+    """Sequence index of the layer's first slot."""
+    from transformers.cache_utils import DynamicSlidingWindowLayer
+
+    if isinstance(layer, DynamicSlidingWindowLayer):
+        return int(layer.cumulative_length) - layer.keys.shape[-2]
+    return 0
+
+
+@torch.no_grad()
+def _recompute(rot: ClexRotary, decoder: nn.Module, cache, t_new: float, attention_mask=None) -> None:
+    """Re-run the decoder over the sequence so far at t_new and replace the cache's contents."""
+    from transformers import DynamicCache
+
+    prefix = rot._recorded_ids
+    past = cache.get_seq_length()
+    if prefix is None or prefix.shape[1] != past:
+        raise RuntimeError("cache policy 'recompute' needs clex.generate(..., policy='recompute')")
+    mask = attention_mask[:, :past] if attention_mask is not None else None
+    positions = _slot_positions(mask, prefix.shape[0], past, prefix.device)
+    fresh = DynamicCache(config=decoder.config)
+    saved = rot.t_override
+    rot._in_recompute, rot.t_override = True, t_new
+    try:
+        decoder(input_ids=prefix, attention_mask=mask, position_ids=positions, past_key_values=fresh, use_cache=True)
+    finally:
+        rot._in_recompute, rot.t_override = False, saved
+    for old, new in zip(cache.layers, fresh.layers, strict=True):
+        start, stop = _filled_slots(old)
+        dst = slice(start - _slot_offset(old), stop - _slot_offset(old))
+        src = slice(start - _slot_offset(new), stop - _slot_offset(new))
+        old.keys[:, :, dst] = new.keys[:, :, src]
+        old.values[:, :, dst] = new.values[:, :, src]
+
+
+# --- generation -------------------------------------------------------------------------------------
+class _RecordIds:
+    """A logits processor that only records the sequence so far (for the recompute policy)."""
+
+    def __init__(self, modules: list[ClexRotary]):
+        self.modules = modules
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        for m in self.modules:
+            m._recorded_ids = input_ids
+        return scores
+
+
+def generate(model, input_ids: torch.Tensor, policy: str = "rerotate", **generate_kwargs):
+    """``model.generate`` for a CLEX model with a cache policy (see the module docstring).
+
+    Returns what ``model.generate`` returns. Models without CLEX generate as usual.
+    """
+    from transformers import LogitsProcessorList
+
+    from .models import clex_modules
+
+    if policy not in POLICIES:
+        raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
+    modules = clex_modules(model)
+    saved = [(m.policy, m.t_override, m._recorded_ids) for m in modules]
+    processors = LogitsProcessorList(generate_kwargs.pop("logits_processor", None) or [])
+    try:
+        for m in modules:
+            m.policy = policy
+            if policy == "frozen":
+                max_new = generate_kwargs.get("max_new_tokens")
+                if max_new is None:
+                    raise ValueError("policy 'frozen' needs max_new_tokens (t is fixed from the final length)")
+                m.t_override = m.scaling_factor(input_ids.shape[1] + max_new)
+            if policy == "recompute":
+                m._recorded_ids = input_ids
+        if policy == "recompute":
+            processors.insert(0, _RecordIds(modules))
+        return model.generate(input_ids, logits_processor=processors, **generate_kwargs)
+    finally:
+        for m, (p, t, ids) in zip(modules, saved, strict=True):
+            m.policy, m.t_override, m._recorded_ids = p, t, ids
