@@ -78,6 +78,12 @@ def tokens(n: int, batch: int = 1, seed: int = 0) -> torch.Tensor:
     return torch.randint(0, VOCAB, (batch, n), generator=torch.Generator().manual_seed(seed))
 
 
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path, monkeypatch):
+    """Every test gets its own token cache (never the user's ~/.cache/clex)."""
+    monkeypatch.setenv("CLEX_CACHE", str(tmp_path / "cache"))
+
+
 @pytest.fixture(params=sorted(FAMILIES))
 def family(request) -> str:
     return request.param

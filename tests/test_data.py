@@ -10,11 +10,6 @@ import pytest
 from clex import data as D
 
 
-@pytest.fixture(autouse=True)
-def private_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("CLEX_CACHE", str(tmp_path / "cache"))
-
-
 def test_builtin_splits_are_disjoint_complete_and_pinned():
     for corpus in ("sotu", "kjv"):
         every = {d.id for d in D.load_documents(corpus)}

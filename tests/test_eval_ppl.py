@@ -18,11 +18,6 @@ from clex.eval import ppl as P
 L = 32
 
 
-@pytest.fixture(autouse=True)
-def private_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("CLEX_CACHE", str(tmp_path / "cache"))
-
-
 @pytest.fixture
 def corpus(tmp_path):
     folder = tmp_path / "corpus"

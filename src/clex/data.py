@@ -261,6 +261,16 @@ def tokenize_documents(docs: list[Document], tokenizer, cache: bool = True) -> l
 
 
 # --- windows ----------------------------------------------------------------------------------------
+def join_documents(token_docs: list[np.ndarray], separator: int | None = None) -> np.ndarray:
+    """All documents as one token stream, ``separator`` (if any) between consecutive documents."""
+    pieces = []
+    for i, d in enumerate(token_docs):
+        if i and separator is not None:
+            pieces.append(np.asarray([separator], dtype=np.int32))
+        pieces.append(np.asarray(d, dtype=np.int32))
+    return np.concatenate(pieces) if pieces else np.zeros(0, np.int32)
+
+
 def make_windows(
     token_docs: list[np.ndarray],
     length: int,
@@ -280,12 +290,7 @@ def make_windows(
     if not isinstance(length, int) or length < 2:
         raise DataError(f"length must be an integer >= 2, got {length!r}")
     if mode == "concat":
-        pieces = []
-        for i, d in enumerate(token_docs):
-            if i and separator is not None:
-                pieces.append(np.asarray([separator], dtype=np.int32))
-            pieces.append(d)
-        token_docs = [np.concatenate(pieces)] if pieces else []
+        token_docs = [join_documents(token_docs, separator)] if token_docs else []
     candidates = [d[i * length : (i + 1) * length] for d in token_docs for i in range(len(d) // length)]
     if not candidates:
         longest = max((len(d) for d in token_docs), default=0)

@@ -77,12 +77,7 @@ class TrainConfig:
 # --- data -----------------------------------------------------------------------------------------
 def pack(token_docs: list[np.ndarray], length: int, separator: int | None) -> np.ndarray:
     """The documents joined into one stream (``separator`` between them) cut into rows of ``length``."""
-    pieces = []
-    for i, d in enumerate(token_docs):
-        if i and separator is not None:
-            pieces.append(np.asarray([separator], dtype=np.int32))
-        pieces.append(np.asarray(d, dtype=np.int32))
-    stream = np.concatenate(pieces) if pieces else np.zeros(0, np.int32)
+    stream = D.join_documents(token_docs, separator)
     rows = len(stream) // length
     return stream[: rows * length].reshape(rows, length)
 

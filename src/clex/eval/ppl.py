@@ -257,12 +257,7 @@ def evaluate_ppl(
 def _sequences(docs: list[np.ndarray], n: int, mode: str, separator: int | None) -> list[np.ndarray]:
     """What sliding-window mode reads: each document of at least n tokens, or the joined stream."""
     if mode == "concat":
-        pieces = []
-        for i, d in enumerate(docs):
-            if i and separator is not None:
-                pieces.append(np.asarray([separator], dtype=np.int32))
-            pieces.append(d)
-        return [np.concatenate(pieces)]
+        return [D.join_documents(docs, separator)]
     return [d for d in docs if len(d) >= n]
 
 
