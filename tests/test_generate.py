@@ -96,8 +96,10 @@ def rotate_half(x):
     return torch.cat((-x2, x1), -1)
 
 
-def test_rerotate_equals_per_step_rerotation_of_unrotated_keys():
+@pytest.mark.parametrize("t_policy", ["ceil", "continuous"])
+def test_rerotate_equals_per_step_rerotation_of_unrotated_keys(t_policy):
     model = sharp_clex_model()
+    clex.apply(model, "clex", policy=t_policy)  # keeps the weights; continuous: t changes every token
     ids = prompt(L - 3)
     seq, logits = gen(model, ids, "rerotate")  # crosses t = 2, 3, 4
     # teacher-forced emulation over the same tokens, stock cache policy off so the hook stays out

@@ -95,6 +95,7 @@ class ClexRotary(nn.Module):
         self.clex_ode = CLEXDynamics(rotary_dim, config.param_factor, config.act, config.ode_base, config.time_dt)
         self._grid: torch.Tensor | None = None
         self._grid_key: tuple = ()
+        self._continuous_memo: tuple | None = None
         self._warned = False
         self._decode_warned: set[str] = set()
         # generation (clex.cache): the KV-cache policy, a fixed t, and state of the recompute policy
@@ -166,11 +167,17 @@ class ClexRotary(nn.Module):
         grid = self.trajectory()
         if t == int(t):
             return grid[int(t) - 1]
-        # continuous t: continue from the grid point below (the residual field needs no restart)
+        # continuous t: continue from the grid point below (the residual field needs no restart);
+        # the last value is kept, so the layers and repeated forwards at one t solve once
+        memo = self._continuous_memo
+        if memo is not None and memo[0] == t and memo[1] is grid:
+            return memo[2]
         start = math.floor(t)
         with torch.no_grad():
             log_start = torch.log(grid[start - 1].to(self._ode_dtype()))
-            return torch.exp(self.clex_ode.solve(log_start, [t], self._ode_dtype(), start=start)[0]).float()
+            value = torch.exp(self.clex_ode.solve(log_start, [t], self._ode_dtype(), start=start)[0]).float()
+        self._continuous_memo = (t, grid, value)
+        return value
 
     def _log_theta(self) -> torch.Tensor:
         return torch.log(self._base_inv_freq().to(self._ode_dtype()))
