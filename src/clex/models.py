@@ -174,6 +174,28 @@ def _replace_config(model: nn.Module, new_root) -> None:
             module.config = mapping[id(config)]
 
 
+def use_method(model: PreTrainedModel, spec: str) -> PreTrainedModel:
+    """``apply(model, spec)``, except that a bare ``clex`` on a CLEX model means its learned CLEX (with
+    settings, e.g. ``clex:policy=continuous``, it is re-applied and keeps its weights)."""
+    name, params = parse_method(spec)
+    if name == "clex" and clex_modules(model) and not params:
+        return model
+    return apply(model, spec)
+
+
+def training_length(model_or_config) -> int:
+    """The training length L a model's rope parameters record (else its ``max_position_embeddings``)."""
+    config = _text_config(model_or_config)
+    return int(_current_rope(config).get("original_max_position_embeddings", config.max_position_embeddings))
+
+
+def check_model_path(path) -> None:
+    """A clear error for a local model directory that does not exist (hub names pass: name or org/name)."""
+    text = str(path)
+    if not os.path.exists(text) and (text.startswith((".", "/", "~")) or text.count("/") > 1):
+        raise FileNotFoundError(f"model directory {text} does not exist")
+
+
 def _wrap(rotary: nn.Module, config: CLEXConfig, layer_type: str | None, previous=None) -> ClexRotary:
     device = next(iter(rotary.buffers())).device
     wrapped = ClexRotary(rotary, config, layer_type).to(device)

@@ -28,7 +28,7 @@ import torch
 
 from . import data as D
 from .methods import parse_method
-from .models import apply, clex_modules, from_pretrained
+from .models import check_model_path, clex_modules, from_pretrained, training_length, use_method
 from .rotary import LAYOUTS, extrapolated_positions, sample_scale_factor
 
 STATE_FILE = "trainer_state.json"
@@ -105,17 +105,14 @@ def step_positions(cfg_layout: str, chunks: int, length: int, base_length: int, 
 
 # --- model ----------------------------------------------------------------------------------------
 def prepare_model(cfg: TrainConfig):
-    """Load the model, switch its method, check the train length, add LoRA. Returns (model, L)."""
-    if not Path(cfg.model).exists() and cfg.model.startswith((".", "/", "~")):
-        raise TrainError(f"model directory {cfg.model} does not exist")
-    model = from_pretrained(cfg.model, attn_implementation="sdpa")
-    name, params = parse_method(cfg.method)
-    if not (name == "clex" and clex_modules(model) and not params):
-        apply(model, cfg.method)
+    """Load the model, switch its method, check the train length. Returns (model, L, train length)."""
+    check_model_path(cfg.model)
+    model = use_method(from_pretrained(cfg.model, attn_implementation="sdpa"), cfg.method)
+    L = training_length(model)
+    length = cfg.train_length or L
+    name, _ = parse_method(cfg.method)
     text = model.config.get_text_config()
     rope = text.rope_parameters.get("full_attention", text.rope_parameters)
-    L = int(rope.get("original_max_position_embeddings", text.max_position_embeddings))
-    length = cfg.train_length or L
     supported = _supported_length(name, rope, L)
     if length > supported:
         raise TrainError(

@@ -28,7 +28,7 @@ from transformers import AutoConfig
 
 from .. import data as D
 from ..methods import parse_method
-from ..models import apply, clex_modules, from_pretrained
+from ..models import check_model_path, from_pretrained, training_length, use_method
 
 LOGIT_CHUNK = 1024  # positions per LM-head chunk
 
@@ -153,19 +153,7 @@ def _load(model_or_path, dtype: torch.dtype, device: str):
 def model_for_method(model_or_path, spec: str, dtype: torch.dtype, device: str):
     """A fresh model using ``spec``. ``clex`` on a CLEX-trained model keeps its learned CLEX (with any
     settings given, e.g. ``clex:policy=continuous``); on a plain model it is untrained CLEX."""
-    name, params = parse_method(spec)
-    model = _load(model_or_path, dtype, device)
-    if name == "clex" and clex_modules(model) and not params:
-        return model
-    return apply(model, spec)
-
-
-def training_length(config) -> int:
-    """The CLEX / scaling training length L recorded in a model config."""
-    config = config.get_text_config()
-    params = config.rope_parameters or {}
-    params = params.get("full_attention", params)
-    return int(params.get("original_max_position_embeddings", config.max_position_embeddings))
+    return use_method(_load(model_or_path, dtype, device), spec)
 
 
 # --- the evaluation -------------------------------------------------------------------------------
@@ -194,7 +182,8 @@ def evaluate_ppl(
         parse_method(spec)  # fail fast on unknown or malformed methods, before any work
     if stride is not None and (not isinstance(stride, int) or stride < 1):
         raise D.DataError(f"stride must be a positive integer, got {stride!r}")
-    _check_model_path(model)
+    if isinstance(model, (str, Path)):
+        check_model_path(model)
     if isinstance(model, (str, Path)):
         try:
             config = AutoConfig.from_pretrained(model)
@@ -259,14 +248,6 @@ def _sequences(docs: list[np.ndarray], n: int, mode: str, separator: int | None)
     if mode == "concat":
         return [D.join_documents(docs, separator)]
     return [d for d in docs if len(d) >= n]
-
-
-def _check_model_path(model) -> None:
-    if not isinstance(model, (str, Path)) or Path(model).exists():
-        return
-    text = str(model)
-    if text.startswith((".", "/", "~")) or text.count("/") > 1:  # hub names: name or org/name
-        raise D.DataError(f"model directory {text} does not exist")
 
 
 def _dtype(name: str, device: str) -> torch.dtype:
