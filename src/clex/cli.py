@@ -183,7 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
     info = sub.add_parser("info", help=cmd_info.__doc__)
     info.add_argument("--model", required=True, help="checkpoint directory (or hub name)")
     info.set_defaults(func=cmd_info)
-    sub.add_parser("demo", help=cmd_demo.__doc__.splitlines()[0]).set_defaults(func=cmd_demo)
+    demo_help = "placeholder end-to-end run (tiny random Llama, every method, save/load round trip)"
+    sub.add_parser("demo", help=demo_help, description=cmd_demo.__doc__).set_defaults(func=cmd_demo)
 
     ev = sub.add_parser("eval", help="evaluations").add_subparsers(dest="evaluation", required=True)
     ppl = ev.add_parser("ppl", help=cmd_eval_ppl.__doc__, description=cmd_eval_ppl.__doc__)
