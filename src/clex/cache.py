@@ -111,7 +111,7 @@ def rerotate(rot: ClexRotary, decoder: nn.Module, cache, t_old: float, t_new: fl
         keys = getattr(layer, "keys", None)
         if keys is None or not getattr(layer, "is_initialized", True) or keys.numel() == 0:
             continue
-        start, stop = _filled_slots(layer)
+        start, stop, slot = _slots(layer)
         if stop <= start:
             continue
         batch = keys.shape[0]
@@ -121,7 +121,6 @@ def rerotate(rot: ClexRotary, decoder: nn.Module, cache, t_old: float, t_new: fl
             seq_positions[..., None] * theta_old.to(keys.device)
         ).double()
         cos, sin = torch.cos(delta), torch.sin(delta)  # [B, S, d/2]
-        slot = slice(start - _slot_offset(layer), stop - _slot_offset(layer))
         k = keys[:, :, slot, : 2 * half].double()
         k1, k2 = k[..., :half], k[..., half:]
         c, s = cos[:, None], sin[:, None]
@@ -129,27 +128,21 @@ def rerotate(rot: ClexRotary, decoder: nn.Module, cache, t_old: float, t_new: fl
         keys[:, :, slot, : 2 * half] = rotated.to(keys.dtype)
 
 
-def _filled_slots(layer) -> tuple[int, int]:
-    """The sequence indices [start, stop) a cache layer holds."""
+def _slots(layer) -> tuple[int, int, slice]:
+    """The sequence indices [start, stop) a cache layer holds, and where they sit in its tensors."""
     from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer, StaticLayer
 
-    if isinstance(layer, DynamicSlidingWindowLayer):
+    if isinstance(layer, DynamicSlidingWindowLayer):  # the last keys.shape[-2] tokens
         stop = int(layer.cumulative_length)
-        return stop - layer.keys.shape[-2], stop
+        held = layer.keys.shape[-2]
+        return stop - held, stop, slice(0, held)
     if isinstance(layer, DynamicLayer):
-        return 0, layer.keys.shape[-2]
+        stop = layer.keys.shape[-2]
+        return 0, stop, slice(0, stop)
     if isinstance(layer, StaticLayer) and not getattr(layer, "is_sliding", False):
-        return 0, int(layer.get_seq_length())
+        stop = int(layer.get_seq_length())
+        return 0, stop, slice(0, stop)
     raise NotImplementedError(f"clex cannot re-rotate a {type(layer).__name__} cache layer")
-
-
-def _slot_offset(layer) -> int:
-    """Sequence index of the layer's first slot."""
-    from transformers.cache_utils import DynamicSlidingWindowLayer
-
-    if isinstance(layer, DynamicSlidingWindowLayer):
-        return int(layer.cumulative_length) - layer.keys.shape[-2]
-    return 0
 
 
 @torch.no_grad()
@@ -171,9 +164,8 @@ def _recompute(rot: ClexRotary, decoder: nn.Module, cache, t_new: float, attenti
     finally:
         rot._in_recompute, rot.t_override = False, saved
     for old, new in zip(cache.layers, fresh.layers, strict=True):
-        start, stop = _filled_slots(old)
-        dst = slice(start - _slot_offset(old), stop - _slot_offset(old))
-        src = slice(start - _slot_offset(new), stop - _slot_offset(new))
+        _, _, dst = _slots(old)
+        _, _, src = _slots(new)
         old.keys[:, :, dst] = new.keys[:, :, src]
         old.values[:, :, dst] = new.values[:, :, src]
 

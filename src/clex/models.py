@@ -322,11 +322,8 @@ def from_pretrained(path: str | os.PathLike, **kwargs) -> PreTrainedModel:
         rope["log_scale"] = bool(getattr(text, "log_scale", False))
     kwargs.setdefault("use_safetensors", True)
     model = AutoModelForCausalLM.from_pretrained(path, config=config, **kwargs)
-    if reference is not None:
-        with torch.no_grad():
-            for module in clex_modules(model):
-                module.clex_ode.up_proj.copy_(reference[REFERENCE_UP].T)
-                module.clex_ode.down_proj.copy_(reference[REFERENCE_DOWN].T)
+    if reference is not None:  # the reference stores both matrices transposed
+        _set_clex_weights(model, reference[REFERENCE_UP].T, reference[REFERENCE_DOWN].T)
     for module in clex_modules(model):
         if not module.clex_ode.parameters_finite():
             raise ValueError(f"{path}: CLEX weights (clex_ode.up_proj / down_proj) contain NaN or inf")
@@ -353,11 +350,16 @@ def _from_adapter(path, **kwargs) -> PreTrainedModel:
         weights_file = os.path.join(path, "clex_ode.safetensors")
         if rope and os.path.exists(weights_file):
             weights = load_file(weights_file)
-            with torch.no_grad():
-                for module in clex_modules(model):
-                    module.clex_ode.up_proj.copy_(weights["up_proj"])
-                    module.clex_ode.down_proj.copy_(weights["down_proj"])
+            _set_clex_weights(model, weights["up_proj"], weights["down_proj"])
     return PeftModel.from_pretrained(model, path).merge_and_unload()
+
+
+@torch.no_grad()
+def _set_clex_weights(model: nn.Module, up: torch.Tensor, down: torch.Tensor) -> None:
+    """Copy W_up (k·d × d/2) and W_down (d/2 × k·d) into every CLEX module of ``model``."""
+    for module in clex_modules(model):
+        module.clex_ode.up_proj.copy_(up)
+        module.clex_ode.down_proj.copy_(down)
 
 
 def _reference_weights(path) -> dict[str, torch.Tensor] | None:

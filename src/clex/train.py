@@ -29,7 +29,7 @@ import torch
 from . import data as D
 from .methods import parse_method
 from .models import check_model_path, clex_modules, from_pretrained, training_length, use_method
-from .rotary import LAYOUTS, extrapolated_positions, sample_scale_factor
+from .rotary import LAYOUTS, sample_training_positions
 
 STATE_FILE = "trainer_state.json"
 ADAPTER_METHOD_FILE, ADAPTER_CLEX_FILE = "clex_method.json", "clex_ode.safetensors"
@@ -99,8 +99,7 @@ def global_batch(samples: np.ndarray, step: int, size: int, seed: int) -> np.nda
 def step_positions(cfg_layout: str, chunks: int, length: int, base_length: int, max_factor: int, seed: int, step: int):
     """CLEX's (t', position ids) for a step, from (seed, step) alone."""
     g = torch.Generator().manual_seed(int(np.random.default_rng([seed, step, 7]).integers(2**62)))
-    t = sample_scale_factor(max_factor, g)
-    return t, extrapolated_positions(length, t, g, cfg_layout, chunks, base_length)
+    return sample_training_positions(length, max_factor, g, cfg_layout, chunks, base_length)
 
 
 # --- model ----------------------------------------------------------------------------------------
