@@ -112,7 +112,8 @@ METHODS: dict[str, Method] = {
             "longrope",
             "LongRoPE: per-pair searched rescale factors (long_factor beyond L, short_factor within)",
             ("long_factor", "short_factor"),
-            {"factor": None, "attention_factor": None},
+            # short_mscale / long_mscale: what vLLM and Phi-MoE read in place of attention_factor
+            {"factor": None, "attention_factor": None, "short_mscale": None, "long_mscale": None},
             length_key="original_max_position_embeddings",
             extended_length=lambda p, L: _factor_length(p, L) if "factor" in p else L,
         ),

@@ -146,6 +146,9 @@ def apply(model: PreTrainedModel, method: str, **params) -> PreTrainedModel:
         config.rope_parameters[layer_type] = rope
     else:
         config.rope_parameters = rope
+    if "original_max_position_embeddings" in rope and hasattr(config, "original_max_position_embeddings"):
+        # Phi-3 & co keep L at the top level too, and on load it overrides the rope parameters' value
+        config.original_max_position_embeddings = rope["original_max_position_embeddings"]
     config.max_position_embeddings = spec.extended_length(rope, L) if spec.extended_length else L
     config.validate_rope()
 

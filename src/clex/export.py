@@ -1,0 +1,80 @@
+"""Export learned CLEX frequencies to the stock ``longrope`` rope type (``clex export``).
+
+At a fixed t = T, CLEX's frequencies are per-pair rescalings of the model's own: θ_j(T) = θ_j / λ_j.
+The ``longrope`` rope type carries exactly that — ``long_factor = λ`` beyond the original length L,
+``short_factor`` (here 1: the original frequencies, which CLEX also uses at t = 1) within it — and
+transformers, vLLM and SGLang read it without clex installed. What is lost: t no longer adapts. At
+lengths in ((T−1)·L, T·L] the exported model computes what the CLEX model computes; between L and
+(T−1)·L it uses θ(T) where CLEX would use a smaller t, and vLLM uses ``long_factor`` at every
+position whenever it serves more than L tokens.
+
+transformers reads the cos/sin scale from ``attention_factor``; vLLM reads ``short_mscale`` and
+``long_mscale`` (both otherwise default to √(1 + ln(T)/ln L), which CLEX does not use), so all three
+are written.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import torch
+
+from .models import apply, check_model_path, clex_modules, from_pretrained
+
+EXPORT_FORMATS = ("longrope",)
+TOKENIZER_FILES = ("tokenizer*", "special_tokens_map.json", "chat_template.jinja", "vocab.json", "merges.txt")
+
+
+class ExportError(ValueError):
+    """An export that cannot be done as asked; the message says why."""
+
+
+def longrope_parameters(model, factor: int) -> dict:
+    """The ``longrope`` parameters that reproduce ``model``'s CLEX at t = ``factor``."""
+    modules = clex_modules(model)
+    if not modules:
+        rope = model.config.get_text_config().rope_parameters
+        raise ExportError(f"the model does not use CLEX (its rope parameters: {rope}); nothing to export")
+    module = modules[0]
+    cfg = module.config
+    if isinstance(factor, bool) or not isinstance(factor, int) or factor < 1:
+        raise ExportError(f"--factor must be an integer t >= 1, got {factor!r}")
+    if factor > cfg.max_factor:
+        raise ExportError(f"--factor {factor} exceeds the model's CLEX max_factor {cfg.max_factor}")
+    if cfg.log_scale:
+        raise ExportError("the model uses log_scale (attention scaled by ln n / ln L per length); longrope "
+                          "has one fixed scale, so the export would not reproduce it")  # fmt: skip
+    with torch.no_grad():
+        theta = module.trajectory()[factor - 1].double()
+        base = module._base_inv_freq().double()
+    long_factor = (base / theta).tolist()
+    scale = module._attention_scaling()
+    return {"long_factor": long_factor, "short_factor": [1.0] * len(long_factor), "factor": float(factor),
+            "attention_factor": scale, "short_mscale": scale, "long_mscale": scale}  # fmt: skip
+
+
+def export(model_dir: str | Path, out: str | Path, to: str = "longrope", factor: int | None = None) -> Path:
+    """Write a stock-transformers checkpoint of the CLEX model in ``model_dir`` at t = ``factor``."""
+    if to not in EXPORT_FORMATS:
+        raise ExportError(f"--to must be one of {EXPORT_FORMATS}, got {to!r}")
+    if factor is None:
+        raise ExportError("--factor T is required: the exported model uses CLEX's frequencies at t = T")
+    check_model_path(model_dir)
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise ExportError(f"{out} exists and is not empty; choose a new --out")
+    model = from_pretrained(model_dir)
+    apply(model, "longrope", **longrope_parameters(model, factor))
+    tmp = out.with_name(f".tmp-{out.name}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    model.save_pretrained(tmp)
+    for pattern in TOKENIZER_FILES:
+        for item in Path(model_dir).glob(pattern):
+            if item.is_file():
+                shutil.copy2(item, tmp / item.name)
+    if out.exists():
+        out.rmdir()
+    tmp.rename(out)
+    return out
