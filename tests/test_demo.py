@@ -82,3 +82,12 @@ def test_demo_refuses_other_settings_in_the_same_directory(tmp_path):
     assert (tmp_path / "d" / "report.md").exists()  # nothing lost
     run_demo(changed, overwrite=True, log=lambda _: None)
     assert json.loads((tmp_path / "d" / "demo_config.json").read_text())["finetune_steps"] == 5
+
+
+def test_demo_rejects_bad_settings(tmp_path, capsys):
+    for bad in (dict(seeds=0), dict(finetune_steps=-1), dict(factor=1), dict(eval_factors=())):
+        with pytest.raises(ValueError, match="must be"):
+            quick_config(out=str(tmp_path / "x"), **bad)
+    assert main(["demo", "--quick", "--seeds", "0", "--out", str(tmp_path / "y")]) == 2
+    assert "seeds must be a positive integer" in capsys.readouterr().err
+    assert not (tmp_path / "y").exists()

@@ -172,10 +172,10 @@ def build_parser() -> argparse.ArgumentParser:
     info = sub.add_parser("info", help=cmd_info.__doc__)
     info.add_argument("--model", required=True, help="checkpoint directory (or hub name)")
     info.set_defaults(func=cmd_info)
-    demo = sub.add_parser("demo", help="the paper's experiment end to end on a CPU (about 15 min; --quick: 1 min)",
+    demo = sub.add_parser("demo", help="the paper's experiment end to end (about 12 min on 2 CPU cores; --quick: 15 s)",
                           description=cmd_demo.__doc__)  # fmt: skip
     demo.add_argument("--out", default=None, help="output directory (default: runs/demo, or runs/demo-quick)")
-    demo.add_argument("--quick", action="store_true", help="a smaller model and budget: the same phases in ~1 minute")
+    demo.add_argument("--quick", action="store_true", help="a smaller model and budget: the same phases in about 15 s")
     demo.add_argument("--data", default=None, help="extra held-out text to evaluate on (anything `clex eval ppl "
                       "--data` takes; comma-separated), besides sotu:test")  # fmt: skip
     demo.add_argument("--seed", type=int, default=None, help="pre-training seed (default 0)")

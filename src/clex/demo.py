@@ -61,6 +61,16 @@ class DemoConfig:
     eval_samples: int = 32  # windows per length, the same for every row
     save_every: int = 100
 
+    def __post_init__(self) -> None:
+        for name in ("seeds", "L0", "pretrain_steps", "finetune_steps", "batch_size", "eval_samples", "save_every"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"demo setting {name} must be a positive integer, got {value!r}")
+        if not isinstance(self.factor, int) or self.factor < 2:
+            raise ValueError(f"demo setting factor must be an integer >= 2, got {self.factor!r}")
+        if not self.eval_factors or any(not isinstance(k, int) or k < 1 for k in self.eval_factors):
+            raise ValueError(f"eval_factors must be positive integers, got {self.eval_factors!r}")
+
     def budget(self) -> dict:
         return {k: v for k, v in asdict(self).items() if k != "out"}
 
