@@ -274,7 +274,7 @@ def verdict(cfg: DemoConfig, records: list[dict]) -> list[str]:
                          + (" — the seed ranges overlap." if overlap else "."))  # fmt: skip
     claim = "CLEX within 10% of its 1× perplexity at 4× and 8× L0 and better than PI and YaRN there"
     head = (f"Verdict: the paper's qualitative result ({claim}) {'holds' if holds else 'does NOT hold'} in this "
-            f"run ({cfg.seeds} fine-tuning seed{'s' if cfg.seeds > 1 else ''}, medians).")  # fmt: skip
+            f"run ({'1 fine-tuning seed' if cfg.seeds == 1 else f'medians over {cfg.seeds} fine-tuning seeds'}).")
     return [head, *lines]
 
 
@@ -291,7 +291,8 @@ def write_demo_report(cfg: DemoConfig, out: Path, records: list[dict], timings: 
 
     labels = list(dict.fromkeys(r["label"] for r in records))
     lines = ["# clex demo: CLEX against PI, YaRN and NTK on a tiny byte-level Llama", ""]
-    lines += [*verdict(cfg, records), ""]
+    head, *details = verdict(cfg, records)
+    lines += [head, "", *(f"- {line}" for line in details), ""]
     for data in cfg.eval_data:
         t = summarise(cfg, records, data)
         note = f", median (range) over {cfg.seeds} fine-tuning seeds" if cfg.seeds > 1 else ", one fine-tuning seed"
