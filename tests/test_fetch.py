@@ -96,3 +96,9 @@ def test_fetch_refusals(tmp_path):
     with pytest.raises(FetchError, match="does not exist"):
         gguf_to_safetensors(tmp_path / "missing.gguf", tmp_path / "y")
     assert not (tmp_path / "y").exists()
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "mine.txt").write_text("keep")
+    (tmp_path / "m.gguf").write_bytes(b"GGUF")
+    with pytest.raises(FetchError, match="not empty"):
+        gguf_to_safetensors(tmp_path / "m.gguf", tmp_path / "full")
+    assert (tmp_path / "full" / "mine.txt").read_text() == "keep"

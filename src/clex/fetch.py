@@ -58,6 +58,8 @@ def gguf_to_safetensors(gguf_path: str | Path, out: str | Path, dtype: torch.dty
     gguf_path, out = Path(gguf_path), Path(out)
     if not gguf_path.is_file():
         raise FetchError(f"GGUF file {gguf_path} does not exist")
+    if out.exists() and any(out.iterdir()):
+        raise FetchError(f"{out} exists and is not empty; choose a new --out")
     if importlib.util.find_spec("gguf") is None:
         raise FetchError("reading GGUF needs the `gguf` package: pip install gguf")
     where = dict(pretrained_model_name_or_path=str(gguf_path.parent), gguf_file=gguf_path.name)
