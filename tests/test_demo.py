@@ -71,6 +71,7 @@ def test_demo_resumes_where_it_stopped_and_is_deterministic(tmp_path):
     assert not list((tmp_path / "split").rglob("checkpoint-*"))
     ppl = [json.loads((d / "results.json").read_text())["records"] for d in (whole, tmp_path / "split")]
     assert [r["ppl"] for r in ppl[0]] == [r["ppl"] for r in ppl[1]]  # same seed, same table
+    assert "Verdict: not judged" in (whole / "report.md").read_text()  # 1× and 2× only: no claim either way
 
 
 def test_demo_refuses_other_settings_in_the_same_directory(tmp_path):
