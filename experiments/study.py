@@ -17,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-from clex.demo import DemoConfig, _slug, _train, pretrain
+from clex.demo import DemoConfig, pretrain, slug, train_run
 
 
 def main(path: str) -> None:
@@ -33,9 +33,9 @@ def main(path: str) -> None:
         eval_spec = variant.get("eval") or ("clex" if spec.startswith("clex") else spec)
         results = []
         for seed in study["seeds"]:
-            run = out / f"{_slug(trained['name'])}-seed{seed}"
+            run = out / f"{slug(trained['name'])}-seed{seed}"
             options = {**study["train"], **trained.get("train", {})}
-            _train(run, model=str(base), method=spec, data="sotu:train", seed=seed, **options)
+            train_run(run, model=str(base), method=spec, data="sotu:train", seed=seed, **options)
             results.append(_evaluate(run, eval_spec, study))
         rows.append((variant["name"], results))
         print(f"{variant['name']}: done ({time.perf_counter() - began:.0f} s so far)", flush=True)
@@ -47,7 +47,7 @@ def main(path: str) -> None:
 def _evaluate(run: Path, spec: str, study: dict) -> dict[int, float]:
     from clex.eval.ppl import evaluate_ppl
 
-    cache = run / f"eval-{_slug(study['data'])}-{_slug(spec)}.json"
+    cache = run / f"eval-{slug(study['data'])}-{slug(spec)}.json"
     if cache.exists():
         return {int(k): v for k, v in json.loads(cache.read_text()).items()}
     L = json.loads((run / "config.json").read_text())["rope_parameters"]["original_max_position_embeddings"]

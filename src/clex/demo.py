@@ -115,7 +115,7 @@ def _finished(run_dir: Path) -> bool:
     return state.exists() and json.loads(state.read_text()).get("final", False)
 
 
-def _train(run_dir: Path, **kwargs) -> None:
+def train_run(run_dir: Path, **kwargs) -> None:
     """One ``clex train`` run; continues a half-done run in ``run_dir`` from its last checkpoint."""
     if _finished(run_dir):
         return
@@ -132,14 +132,14 @@ def pretrain(cfg: DemoConfig, out: Path) -> None:
     if not (init / "config.json").exists():
         torch.manual_seed(cfg.seed)
         LlamaForCausalLM(_model_config(cfg)).save_pretrained(init)
-    _train(out / "base", model=str(init), method="vanilla", data=cfg.train_data, steps=cfg.pretrain_steps,
+    train_run(out / "base", model=str(init), method="vanilla", data=cfg.train_data, steps=cfg.pretrain_steps,
            batch_size=cfg.batch_size, lr=cfg.pretrain_lr, seed=cfg.seed, save_every=cfg.save_every)  # fmt: skip
 
 
 def finetune(cfg: DemoConfig, out: Path, name: str, seed: int) -> None:
     spec = finetune_methods(cfg)[name]
     extra = dict(clex_lr=cfg.clex_lr, layout=cfg.layout, chunks=cfg.chunks) if name == "clex" else {}
-    _train(out / "finetuned" / f"{name}-seed{seed}", model=str(out / "base"), method=spec, data=cfg.train_data,
+    train_run(out / "finetuned" / f"{name}-seed{seed}", model=str(out / "base"), method=spec, data=cfg.train_data,
            steps=cfg.finetune_steps, batch_size=cfg.batch_size, lr=cfg.lr, seed=seed, save_every=cfg.save_every,
            **extra)  # fmt: skip
 
@@ -163,14 +163,14 @@ def _ft_seeds(cfg: DemoConfig) -> list[int]:
     return [cfg.seed + i for i in range(cfg.seeds)]
 
 
-def _slug(text: str) -> str:
+def slug(text: str) -> str:
     return "".join(c if c.isalnum() else "-" for c in text).strip("-")
 
 
 def evaluate_row(cfg: DemoConfig, out: Path, data: str, row) -> dict:
     """Perplexity of one (model, method) at every length, cached as JSON."""
     label, model, method, seed = row
-    path = out / "eval" / _slug(data) / f"{Path(model).name}-{_slug(method)}.json"
+    path = out / "eval" / slug(data) / f"{Path(model).name}-{slug(method)}.json"
     if path.exists():
         return json.loads(path.read_text())
     lengths = [k * cfg.L0 for k in cfg.eval_factors]
