@@ -2,9 +2,10 @@
 
 Decodes ``--new`` tokens greedily from a prompt of 3.5·L, so t (ceil policy) changes several times,
 and reports tokens/s for: ``rerotate`` (clex's default: each cached key re-rotated once per change
-of t), the reference's scheme (un-rotated keys, all re-rotated at every step; emulated here with a
-cache that does exactly that), ``recompute`` (prefill again at every change of t), and vanilla RoPE
-on the same weights. Also the time per token in the steps around n ≈ 8·L. One run, one model.
+of t), the reference's scheme (un-rotated keys, all re-rotated at every step; emulated with the
+cache the tests check it with, ``tests/test_generate.py:UnrotatedCache``), ``recompute`` (prefill
+again at every change of t), and vanilla RoPE on the same weights. Also the time per token in the
+steps around n ≈ 8·L. One run, one model.
 
     python benchmarks/decode.py                  # tiny byte-level Llama, L = 128
 """
@@ -21,40 +22,13 @@ from pathlib import Path
 
 import torch
 import transformers as tf
-from transformers import DynamicCache, LogitsProcessorList
+from transformers import LogitsProcessorList
 
 sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).parent.parent / "tests"))
 import clex  # noqa: E402
 from overhead import SHAPES  # noqa: E402
-
-
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2 :]
-    return torch.cat((-x2, x1), -1)
-
-
-class ReferenceCache(DynamicCache):
-    """The reference's scheme: keys stored un-rotated, every key rotated with the current t at every
-    step (O(n) extra work per token)."""
-
-    def __init__(self, model):
-        super().__init__(config=model.config)
-        self.rot = clex.clex_modules(model)[0]
-        self.raw: dict[int, torch.Tensor] = {}
-        self.cos_sin = None
-        self.rot.register_forward_hook(lambda m, a, out: setattr(self, "cos_sin", out))
-
-    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
-        cos, sin = (x[:, None] for x in self.cos_sin)
-        raw = key_states * cos - rotate_half(key_states) * sin
-        self.raw[layer_idx] = torch.cat([self.raw[layer_idx], raw], -2) if layer_idx in self.raw else raw
-        _, values = super().update(key_states, value_states, layer_idx, *args, **kwargs)
-        n = self.raw[layer_idx].shape[-2]
-        theta = self.rot.frequencies(self.rot.scaling_factor(n))
-        angles = torch.arange(n, dtype=torch.float32)[:, None] * theta
-        emb = torch.cat((angles, angles), -1)
-        keys = self.raw[layer_idx]
-        return keys * emb.cos() + rotate_half(keys) * emb.sin(), values
+from test_generate import UnrotatedCache  # noqa: E402  (the reference's scheme, as the tests check it)
 
 
 class StepClock:
@@ -108,7 +82,7 @@ def main() -> None:
         "vanilla": lambda: decode(base, ids, args.new, None),
         "clex rerotate": lambda: decode(ours, ids, args.new, "rerotate"),
         "clex reference (re-rotate all keys every step)": lambda: decode(
-            ours, ids, args.new, "off", ReferenceCache(ours)
+            ours, ids, args.new, "off", UnrotatedCache(ours)
         ),
         "clex recompute": lambda: decode(ours, ids, args.new, "recompute"),
     }

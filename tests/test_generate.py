@@ -8,6 +8,7 @@ import pytest
 import torch
 import transformers as tf
 from transformers import DynamicCache
+from transformers.models.llama.modeling_llama import rotate_half
 
 import clex
 from conftest import make_model, randomize_clex
@@ -89,11 +90,6 @@ class UnrotatedCache(DynamicCache):
         emb = torch.cat((angles, angles), -1)
         raw = self.raw[layer_idx]
         return raw * emb.cos() + rotate_half(raw) * emb.sin(), values
-
-
-def rotate_half(x):
-    x1, x2 = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2 :]
-    return torch.cat((-x2, x1), -1)
 
 
 @pytest.mark.parametrize("t_policy", ["ceil", "continuous"])
