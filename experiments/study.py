@@ -17,7 +17,8 @@ import sys
 import time
 from pathlib import Path
 
-from clex.demo import DemoConfig, pretrain, slug, train_run
+from clex.demo import DemoConfig, cached_ppl, pretrain, slug, train_run
+from clex.models import training_length
 
 
 def main(path: str) -> None:
@@ -45,17 +46,13 @@ def main(path: str) -> None:
 
 
 def _evaluate(run: Path, spec: str, study: dict) -> dict[int, float]:
-    from clex.eval.ppl import evaluate_ppl
+    """Perplexity by length factor k (lengths k·L) of one run under ``spec``, cached beside the run."""
+    from transformers import AutoConfig
 
-    cache = run / f"eval-{slug(study['data'])}-{slug(spec)}.json"
-    if cache.exists():
-        return {int(k): v for k, v in json.loads(cache.read_text()).items()}
-    L = json.loads((run / "config.json").read_text())["rope_parameters"]["original_max_position_embeddings"]
-    report = evaluate_ppl(str(run), [spec], [k * L for k in study["factors"]], data=study["data"],
-                          samples=study["samples"], tokenizer="bytes", show_progress=False)  # fmt: skip
-    result = {r.length // L: r.ppl for r in report.results}
-    cache.write_text(json.dumps(result))
-    return result
+    L = training_length(AutoConfig.from_pretrained(run))
+    path = run / f"ppl-{slug(study['data'])}-{slug(spec)}.json"
+    result = cached_ppl(str(run), spec, [k * L for k in study["factors"]], study["data"], study["samples"], path)
+    return {int(n) // L: ppl for n, ppl in result["ppl"].items()}
 
 
 def _markdown(study: dict, rows: list) -> str:

@@ -167,23 +167,29 @@ def slug(text: str) -> str:
     return "".join(c if c.isalnum() else "-" for c in text).strip("-")
 
 
-def evaluate_row(cfg: DemoConfig, out: Path, data: str, row) -> dict:
-    """Perplexity of one (model, method) at every length, cached as JSON."""
-    label, model, method, seed = row
-    path = out / "eval" / slug(data) / f"{Path(model).name}-{slug(method)}.json"
+def cached_ppl(model: str, method: str, lengths: list[int], data: str, samples: int, path: Path) -> dict:
+    """``{"ppl": {length: perplexity}, "seconds": …}`` of one (byte-level model, method), cached as JSON at
+    ``path`` (written atomically: an interrupted run never leaves half a file)."""
     if path.exists():
         return json.loads(path.read_text())
-    lengths = [k * cfg.L0 for k in cfg.eval_factors]
-    report = evaluate_ppl(model, [method], lengths, data=data, samples=cfg.eval_samples, tokenizer="bytes",
+    report = evaluate_ppl(model, [method], lengths, data=data, samples=samples, tokenizer="bytes",
                           show_progress=False)  # fmt: skip
-    record = {"label": label, "model": model, "method": method, "seed": seed, "data": data,
-              "ppl": {str(r.length): r.ppl for r in report.results},
-              "seconds": sum(r.seconds for r in report.results)}  # fmt: skip
+    result = {"ppl": {str(r.length): r.ppl for r in report.results}, "seconds": sum(r.seconds for r in report.results)}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(record, indent=2))
+    tmp.write_text(json.dumps(result, indent=2))
     os.replace(tmp, path)
-    return record
+    return result
+
+
+def evaluate_row(cfg: DemoConfig, out: Path, data: str, row) -> dict:
+    """Perplexity of one row (label, model, method, seed) at every length of the demo."""
+    label, model, method, seed = row
+    path = out / "eval" / slug(data) / f"{Path(model).name}-{slug(method)}.json"
+    lengths = [k * cfg.L0 for k in cfg.eval_factors]
+    result = cached_ppl(model, method, lengths, data, cfg.eval_samples, path)
+    return {"label": label, "model": model, "method": method, "seed": seed, "data": data,
+            "ppl": result["ppl"], "seconds": result["seconds"]}  # fmt: skip
 
 
 # --- the run ------------------------------------------------------------------------------------
