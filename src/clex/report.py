@@ -96,3 +96,88 @@ def plot_per_position(report, path: str | Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+# --- generation-scored tasks (passkey, niah, ruler, longbench) -------------------------------------
+def _pct(x: float | None) -> str:
+    return "–" if x is None else f"{100 * x:.1f}"
+
+
+def task_markdown(report) -> str:
+    """Scores in percent: per task a methods × lengths table (mean over depths and samples), per-depth
+    tables where the task has depths, and an average over tasks when there are several."""
+    L = report.training_length
+    head = "| method | " + " | ".join(f"{_fmt_length(n)} ({n / L:g}×L)" for n in report.lengths) + " |"
+    rule = "| --- |" + " --- |" * len(report.lengths)
+    s = report.settings
+    lines = [f"# {report.kind}: {report.model}", "",
+             f"Training length L = {L}; greedy generation, cache policy {s.get('policy')}, {s.get('dtype')} on "
+             f"{s.get('device')}. Scores in percent.", ""]  # fmt: skip
+
+    def table(title: str, by_method: dict) -> None:
+        lines.extend([f"## {title}", "", head, rule])
+        for m in report.methods:
+            lines.append(f"| {m} | " + " | ".join(_pct(by_method.get(m, {}).get(n)) for n in report.lengths) + " |")
+        lines.append("")
+
+    tasks = report.tasks()
+    for task in tasks:
+        metric = next(r.metric for r in report.rows if r.task == task)
+        table(f"{task} ({metric})", report.table(task))
+        for d in sorted({r.depth for r in report.rows if r.task == task and r.depth is not None}):
+            cell = {}
+            for r in report.rows:
+                if r.task == task and r.depth == d:
+                    cell.setdefault(r.method, {})[r.length] = r.score
+            table(f"{task} at depth {d:g}%", cell)
+    if len(tasks) > 1:
+        table("average over tasks", report.table())
+    lines.extend(["| method | task | length | depth | samples | mean prompt tokens | seconds |",
+                  "| --- | --- | --- | --- | --- | --- | --- |"])  # fmt: skip
+    lines.extend(f"| {r.method} | {r.task} | {r.length} | {'' if r.depth is None else f'{r.depth:g}'} | {r.samples} | "
+                 f"{r.prompt_tokens:.0f} | {r.seconds:.2f} |" for r in report.rows)  # fmt: skip
+    lines.append("")
+    return "\n".join(lines)
+
+
+def plot_task(report, path: str | Path) -> None:
+    """Mean score against length in multiples of L (the average over tasks for suites)."""
+    plt = _pyplot()
+    L = report.training_length
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for method, by_length in report.table().items():
+        xs = sorted(by_length)
+        ax.plot([x / L for x in xs], [100 * by_length[x] for x in xs], marker="o", label=method)
+    ax.axvline(1.0, color="grey", linestyle=":", label=f"training length L = {L}")
+    ax.set_xscale("log", base=2)
+    ax.set_ylim(-3, 103)
+    ax.set_xlabel("prompt length / L")
+    ax.set_ylabel("score (%)" if len(report.tasks()) == 1 else "mean score over tasks (%)")
+    ax.set_title(f"{report.kind}: {Path(str(report.model)).name}")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_heatmap(report, path: str | Path) -> None:
+    """Depth × length accuracy, one panel per method (green: found, red: missed)."""
+    plt = _pyplot()
+    depths, lengths, methods = report.depths(), report.lengths, report.methods
+    size = (1.2 + 0.55 * len(lengths) * len(methods), 0.35 * len(depths) + 2)
+    fig, axes = plt.subplots(1, len(methods), figsize=size, squeeze=False, sharey=True)
+    for ax, method in zip(axes[0], methods, strict=True):
+        grid = [[float("nan")] * len(lengths) for _ in depths]
+        for r in report.rows:
+            if r.method == method and r.depth is not None:
+                grid[depths.index(r.depth)][lengths.index(r.length)] = 100 * r.score
+        image = ax.imshow(grid, cmap="RdYlGn", vmin=0, vmax=100, aspect="auto")
+        ax.set_xticks(range(len(lengths)), [_fmt_length(n) for n in lengths], rotation=45, fontsize=7)
+        ax.set_yticks(range(len(depths)), [f"{d:g}%" for d in depths], fontsize=7)
+        ax.set_title(method, fontsize=8)
+        ax.set_xlabel("length", fontsize=8)
+    axes[0][0].set_ylabel("needle depth")
+    fig.colorbar(image, ax=axes[0].tolist(), shrink=0.8, label="accuracy (%)")
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)

@@ -156,6 +156,20 @@ def model_for_method(model_or_path, spec: str, dtype: torch.dtype, device: str):
     return use_method(_load(model_or_path, dtype, device), spec)
 
 
+def model_tokenizer_config(model, tokenizer: str | None):
+    """(tokenizer, config) of a model directory or object, with one clear error for a bad directory.
+    Model objects default to the byte tokenizer (the demo's models)."""
+    if isinstance(model, (str, Path)):
+        check_model_path(model)
+        try:
+            config = AutoConfig.from_pretrained(model)
+        except (OSError, ValueError) as err:
+            first_line = str(err).splitlines()[0][:200]
+            raise D.DataError(f"could not load a model config from {model!r}: {first_line}") from err
+        return D.load_tokenizer(tokenizer or str(model)), config
+    return D.load_tokenizer(tokenizer or "bytes"), model.config
+
+
 # --- the evaluation -------------------------------------------------------------------------------
 def evaluate_ppl(
     model: str | Path | torch.nn.Module,
@@ -182,17 +196,7 @@ def evaluate_ppl(
         parse_method(spec)  # fail fast on unknown or malformed methods, before any work
     if stride is not None and (not isinstance(stride, int) or stride < 1):
         raise D.DataError(f"stride must be a positive integer, got {stride!r}")
-    if isinstance(model, (str, Path)):
-        check_model_path(model)
-    if isinstance(model, (str, Path)):
-        try:
-            config = AutoConfig.from_pretrained(model)
-        except (OSError, ValueError) as err:
-            first_line = str(err).splitlines()[0][:200]
-            raise D.DataError(f"could not load a model config from {model!r}: {first_line}") from err
-        tok = D.load_tokenizer(tokenizer or str(model))
-    else:
-        tok, config = D.load_tokenizer(tokenizer or "bytes"), model.config
+    tok, config = model_tokenizer_config(model, tokenizer)
     docs = D.tokenize_documents(D.load_documents(data, text_field), tok)
     separator = getattr(tok, "eos_token_id", None)
     windows = {}

@@ -1,0 +1,264 @@
+"""Generation-scored evaluations (passkey, needle, RULER, LongBench): one runner, one report.
+
+A task is a list of :class:`Sample` (prompt token ids, reference answers, how many tokens to
+generate, and the cells of the result table it belongs to) and a scoring function. The runner loads
+the model once per method (``model_for_method``, as ``clex eval ppl`` does), generates greedily
+through ``clex.generate`` (so CLEX's t policy applies as the sequence grows past the prompt),
+batching samples whose prompts have the same length, and scores every answer. Results are one row
+per (method, cell) with the mean score in [0, 1]; predictions are kept for inspection.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .. import data as D
+from ..cache import generate
+from ..methods import parse_method
+from ..models import training_length
+from .ppl import _dtype, model_for_method, model_tokenizer_config
+
+
+@dataclass
+class Sample:
+    """One prompt: ``ids`` are fed as they are (never re-tokenized), so lengths are exact."""
+
+    ids: list[int]
+    answers: list[str]
+    max_new_tokens: int
+    task: str  # the table the sample is scored in (e.g. "passkey", "niah_single", "hotpotqa")
+    length: int  # the length bucket it belongs to (requested length, or LongBench's max length)
+    depth: float | None = None  # needle depth in percent, where the task has one
+    metric: str = "accuracy"
+    extra: dict = field(default_factory=dict)  # what the scorer needs (all_classes, the key …)
+    stop_strings: tuple[str, ...] = ()  # also stop generating at these (e.g. "\n" for samsum)
+
+
+@dataclass
+class TaskRow:
+    method: str
+    task: str
+    length: int
+    depth: float | None
+    metric: str
+    score: float  # mean over samples, in [0, 1]
+    samples: int
+    prompt_tokens: float  # mean prompt length of the samples in this cell
+    seconds: float
+
+
+@dataclass
+class TaskReport:
+    kind: str  # passkey, niah, ruler, longbench
+    model: str
+    training_length: int
+    methods: list[str]
+    lengths: list[int]
+    settings: dict
+    rows: list[TaskRow] = field(default_factory=list)
+    predictions: list[dict] = field(default_factory=list)
+
+    def table(self, task: str | None = None) -> dict[str, dict[int, float]]:
+        """method → length → mean score over every sample (all depths) of ``task`` (or of all tasks, averaging
+        the per-task means, as RULER's average does)."""
+        per: dict[tuple[str, int, str], list[tuple[float, int]]] = {}
+        for r in self.rows:
+            if task is None or r.task == task:
+                per.setdefault((r.method, r.length, r.task), []).append((r.score, r.samples))
+        task_means: dict[tuple[str, int], list[float]] = {}
+        for (m, n, _), cells in per.items():
+            total = sum(k for _, k in cells)
+            task_means.setdefault((m, n), []).append(sum(s * k for s, k in cells) / total)
+        out: dict[str, dict[int, float]] = {}
+        for (m, n), means in task_means.items():
+            out.setdefault(m, {})[n] = float(np.mean(means))
+        return out
+
+    def tasks(self) -> list[str]:
+        return list(dict.fromkeys(r.task for r in self.rows))
+
+    def depths(self) -> list[float]:
+        return sorted({r.depth for r in self.rows if r.depth is not None})
+
+
+ScoreFn = Callable[[str, Sample], float]
+
+
+def greedy_answers(
+    model, tokenizer, samples: Sequence[Sample], policy: str = "rerotate", batch_size: int = 8,
+    progress: Callable[[int], None] | None = None,
+) -> list[str]:  # fmt: skip
+    """Greedy continuations of every sample's prompt (decoded, special tokens skipped), in order.
+
+    Samples with equal prompt length and token budget are generated together (no padding needed).
+    """
+    device = next(model.parameters()).device
+    eos = _eos_ids(model, tokenizer)
+    pad = eos[0] if eos else 0
+    groups: dict[tuple[int, int, tuple[str, ...]], list[int]] = {}
+    for i, s in enumerate(samples):
+        if not s.ids:
+            raise D.DataError(f"sample {i} of task {s.task!r} has an empty prompt")
+        groups.setdefault((len(s.ids), s.max_new_tokens, s.stop_strings), []).append(i)
+    out: list[str] = [""] * len(samples)
+    for (n, new, stops), members in groups.items():
+        for a in range(0, len(members), batch_size):
+            chunk = members[a : a + batch_size]
+            ids = torch.tensor([samples[i].ids for i in chunk], dtype=torch.long, device=device)
+            hf_stops = stops and not isinstance(tokenizer, D.ByteTokenizer)
+            kwargs = {"stop_strings": list(stops), "tokenizer": tokenizer} if hf_stops else {}
+            with torch.no_grad():
+                seqs = generate(model, ids, policy=policy, max_new_tokens=new, do_sample=False, pad_token_id=pad,
+                                eos_token_id=eos or None, attention_mask=torch.ones_like(ids), **kwargs)  # fmt: skip
+            for i, row in zip(chunk, seqs[:, n:].tolist(), strict=True):
+                out[i] = _cut(_decode(tokenizer, _until_eos(row, eos)), stops)
+            if progress:
+                progress(len(chunk))
+    return out
+
+
+def _eos_ids(model, tokenizer) -> list[int]:
+    ids = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if ids is None:
+        ids = getattr(tokenizer, "eos_token_id", None)
+    if ids is None:
+        return []
+    return [int(x) for x in (ids if isinstance(ids, (list, tuple)) else [ids])]
+
+
+def _until_eos(row: list[int], eos: list[int]) -> list[int]:
+    for j, tok in enumerate(row):
+        if tok in eos:
+            return row[:j]
+    return row
+
+
+def _cut(text: str, stops: tuple[str, ...]) -> str:
+    """The text before the first stop string (generation may run past it by a token or, for byte
+    tokenizers, which ``generate``'s stop strings do not support, to the end of the budget)."""
+    for stop in stops:
+        text = (text.lstrip(stop) if not stop.strip() else text).split(stop, 1)[0]
+    return text
+
+
+def _decode(tokenizer, ids: list[int]) -> str:
+    if isinstance(tokenizer, D.ByteTokenizer):
+        return tokenizer.decode(ids)
+    return tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def special_prefix(tokenizer) -> list[int]:
+    """The ids the tokenizer puts before any text (a BOS token, or nothing)."""
+    if isinstance(tokenizer, D.ByteTokenizer):
+        return []
+    with_special = tokenizer("x", add_special_tokens=True)["input_ids"]
+    plain = tokenizer("x", add_special_tokens=False)["input_ids"]
+    return list(with_special[: len(with_special) - len(plain)]) if with_special[-len(plain) :] == plain else []
+
+
+def run_task(
+    kind: str,
+    model: str | Path | torch.nn.Module,
+    methods: Sequence[str],
+    build: Callable[[object, int], list[Sample]],
+    lengths: Sequence[int],
+    score: ScoreFn,
+    tokenizer: str | None = None,
+    policy: str = "rerotate",
+    batch_size: int = 8,
+    dtype: str = "auto",
+    device: str | None = None,
+    settings: dict | None = None,
+    show_progress: bool = True,
+) -> TaskReport:
+    """Build the samples of every length once, then generate and score them under each method.
+
+    ``build(tokenizer, length)`` returns the samples of one length (the same for every method).
+    """
+    from .ppl import _progress
+
+    if not methods:
+        raise D.DataError("no methods given")
+    for spec in methods:
+        parse_method(spec)  # unknown or malformed methods fail before any work
+    if batch_size < 1:
+        raise D.DataError(f"batch size must be at least 1, got {batch_size}")
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    torch_dtype = _dtype(dtype, device)
+    tok, config = model_tokenizer_config(model, tokenizer)
+    lengths = sorted({int(n) for n in lengths})
+    samples = [s for n in lengths for s in build(tok, n)]
+    if not samples:
+        raise D.DataError(f"{kind}: no samples to evaluate")
+    vocab = config.get_text_config().vocab_size
+    top = max(max(s.ids) for s in samples)
+    if top >= vocab:
+        raise D.DataError(f"the tokenizer gives id {top}, beyond the model's vocabulary of {vocab} (--tokenizer?)")
+    report = TaskReport(
+        kind=kind, model=str(model) if isinstance(model, (str, Path)) else type(model).__name__,
+        training_length=training_length(config), methods=list(methods), lengths=lengths,
+        settings={**(settings or {}), "policy": policy, "dtype": str(torch_dtype).replace("torch.", ""),
+                  "device": device, "tokenizer": getattr(tok, "name_or_path", None) or getattr(tok, "name", "?"),
+                  "machine": platform.machine(), "torch": torch.__version__, "threads": torch.get_num_threads()},
+    )  # fmt: skip
+    bar = _progress(len(samples) * len(methods), show_progress)
+    if bar is not None:
+        bar.unit = "sample"
+    for spec in methods:
+        model_m = model_for_method(model, spec, torch_dtype, device)
+        cells: dict[tuple[str, int, float | None], list[int]] = {}
+        for i, s in enumerate(samples):
+            cells.setdefault((s.task, s.length, s.depth), []).append(i)
+        for (task, n, depth), members in cells.items():
+            if bar is not None:
+                bar.set_description(f"{spec} {task} @ {n}")
+            start = time.perf_counter()
+            cell = [samples[i] for i in members]
+            answers = greedy_answers(model_m, tok, cell, policy, batch_size, bar.update if bar is not None else None)
+            scores = [float(score(a, s)) for a, s in zip(answers, cell, strict=True)]
+            report.rows.append(TaskRow(
+                method=spec, task=task, length=n, depth=depth, metric=cell[0].metric, score=float(np.mean(scores)),
+                samples=len(cell), prompt_tokens=float(np.mean([len(s.ids) for s in cell])),
+                seconds=time.perf_counter() - start,
+            ))  # fmt: skip
+            report.predictions.extend(
+                {"method": spec, "task": task, "length": n, "depth": depth, "prediction": a, "answers": s.answers,
+                 "score": sc, "prompt_tokens": len(s.ids)}
+                for a, s, sc in zip(answers, cell, scores, strict=True)
+            )  # fmt: skip
+        del model_m
+    if bar is not None:
+        bar.close()
+    return report
+
+
+def write_task_report(report: TaskReport, out: str | Path) -> Path:
+    """``results.json`` (each row's score also under its metric's name), ``predictions.jsonl``,
+    ``results.md``, ``<kind>.png`` and, for tasks with depths, ``<kind>_heatmap.png``."""
+    from .. import report as R
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    payload = {k: v for k, v in asdict(report).items() if k not in ("rows", "predictions")}
+    payload["rows"] = [{**asdict(r), r.metric: r.score} for r in report.rows]
+    payload["summary"] = {task: {m: {str(n): v for n, v in by.items()} for m, by in report.table(task).items()}
+                          for task in report.tasks()}  # fmt: skip
+    tmp = out / "results.json.tmp"
+    tmp.write_text(json.dumps(payload, indent=2))
+    tmp.replace(out / "results.json")
+    with open(out / "predictions.jsonl", "w", encoding="utf-8") as f:
+        for p in report.predictions:
+            f.write(json.dumps(p, ensure_ascii=False) + "\n")
+    (out / "results.md").write_text(R.task_markdown(report))
+    R.plot_task(report, out / f"{report.kind}.png")
+    if report.depths():
+        R.plot_heatmap(report, out / f"{report.kind}_heatmap.png")
+    return out
