@@ -138,6 +138,21 @@ def cmd_eval_longbench(args: argparse.Namespace) -> int:
     return _finish_task(report, args.out)
 
 
+def cmd_eval_harness(args: argparse.Namespace) -> int:
+    """Run lm-evaluation-harness tasks on the model under each method (extra: clex-llm[lmeval])."""
+    from .eval.harness import evaluate_harness, harness_markdown, write_harness
+    from .methods import split_methods
+
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    result = evaluate_harness(args.model, split_methods(args.methods), tasks, args.include_path, args.limit,
+                              args.num_fewshot, args.batch_size, args.max_length, args.tokenizer, args.dtype,
+                              args.device)  # fmt: skip
+    path = write_harness(result, args.out)
+    print(harness_markdown(result))
+    print(f"wrote {path / 'results.json'}, results.md")
+    return 0
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     """Fine-tune a model with a method (CLEX or a baseline); resumable; runs under `accelerate launch`."""
     from .train import TrainConfig, train
@@ -392,6 +407,21 @@ def _task_parsers(ev) -> None:
     lb.add_argument("--chat", default="auto", choices=["auto", "on", "off"],
                     help="wrap prompts in the tokenizer's chat template (auto: when it has one)")  # fmt: skip
     lb.add_argument("--limit", type=int, default=None, help="at most this many records per dataset")
+
+    lm = ev.add_parser("lm-eval", help=cmd_eval_harness.__doc__, description=cmd_eval_harness.__doc__)
+    lm.add_argument("--model", required=True, help="model directory (or hub name)")
+    lm.add_argument("--methods", default="clex", help="comma-separated methods (default: %(default)s)")
+    lm.add_argument("--tasks", required=True, help="comma-separated lm-eval task names")
+    lm.add_argument("--include-path", default=None, help="folder of local lm-eval task YAMLs")
+    lm.add_argument("--limit", type=float, default=None, help="examples per task (a fraction if below 1)")
+    lm.add_argument("--num-fewshot", type=int, default=None)
+    lm.add_argument("--batch-size", type=int, default=1)
+    lm.add_argument("--max-length", type=int, default=None, help="lm-eval's context limit (default: the config's)")
+    lm.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the model's)")
+    lm.add_argument("--dtype", default="auto")
+    lm.add_argument("--device", default=None)
+    lm.add_argument("--out", default="runs/eval-lm-eval", help="output directory (default: %(default)s)")
+    lm.set_defaults(func=cmd_eval_harness)
 
 
 def main(argv: list[str] | None = None) -> int:

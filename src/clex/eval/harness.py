@@ -1,0 +1,117 @@
+"""A bridge to lm-evaluation-harness (``clex eval lm-eval``; extra ``clex-llm[lmeval]``).
+
+The model is loaded and switched to each method the way every clex evaluation does
+(``model_for_method``), then handed to lm-eval as an object (``HFLM(pretrained=model)``), so any
+harness task — a hub task, or a local YAML task through ``--include-path`` — runs on CLEX or a baseline.
+Generation tasks go through ``model.generate``, where CLEX's cache hook keeps keys right as t grows.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from .. import data as D
+from ..methods import parse_method
+from .ppl import _dtype, model_for_method, model_tokenizer_config
+
+
+def _lm_eval():
+    try:
+        import lm_eval
+        from lm_eval.models.huggingface import HFLM
+        from lm_eval.tasks import TaskManager
+    except ImportError as err:
+        raise ImportError("clex eval lm-eval needs lm-evaluation-harness: pip install 'clex-llm[lmeval]'") from err
+    return lm_eval, HFLM, TaskManager
+
+
+def evaluate_harness(
+    model: str | Path | torch.nn.Module,
+    methods: Sequence[str],
+    tasks: Sequence[str],
+    include_path: str | None = None,
+    limit: int | float | None = None,
+    num_fewshot: int | None = None,
+    batch_size: int = 1,
+    max_length: int | None = None,
+    tokenizer: str | None = None,
+    dtype: str = "auto",
+    device: str | None = None,
+    log_samples: bool = False,
+) -> dict:
+    """lm-eval's ``results`` (and, with ``log_samples``, its per-sample records) for each method.
+
+    lm-eval truncates prompts from the left to ``max_length``; by default that is the length the method
+    is meant for (factor × L, CLEX's max_factor × L, or L for vanilla).
+    """
+    lm_eval, HFLM, TaskManager = _lm_eval()
+    if not tasks:
+        raise D.DataError("no lm-eval tasks given")
+    if not methods:
+        raise D.DataError("no methods given")
+    for spec in methods:
+        parse_method(spec)
+    if include_path is not None and not Path(include_path).exists():
+        raise D.DataError(f"--include-path {include_path!r} does not exist")
+    tok, config = model_tokenizer_config(model, tokenizer)
+    if isinstance(tok, D.ByteTokenizer):
+        raise D.DataError("lm-eval needs a transformers tokenizer; byte-level models are not supported by the bridge")
+    manager = TaskManager(include_path=include_path)
+    unknown = [t for t in tasks if t not in manager.all_tasks]
+    if unknown:
+        raise D.DataError(f"unknown lm-eval task(s) {unknown} (local YAML tasks need --include-path)")
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    torch_dtype = _dtype(dtype, device)
+    out: dict = {"model": str(model) if isinstance(model, (str, Path)) else type(model).__name__, "tasks": list(tasks),
+                 "methods": {}}  # fmt: skip
+    for spec in methods:
+        model_m = model_for_method(model, spec, torch_dtype, device)
+        lm = HFLM(pretrained=model_m, tokenizer=tok, batch_size=batch_size, device=device,
+                  max_length=max_length or _method_length(model_m, spec))  # fmt: skip
+        res = lm_eval.simple_evaluate(model=lm, tasks=list(tasks), task_manager=manager, limit=limit,
+                                      num_fewshot=num_fewshot, log_samples=log_samples)  # fmt: skip
+        entry = {"results": res["results"]}
+        if log_samples:
+            entry["samples"] = res["samples"]
+        out["methods"][spec] = entry
+        del model_m, lm
+    return out
+
+
+def _method_length(model, spec: str) -> int:
+    """The context a method is meant for: its factor × L, else the config's maximum (CLEX: max_factor × L)."""
+    from ..models import training_length
+
+    mpe = model.config.get_text_config().max_position_embeddings
+    factor = parse_method(spec)[1].get("factor")
+    return max(mpe, int(factor * training_length(model))) if factor else mpe
+
+
+def harness_markdown(result: dict) -> str:
+    """One row per method, one column per (task, metric)."""
+    cols: list[tuple[str, str]] = []
+    for entry in result["methods"].values():
+        for task, metrics in entry["results"].items():
+            for key, value in metrics.items():
+                if isinstance(value, (int, float)) and "_stderr" not in key and (task, key) not in cols:
+                    cols.append((task, key))
+    lines = [f"# lm-eval: {result['model']}", "", "| method | " + " | ".join(f"{t} {k}" for t, k in cols) + " |",
+             "| --- |" + " --- |" * len(cols)]  # fmt: skip
+    for spec, entry in result["methods"].items():
+        cells = [entry["results"].get(t, {}).get(k) for t, k in cols]
+        lines.append(f"| {spec} | " + " | ".join("–" if c is None else f"{c:.4g}" for c in cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_harness(result: dict, out: str | Path) -> Path:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / "results.json.tmp"
+    tmp.write_text(json.dumps(result, indent=2, default=str))
+    tmp.replace(out / "results.json")
+    (out / "results.md").write_text(harness_markdown(result))
+    return out

@@ -1,0 +1,104 @@
+"""The lm-evaluation-harness bridge: lm-eval's log-likelihoods on a clex model equal the model's own,
+under each method, on a local YAML task (no hub)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import transformers as tf
+
+pytest.importorskip("lm_eval")
+
+from clex.cli import main  # noqa: E402
+from clex.data import DataError  # noqa: E402
+from clex.eval.harness import evaluate_harness  # noqa: E402
+from clex.eval.ppl import model_for_method  # noqa: E402
+
+QUESTIONS = [
+    {"question": "The grass is", "choices": ["green", "blue", "loud"], "label": 0},
+    {"question": "The sky is blue. The sun is yellow. The grass is green. The sky is", "choices": ["blue", "red"],
+     "label": 0},
+    {"question": "Here we go. There and back", "choices": ["again", "green"], "label": 0},
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    root = tmp_path_factory.mktemp("harness")
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    tk.train_from_iterator([q["question"] + " " + " ".join(q["choices"]) for q in QUESTIONS] * 5,
+                           trainers.BpeTrainer(vocab_size=300, special_tokens=["</s>"],
+                                               initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))  # fmt: skip
+    tok = tf.PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="</s>")
+    torch.manual_seed(0)
+    config = tf.LlamaConfig(vocab_size=tk.get_vocab_size(), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=8,
+                            bos_token_id=None, eos_token_id=tok.eos_token_id)  # fmt: skip
+    model_dir = root / "model"
+    tf.LlamaForCausalLM(config).save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    data = root / "questions.jsonl"
+    data.write_text("".join(json.dumps(q) + "\n" for q in QUESTIONS))
+    tasks = root / "tasks"
+    tasks.mkdir()
+    (tasks / "clex_tiny_mc.yaml").write_text(
+        "task: clex_tiny_mc\ndataset_path: json\n"
+        f"dataset_kwargs:\n  data_files:\n    test: {data}\n"
+        "test_split: test\noutput_type: multiple_choice\n"
+        'doc_to_text: "{{question}}"\ndoc_to_choice: "{{choices}}"\ndoc_to_target: "{{label}}"\n'
+        "metric_list:\n  - metric: acc\n"
+    )
+    return model_dir, tok, tasks
+
+
+def own_loglikelihood(model, tok, context: str, continuation: str) -> float:
+    whole = tok(context + continuation, add_special_tokens=False)["input_ids"]
+    n_ctx = len(tok(context, add_special_tokens=False)["input_ids"])
+    ids = torch.tensor([whole])
+    with torch.no_grad():
+        logp = torch.log_softmax(model(ids).logits[0].double(), -1)
+    return float(sum(logp[p - 1, whole[p]] for p in range(n_ctx, len(whole))))
+
+
+def test_lm_eval_loglikelihoods_equal_the_models_own_under_each_method(setup, monkeypatch):
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    model_dir, tok, tasks = setup
+    methods = ["vanilla", "pi:factor=4", "clex"]
+    result = evaluate_harness(str(model_dir), methods, ["clex_tiny_mc"], include_path=str(tasks), device="cpu",
+                              log_samples=True, max_length=64)  # fmt: skip
+    per_method = {}
+    for spec in methods:
+        model = model_for_method(str(model_dir), spec, torch.float32, "cpu")
+        samples = result["methods"][spec]["samples"]["clex_tiny_mc"]
+        assert len(samples) == len(QUESTIONS)
+        got = []
+        for s in samples:
+            q = s["doc"]
+            lls = [float(r[0][0]) for r in s["resps"]]
+            own = [own_loglikelihood(model, tok, q["question"], " " + c) for c in q["choices"]]
+            assert lls == pytest.approx(own, abs=1e-4)
+            got.append(lls)
+        acc = result["methods"][spec]["results"]["clex_tiny_mc"]["acc,none"]
+        picks = [max(range(len(ll)), key=ll.__getitem__) for ll in got]
+        expected = sum(p == s["doc"]["label"] for p, s in zip(picks, samples, strict=True))
+        assert acc == pytest.approx(expected / len(QUESTIONS))
+        per_method[spec] = got
+    assert per_method["vanilla"] != per_method["pi:factor=4"]  # the method really is applied
+
+
+def test_lm_eval_bridge_errors(setup, tmp_path, capsys):
+    model_dir, _, tasks = setup
+    with pytest.raises(DataError, match="unknown lm-eval task"):
+        evaluate_harness(str(model_dir), ["vanilla"], ["no_such_task_xyz"], include_path=str(tasks), device="cpu")
+    with pytest.raises(DataError, match="does not exist"):
+        evaluate_harness(str(model_dir), ["vanilla"], ["clex_tiny_mc"], include_path=str(tmp_path / "nope"))
+    assert main(["eval", "lm-eval", "--model", str(model_dir), "--tasks", "clex_tiny_mc", "--include-path",
+                 str(tasks), "--methods", "vanilla", "--device", "cpu", "--out", str(tmp_path / "o")]) == 0  # fmt: skip
+    assert "clex_tiny_mc acc" in capsys.readouterr().out
+    assert (tmp_path / "o" / "results.json").exists()
