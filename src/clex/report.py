@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import textwrap
 from pathlib import Path
 
 
@@ -173,9 +174,13 @@ def plot_heatmap(report, path: str | Path) -> None:
             if r.method == method and r.depth is not None:
                 grid[depths.index(r.depth)][lengths.index(r.length)] = 100 * r.score
         image = ax.imshow(grid, cmap="RdYlGn", vmin=0, vmax=100, aspect="auto")
+        for i, row in enumerate(grid):
+            for j, value in enumerate(row):
+                if math.isfinite(value):
+                    ax.text(j, i, f"{value:.0f}", ha="center", va="center", fontsize=6)
         ax.set_xticks(range(len(lengths)), [_fmt_length(n) for n in lengths], rotation=45, fontsize=7)
         ax.set_yticks(range(len(depths)), [f"{d:g}%" for d in depths], fontsize=7)
-        ax.set_title(method, fontsize=8)
+        ax.set_title(textwrap.fill(method, 24), fontsize=7)
         ax.set_xlabel("length", fontsize=8)
     axes[0][0].set_ylabel("needle depth")
     fig.colorbar(image, ax=axes[0].tolist(), shrink=0.8, label="accuracy (%)")
