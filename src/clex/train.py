@@ -35,8 +35,11 @@ STATE_FILE = "trainer_state.json"
 ADAPTER_METHOD_FILE, ADAPTER_CLEX_FILE = "clex_method.json", "clex_ode.safetensors"
 ARGS_FILE = "train_args.json"
 METRICS_FILE = "metrics.jsonl"
+CHAT_STATS_FILE = "chat_data.json"
 # Arguments that must match when resuming (the others may change, e.g. --steps to extend a run).
-RESUME_KEYS = ("model", "method", "data", "train_length", "batch_size", "grad_accum", "seed", "lora", "layout")
+RESUME_KEYS = ("model", "method", "data", "train_length", "batch_size", "grad_accum", "seed", "lora", "layout",
+               "format", "pack")
+FORMATS = ("text", "chat")
 
 
 class TrainError(ValueError):
@@ -72,6 +75,9 @@ class TrainConfig:
     resume: bool = False
     overwrite: bool = False
     show_progress: bool = True
+    format: str = "text"  # text: language modelling on packed documents; chat: assistant tokens of conversations
+    pack: bool = False  # chat: several conversations per row (attention kept inside each), else one per row
+    on_bad_record: str = "error"  # chat: stop at a bad record, or skip it (counted)
 
 
 # --- data -----------------------------------------------------------------------------------------
@@ -88,12 +94,39 @@ def sample_order(n_samples: int, seed: int, epoch: int) -> np.ndarray:
     return np.random.default_rng([seed, epoch]).permutation(n_samples)
 
 
-def global_batch(samples: np.ndarray, step: int, size: int, seed: int) -> np.ndarray:
-    """Rows of the ``size`` samples of optimizer step ``step`` (0-based): a pure function of the step."""
-    n = len(samples)
+def batch_indices(n: int, step: int, size: int, seed: int) -> np.ndarray:
+    """Indices of the ``size`` samples of optimizer step ``step`` (0-based): a pure function of the step."""
     start = step * size
-    idx = [sample_order(n, seed, (start + i) // n)[(start + i) % n] for i in range(size)]
-    return samples[np.asarray(idx)]
+    return np.asarray([sample_order(n, seed, (start + i) // n)[(start + i) % n] for i in range(size)])
+
+
+def global_batch(samples: np.ndarray, step: int, size: int, seed: int) -> np.ndarray:
+    """Rows of the ``size`` samples of optimizer step ``step``."""
+    return samples[batch_indices(len(samples), step, size, seed)]
+
+
+def chat_data(cfg: TrainConfig, tok, length: int):
+    """The conversations of ``cfg.data`` as padded or packed rows (``clex.chat``), with their counts."""
+    from .chat import ChatStats, build_rows, load_conversations
+
+    stats = ChatStats()
+    return build_rows(tok, load_conversations(cfg.data, cfg.on_bad_record, stats), length, cfg.pack, stats)
+
+
+def packed_clex_positions(segments: np.ndarray, t: int, layout: str, chunks: int, seed: int, step: int):
+    """CLEX's position extrapolation inside each packed segment: every conversation gets its own
+    extrapolated positions at the step's t' (which is then set explicitly: the largest position no
+    longer says t)."""
+    from .rotary import extrapolated_positions
+
+    g = torch.Generator().manual_seed(int(np.random.default_rng([seed, step, 11]).integers(2**62)))
+    out = np.zeros(segments.shape, dtype=np.float32)
+    for r, row in enumerate(segments):
+        for s in np.unique(row[row >= 0]):
+            where = np.flatnonzero(row == s)
+            if len(where) > 1:
+                out[r, where] = extrapolated_positions(len(where), t, g, layout, chunks).numpy()
+    return torch.as_tensor(out)
 
 
 def step_positions(cfg_layout: str, chunks: int, length: int, base_length: int, max_factor: int, seed: int, step: int):
@@ -162,8 +195,14 @@ def train(cfg: TrainConfig) -> Path:
     ddp = DistributedDataParallelKwargs(find_unused_parameters=bool(clex_modules(model)))
     accelerator = Accelerator(mixed_precision=_mixed_precision(), kwargs_handlers=[ddp])
     tok = D.load_tokenizer(cfg.tokenizer or cfg.model)
-    docs = D.tokenize_documents(D.load_documents(cfg.data, cfg.text_field), tok)
-    samples = pack(docs, length, getattr(tok, "eos_token_id", None))
+    chat = None
+    if cfg.format == "chat":
+        chat = chat_data(cfg, tok, length)
+        samples = chat.ids
+        accelerator.print(f"chat data: {chat.stats.summary()}; {len(samples)} rows of {length} tokens")
+    else:
+        docs = D.tokenize_documents(D.load_documents(cfg.data, cfg.text_field), tok)
+        samples = pack(docs, length, getattr(tok, "eos_token_id", None))
     per_step = cfg.batch_size * cfg.grad_accum * accelerator.num_processes
     if len(samples) < per_step:
         raise TrainError(
@@ -195,6 +234,8 @@ def train(cfg: TrainConfig) -> Path:
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         (out / ARGS_FILE).write_text(json.dumps(asdict(cfg), indent=2))
+        if chat is not None:
+            (out / CHAT_STATS_FILE).write_text(json.dumps(asdict(chat.stats), indent=2))
         _trim_metrics(out / METRICS_FILE, start_step)
     name, _ = parse_method(cfg.method)
     max_factor = clex_modules(model)[0].config.max_factor if name == "clex" else 1
@@ -204,7 +245,8 @@ def train(cfg: TrainConfig) -> Path:
     try:
         for step in range(start_step, cfg.steps):
             began = time.perf_counter()
-            rows = global_batch(samples, step, per_step, cfg.seed)
+            idx = batch_indices(len(samples), step, per_step, cfg.seed)
+            rows = samples[idx]
             if name == "clex":
                 t, pos = step_positions(cfg.layout, cfg.chunks, length, L, max_factor, cfg.seed, step)
             else:
@@ -216,8 +258,13 @@ def train(cfg: TrainConfig) -> Path:
                 kwargs = {"attention_mask": torch.ones_like(ids), "labels": ids}
                 if pos is not None:
                     kwargs["position_ids"] = pos.to(accelerator.device)[None].expand(ids.shape[0], -1)
+                t_fixed = None
+                if chat is not None:
+                    kwargs, t_fixed = _chat_inputs(chat, idx[first : first + cfg.batch_size], kwargs, cfg, t, pos, step,
+                                                   accelerator.device)  # fmt: skip
                 sync = micro == cfg.grad_accum - 1
-                with contextlib.nullcontext() if sync else accelerator.no_sync(model), accelerator.autocast():
+                with contextlib.nullcontext() if sync else accelerator.no_sync(model), accelerator.autocast(), \
+                        _fixed_t(model, t_fixed):
                     loss = model(input_ids=ids, **kwargs).loss
                     accelerator.backward(loss / cfg.grad_accum)
                 loss_sum += loss.detach().float()
@@ -252,6 +299,36 @@ def train(cfg: TrainConfig) -> Path:
     return out
 
 
+def _chat_inputs(chat, idx: np.ndarray, kwargs: dict, cfg: TrainConfig, t: int, pos, step: int, device):
+    """Labels on assistant tokens; padding masked out, or packed segments kept apart (4-D mask, positions
+    restarting per segment; for CLEX extrapolated per segment at the step's t', which is then fixed)."""
+    from .chat import packed_inputs
+
+    segments = chat.segments[idx]
+    kwargs = {**kwargs, "labels": torch.as_tensor(chat.labels[idx], device=device)}
+    if not cfg.pack:
+        kwargs["attention_mask"] = torch.as_tensor(segments >= 0, dtype=torch.long, device=device)
+        return kwargs, None
+    mask, positions = packed_inputs(segments)
+    if pos is not None:
+        positions = packed_clex_positions(segments, t, cfg.layout, cfg.chunks, cfg.seed, step)
+    kwargs["attention_mask"], kwargs["position_ids"] = mask.to(device), positions.to(device)
+    return kwargs, (t if pos is not None else None)
+
+
+@contextlib.contextmanager
+def _fixed_t(model, t: int | None):
+    modules = clex_modules(model) if t is not None else []
+    saved = [m.t_override for m in modules]
+    try:
+        for m in modules:
+            m.t_override = t
+        yield
+    finally:
+        for m, s in zip(modules, saved, strict=True):
+            m.t_override = s
+
+
 def _validate(cfg: TrainConfig) -> None:
     parse_method(cfg.method)
     for name in ("steps", "batch_size", "grad_accum"):
@@ -268,6 +345,10 @@ def _validate(cfg: TrainConfig) -> None:
         raise TrainError("--gradient-checkpointing must be auto, on or off")
     if cfg.merge and not cfg.lora:
         raise TrainError("--merge only applies to --lora runs")
+    if cfg.format not in FORMATS:
+        raise TrainError(f"--format must be one of {FORMATS}, got {cfg.format!r}")
+    if cfg.pack and cfg.format != "chat":
+        raise TrainError("--pack applies to --format chat (text is always packed)")
 
 
 def _check_out_dir(out: Path, cfg: TrainConfig) -> None:
@@ -286,7 +367,7 @@ def _check_out_dir(out: Path, cfg: TrainConfig) -> None:
         _remove_run(out)
 
 
-RUN_ARTIFACTS = (STATE_FILE, ARGS_FILE, METRICS_FILE, "checkpoint-*", ".tmp-*", "config.json",
+RUN_ARTIFACTS = (STATE_FILE, ARGS_FILE, METRICS_FILE, CHAT_STATS_FILE, "checkpoint-*", ".tmp-*", "config.json",
                  "generation_config.json", "model*.safetensors", "model.safetensors.index.json", "tokenizer*",
                  "special_tokens_map.json", "chat_template.jinja", "adapter_*", "clex_*", "README.md")  # fmt: skip
 
