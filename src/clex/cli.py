@@ -268,10 +268,13 @@ def _read_message(interactive: bool) -> str | None:
 def cmd_chat(args: argparse.Namespace) -> int:
     """Chat with a model in the terminal (streamed answers, kept history, /reset, /exit). Without a terminal
     on stdin it reads one message per line and writes one answer per line (newlines escaped as \\n)."""
+    from transformers.utils import logging as hf_logging
+
     from .chat import ChatSession
     from .data import DataError, load_tokenizer
     from .models import from_pretrained, use_method
 
+    hf_logging.disable_progress_bar()  # no loading bars in a conversation
     tok = load_tokenizer(args.tokenizer or args.model)
     model = from_pretrained(args.model).eval()
     if args.method:

@@ -58,25 +58,34 @@ def _pyplot():
     return plt
 
 
-def plot_ppl(report, path: str | Path) -> None:
-    """Log-scale perplexity against length in multiples of L, L marked."""
+def _against_length(table: dict, L: int, path, xlabel: str, ylabel: str, title: str, scale: float = 1.0,
+                    log_y: bool = False, ylim: tuple[float, float] | None = None) -> None:  # fmt: skip
+    """One line per method: a value against length in multiples of L (log 2 axis), L marked."""
     plt = _pyplot()
-    L = report.training_length
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for method, by_length in report.table().items():
+    for method, by_length in table.items():
         xs = sorted(by_length)
-        ax.plot([x / L for x in xs], [by_length[x] for x in xs], marker="o", label=method)
+        ax.plot([x / L for x in xs], [scale * by_length[x] for x in xs], marker="o", label=method)
     ax.axvline(1.0, color="grey", linestyle=":", label=f"training length L = {L}")
     ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
-    ax.set_xlabel("evaluation length / L")
-    ax.set_ylabel("perplexity")
-    ax.set_title(f"{Path(str(report.model)).name} on {report.data}")
+    if log_y:
+        ax.set_yscale("log")
+    if ylim:
+        ax.set_ylim(*ylim)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def plot_ppl(report, path: str | Path) -> None:
+    """Log-scale perplexity against length in multiples of L, L marked."""
+    _against_length(report.table(), report.training_length, path, "evaluation length / L", "perplexity",
+                    f"{Path(str(report.model)).name} on {report.data}", log_y=True)  # fmt: skip
 
 
 def plot_per_position(report, path: str | Path) -> None:
@@ -143,23 +152,9 @@ def task_markdown(report) -> str:
 
 def plot_task(report, path: str | Path) -> None:
     """Mean score against length in multiples of L (the average over tasks for suites)."""
-    plt = _pyplot()
-    L = report.training_length
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for method, by_length in report.table().items():
-        xs = sorted(by_length)
-        ax.plot([x / L for x in xs], [100 * by_length[x] for x in xs], marker="o", label=method)
-    ax.axvline(1.0, color="grey", linestyle=":", label=f"training length L = {L}")
-    ax.set_xscale("log", base=2)
-    ax.set_ylim(-3, 103)
-    ax.set_xlabel("prompt length / L")
-    ax.set_ylabel("score (%)" if len(report.tasks()) == 1 else "mean score over tasks (%)")
-    ax.set_title(f"{report.kind}: {Path(str(report.model)).name}")
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    ylabel = "score (%)" if len(report.tasks()) == 1 else "mean score over tasks (%)"
+    _against_length(report.table(), report.training_length, path, "prompt length / L", ylabel,
+                    f"{report.kind}: {Path(str(report.model)).name}", scale=100, ylim=(-3, 103))  # fmt: skip
 
 
 def plot_heatmap(report, path: str | Path) -> None:
