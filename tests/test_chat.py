@@ -188,7 +188,9 @@ def chat_model(tmp_path_factory):
 
 def test_session_keeps_history_and_reset_clears_it(chat_model):
     session = C.ChatSession(clex_load(chat_model), BYTES, system="Be brief.", max_new_tokens=6)
-    first = session.reply("What is up?")
+    pieces = []
+    first = session.reply("What is up?", write=pieces.append)
+    assert "".join(pieces) == first and len(pieces) > 1  # streamed, and the stream adds up to the answer
     session.reply("And then?")
     prompt = BYTES.decode(session.last_prompt)
     expected = C.render_text([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is up?"},
@@ -216,3 +218,13 @@ def test_cli_chat_through_a_pipe(chat_model, monkeypatch, capsys):
     out, err = capsys.readouterr()
     assert len(out.splitlines()) == 3  # one answer per message, commands answered on stderr
     assert "history cleared" in err
+
+
+def test_stop_on_the_end_marker_even_when_it_is_a_special_token(bpe):
+    end = bpe.convert_tokens_to_ids("<|end|>")
+    prompt = bpe("Hi", add_special_tokens=False)["input_ids"]
+    stop = C._StopOnText(bpe, len(prompt), (C.END_MARKER,))
+    answer = bpe("Green.", add_special_tokens=False)["input_ids"]
+    assert not bool(stop(torch.tensor([prompt + answer]), None)[0])
+    assert bool(stop(torch.tensor([prompt + answer + [end]]), None)[0])
+    assert bool(C._StopOnText(BYTES, 2, (C.END_MARKER,))(torch.tensor([BYTES.encode("Hi ok<|end|>")]), None)[0])

@@ -272,7 +272,9 @@ class _StopOnText:
     def __call__(self, input_ids, scores, **kwargs):
         import torch
 
-        text = _decode(self.tokenizer, input_ids[0, self.prompt_length :].tolist())
+        new = input_ids[0, self.prompt_length :].tolist()
+        text = self.tokenizer.decode(new) if isinstance(self.tokenizer, D.ByteTokenizer) else self.tokenizer.decode(
+            new, skip_special_tokens=False)  # the marker may be a special token  # fmt: skip
         done = any(s in text for s in self.stops)
         return torch.full((input_ids.shape[0],), done, dtype=torch.bool, device=input_ids.device)
 
