@@ -95,15 +95,16 @@ def test_packed_conversations_do_not_attend_across_each_other():
     convs = [CONV, CONV[1:3], [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]]
     rows = C.build_rows(BYTES, convs, 256, pack=True)
     assert rows.ids.shape[0] == 1 and set(rows.segments[0]) == {-1, 0, 1, 2}
-    mask, positions = C.packed_inputs(rows.segments)
-    with torch.no_grad():
-        packed = model(input_ids=torch.as_tensor(rows.ids), attention_mask=mask, position_ids=positions).logits[0]
-        at = 0
-        for conv in convs:
-            ids = torch.tensor([C.encode_conversation(BYTES, conv)[0]])
-            alone = model(input_ids=ids).logits[0]
-            torch.testing.assert_close(packed[at : at + ids.shape[1]], alone, atol=1e-5, rtol=0)
-            at += ids.shape[1]
+    for dtype in (torch.float32, torch.bool):  # additive (eager) and boolean (sdpa, what training uses)
+        mask, positions = C.packed_inputs(rows.segments, dtype)
+        with torch.no_grad():
+            packed = model(input_ids=torch.as_tensor(rows.ids), attention_mask=mask, position_ids=positions).logits[0]
+            at = 0
+            for conv in convs:
+                ids = torch.tensor([C.encode_conversation(BYTES, conv)[0]])
+                alone = model(input_ids=ids).logits[0]
+                torch.testing.assert_close(packed[at : at + ids.shape[1]], alone, atol=1e-5, rtol=0)
+                at += ids.shape[1]
 
 
 # --- records ------------------------------------------------------------------------------------------------

@@ -241,8 +241,9 @@ def build_rows(tokenizer, conversations: list[list[dict]], length: int, pack: bo
 
 
 def packed_inputs(segments, dtype=None):
-    """(4-D additive attention mask [B, 1, n, n], position ids [B, n]) for rows of packed segments: causal
-    within a segment, nothing across segments; positions restart at 0 in each segment (and padding)."""
+    """(4-D attention mask [B, 1, n, n], position ids [B, n]) for rows of packed segments: causal within a
+    segment, nothing across segments; positions restart at 0 in each segment (and padding). The mask is
+    additive in ``dtype`` (default fp32), or boolean (True: attend) when ``dtype`` is ``torch.bool``."""
     import torch
 
     seg = torch.as_tensor(segments)
@@ -251,7 +252,10 @@ def packed_inputs(segments, dtype=None):
     causal = torch.ones(n, n, dtype=torch.bool).tril()
     allowed = same & causal & (seg[:, :, None] >= 0) | torch.eye(n, dtype=torch.bool)  # pads see themselves
     dtype = dtype or torch.float32
-    mask = torch.zeros(b, 1, n, n, dtype=dtype).masked_fill(~allowed[:, None], torch.finfo(dtype).min)
+    if dtype == torch.bool:  # sdpa takes a boolean mask whatever the dtype autocast computes in
+        mask = allowed[:, None]
+    else:
+        mask = torch.zeros(b, 1, n, n, dtype=dtype).masked_fill(~allowed[:, None], torch.finfo(dtype).min)
     starts = torch.ones_like(seg, dtype=torch.bool)
     starts[:, 1:] = seg[:, 1:] != seg[:, :-1]
     index = torch.arange(n).expand(b, n)

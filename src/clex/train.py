@@ -239,6 +239,7 @@ def train(cfg: TrainConfig) -> Path:
         _trim_metrics(out / METRICS_FILE, start_step)
     name, _ = parse_method(cfg.method)
     max_factor = clex_modules(model)[0].config.max_factor if name == "clex" else 1
+    mask_dtype = _packed_mask_dtype(accelerator.unwrap_model(model), accelerator, cfg)
     bar = _bar(cfg, accelerator, start_step)
     metrics = open(out / METRICS_FILE, "a", buffering=1) if accelerator.is_main_process else None
     model.train()
@@ -261,7 +262,7 @@ def train(cfg: TrainConfig) -> Path:
                 t_fixed = None
                 if chat is not None:
                     kwargs, t_fixed = _chat_inputs(chat, idx[first : first + cfg.batch_size], kwargs, cfg, t, pos, step,
-                                                   accelerator.device)  # fmt: skip
+                                                   accelerator.device, mask_dtype)  # fmt: skip
                 sync = micro == cfg.grad_accum - 1
                 with contextlib.nullcontext() if sync else accelerator.no_sync(model), accelerator.autocast(), \
                         _fixed_t(model, t_fixed):
@@ -299,7 +300,8 @@ def train(cfg: TrainConfig) -> Path:
     return out
 
 
-def _chat_inputs(chat, idx: np.ndarray, kwargs: dict, cfg: TrainConfig, t: int, pos, step: int, device):
+def _chat_inputs(chat, idx: np.ndarray, kwargs: dict, cfg: TrainConfig, t: int, pos, step: int, device,
+                 mask_dtype=torch.bool):
     """Labels on assistant tokens; padding masked out, or packed segments kept apart (4-D mask, positions
     restarting per segment; for CLEX extrapolated per segment at the step's t', which is then fixed)."""
     from .chat import packed_inputs
@@ -309,11 +311,24 @@ def _chat_inputs(chat, idx: np.ndarray, kwargs: dict, cfg: TrainConfig, t: int, 
     if not cfg.pack:
         kwargs["attention_mask"] = torch.as_tensor(segments >= 0, dtype=torch.long, device=device)
         return kwargs, None
-    mask, positions = packed_inputs(segments)
+    mask, positions = packed_inputs(segments, mask_dtype)
     if pos is not None:
         positions = packed_clex_positions(segments, t, cfg.layout, cfg.chunks, cfg.seed, step)
     kwargs["attention_mask"], kwargs["position_ids"] = mask.to(device), positions.to(device)
     return kwargs, (t if pos is not None else None)
+
+
+def _packed_mask_dtype(model, accelerator, cfg: TrainConfig):
+    """Packed rows' 4-D mask: boolean for sdpa (clex loads models for training with it), additive in the
+    compute dtype for eager attention; other kernels take no 4-D mask."""
+    if not cfg.pack:
+        return None
+    impl = getattr(model.config, "_attn_implementation", "sdpa")
+    if impl == "sdpa":
+        return torch.bool
+    if impl == "eager":
+        return torch.bfloat16 if accelerator.mixed_precision == "bf16" else torch.float32
+    raise TrainError(f"--pack needs sdpa or eager attention (a 4-D mask), not {impl}")
 
 
 @contextlib.contextmanager
