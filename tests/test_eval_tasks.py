@@ -304,3 +304,17 @@ def test_cli_passkey_and_errors(tmp_path, capsys):
     assert main(["eval", "niah", "--model", str(model_dir), "--tokenizer", "bytes", "--lengths", "40",
                  "--out", str(out), "--no-progress"]) == 2  # fmt: skip
     assert "shorter than the prompt" in capsys.readouterr().err
+
+
+def test_a_rerun_resumes_from_finished_cells(oracle, tmp_path):
+    partial = tmp_path / "partial.jsonl"
+    run = {"show_progress": False, "resume_file": partial}
+    first = R.evaluate_passkey(oracle, ["vanilla", "clex"], [128, 256], depths=(0, 100), trials=2, intro=False, **run)
+    assert len(partial.read_text().splitlines()) == 8 and {r.score for r in first.rows} == {1.0}
+    with open(partial, "a") as f:
+        f.write('{"fingerprint": "cut by a kill')  # a half-written line is ignored
+    Oracle.silent = True  # the cached cells are not generated again
+    again = R.evaluate_passkey(oracle, ["vanilla", "clex"], [128, 256], depths=(0, 100), trials=2, intro=False, **run)
+    assert again.rows == first.rows and again.predictions == first.predictions
+    other = R.evaluate_passkey(oracle, ["vanilla"], [128], depths=(0, 100), trials=3, intro=False, **run)
+    assert {r.score for r in other.rows} == {0.0}  # other prompts: nothing reused

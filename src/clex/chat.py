@@ -19,7 +19,7 @@ import json
 import os
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -47,7 +47,6 @@ class ChatStats:
     truncated: int = 0  # lost their oldest exchanges to fit
     dropped: int = 0  # did not fit even with only the last exchange
     skipped: int = 0  # bad records skipped (--on-bad-record skip)
-    notes: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
         return (f"{self.conversations} conversations: {self.truncated} truncated from the left, {self.dropped} "

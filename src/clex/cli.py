@@ -7,6 +7,8 @@ import sys
 
 from .methods import METHODS
 
+PARTIAL_FILE = "partial.jsonl"  # finished cells of a task evaluation, read back by a re-run
+
 
 def cmd_methods(args: argparse.Namespace) -> int:
     """List the registered methods and their parameters."""
@@ -74,8 +76,12 @@ def cmd_eval_ppl(args: argparse.Namespace) -> int:
 
 
 def _task_run_args(args: argparse.Namespace) -> dict:
+    """Shared generation options; finished cells go to OUT/partial.jsonl, so a killed run resumes there."""
+    from pathlib import Path
+
     return {"tokenizer": args.tokenizer, "policy": args.policy, "batch_size": args.batch_size, "dtype": args.dtype,
-            "device": args.device, "show_progress": not args.no_progress}  # fmt: skip
+            "device": args.device, "show_progress": not args.no_progress,
+            "resume_file": Path(args.out) / PARTIAL_FILE}  # fmt: skip
 
 
 def _finish_task(report, out: str) -> int:
@@ -83,6 +89,7 @@ def _finish_task(report, out: str) -> int:
     from .report import task_markdown
 
     path = write_task_report(report, out)
+    (path / PARTIAL_FILE).unlink(missing_ok=True)  # the complete results.json replaces the checkpoint
     print(task_markdown(report).split("| method | task | length")[0].rstrip())
     print(f"\nwrote {path / 'results.json'}, results.md, predictions.jsonl, {report.kind}.png")
     return 0

@@ -11,6 +11,7 @@ per (method, cell) with the mean score in [0, 1]; predictions are kept for inspe
 from __future__ import annotations
 
 import json
+import os
 import platform
 import time
 from collections.abc import Callable, Sequence
@@ -178,10 +179,13 @@ def run_task(
     device: str | None = None,
     settings: dict | None = None,
     show_progress: bool = True,
+    resume_file: str | Path | None = None,
 ) -> TaskReport:
     """Build the samples of every length once, then generate and score them under each method.
 
-    ``build(tokenizer, length)`` returns the samples of one length (the same for every method).
+    ``build(tokenizer, length)`` returns the samples of one length (the same for every method). With
+    ``resume_file``, each finished (method, task, length, depth) cell is appended there as it completes,
+    and a re-run with the same prompts skips the cells it finds (a killed run loses one cell at most).
     """
     from .ppl import _progress
 
@@ -209,15 +213,24 @@ def run_task(
                   "device": device, "tokenizer": getattr(tok, "name_or_path", None) or getattr(tok, "name", "?"),
                   "machine": platform.machine(), "torch": torch.__version__, "threads": torch.get_num_threads()},
     )  # fmt: skip
+    cells: dict[tuple[str, int, float | None], list[int]] = {}
+    for i, s in enumerate(samples):
+        cells.setdefault((s.task, s.length, s.depth), []).append(i)
+    done = _Checkpoint(resume_file, kind, report.model, samples)
     bar = _progress(len(samples) * len(methods), show_progress)
     if bar is not None:
         bar.unit = "sample"
     for spec in methods:
-        model_m = model_for_method(model, spec, torch_dtype, device)
-        cells: dict[tuple[str, int, float | None], list[int]] = {}
-        for i, s in enumerate(samples):
-            cells.setdefault((s.task, s.length, s.depth), []).append(i)
+        todo = [c for c in cells if not done.has(spec, c)]
+        model_m = model_for_method(model, spec, torch_dtype, device) if todo else None
         for (task, n, depth), members in cells.items():
+            if done.has(spec, (task, n, depth)):
+                row, predictions = done.get(spec, (task, n, depth))
+                report.rows.append(row)
+                report.predictions.extend(predictions)
+                if bar is not None:
+                    bar.update(len(members))
+                continue
             if bar is not None:
                 bar.set_description(f"{spec} {task} @ {n}")
             start = time.perf_counter()
@@ -229,15 +242,58 @@ def run_task(
                 samples=len(cell), prompt_tokens=float(np.mean([len(s.ids) for s in cell])),
                 seconds=time.perf_counter() - start,
             ))  # fmt: skip
-            report.predictions.extend(
+            predictions = [
                 {"method": spec, "task": task, "length": n, "depth": depth, "prediction": a, "answers": s.answers,
                  "score": sc, "prompt_tokens": len(s.ids)}
                 for a, s, sc in zip(answers, cell, scores, strict=True)
-            )  # fmt: skip
+            ]  # fmt: skip
+            report.predictions.extend(predictions)
+            done.add(spec, (task, n, depth), report.rows[-1], predictions)
         del model_m
     if bar is not None:
         bar.close()
     return report
+
+
+class _Checkpoint:
+    """Finished cells in a JSONL file, each line stamped with a fingerprint of the run's prompts."""
+
+    def __init__(self, path: str | Path | None, kind: str, model: str, samples: Sequence[Sample]):
+        import hashlib
+
+        self.path = Path(path) if path is not None else None
+        digest = hashlib.sha256(f"{kind}:{model}".encode())
+        for s in samples:
+            digest.update(json.dumps([s.ids, s.answers, s.max_new_tokens, s.task, s.length, s.depth]).encode())
+        self.fingerprint = digest.hexdigest()[:16]
+        self.cells: dict[tuple, tuple[TaskRow, list[dict]]] = {}
+        if self.path is None or not self.path.exists():
+            return
+        for line in self.path.read_text(encoding="utf-8").splitlines():
+            try:
+                entry = json.loads(line)
+            except json.JSONDecodeError:  # a line cut by a kill
+                continue
+            if entry.get("fingerprint") == self.fingerprint:
+                row = TaskRow(**entry["row"])
+                self.cells[(row.method, row.task, row.length, row.depth)] = (row, entry["predictions"])
+
+    def has(self, spec: str, cell: tuple) -> bool:
+        return (spec, *cell) in self.cells
+
+    def get(self, spec: str, cell: tuple) -> tuple[TaskRow, list[dict]]:
+        return self.cells[(spec, *cell)]
+
+    def add(self, spec: str, cell: tuple, row: TaskRow, predictions: list[dict]) -> None:
+        self.cells[(spec, *cell)] = (row, predictions)
+        if self.path is None:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps({"fingerprint": self.fingerprint, "row": asdict(row), "predictions": predictions},
+                               ensure_ascii=False) + "\n")  # fmt: skip
+            f.flush()
+            os.fsync(f.fileno())
 
 
 def write_task_report(report: TaskReport, out: str | Path) -> Path:
