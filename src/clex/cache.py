@@ -171,6 +171,24 @@ def _recompute(rot: ClexRotary, decoder: nn.Module, cache, t_new: float, attenti
 
 
 # --- generation -------------------------------------------------------------------------------------
+def eos_ids(model, tokenizer) -> list[int]:
+    """The ids that end a generation: the model's generation config's, else the tokenizer's."""
+    ids = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if ids is None:
+        ids = getattr(tokenizer, "eos_token_id", None)
+    if ids is None:
+        return []
+    return [int(x) for x in (ids if isinstance(ids, (list, tuple)) else [ids])]
+
+
+def until_eos(row: list[int], eos: list[int]) -> list[int]:
+    """``row`` up to (not including) its first end-of-sequence id."""
+    for j, tok in enumerate(row):
+        if tok in eos:
+            return row[:j]
+    return row
+
+
 class _RecordIds:
     """A logits processor that only records the sequence so far (for the recompute policy)."""
 

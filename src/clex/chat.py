@@ -275,17 +275,10 @@ class _StopOnText:
     def __call__(self, input_ids, scores, **kwargs):
         import torch
 
-        new = input_ids[0, self.prompt_length :].tolist()
-        text = self.tokenizer.decode(new) if isinstance(self.tokenizer, D.ByteTokenizer) else self.tokenizer.decode(
-            new, skip_special_tokens=False)  # the marker may be a special token  # fmt: skip
+        # the marker may be a special token: keep special tokens in the text
+        text = D.decode(self.tokenizer, input_ids[0, self.prompt_length :].tolist(), skip_special_tokens=False)
         done = any(s in text for s in self.stops)
         return torch.full((input_ids.shape[0],), done, dtype=torch.bool, device=input_ids.device)
-
-
-def _decode(tokenizer, ids: list[int]) -> str:
-    if isinstance(tokenizer, D.ByteTokenizer):
-        return tokenizer.decode(ids)
-    return tokenizer.decode(ids, skip_special_tokens=True)
 
 
 class _Sink:
@@ -298,7 +291,7 @@ class _Sink:
         self.prompt_seen = False
 
     def _visible(self, final: bool) -> str:
-        text = _decode(self.tokenizer, self.ids)
+        text = D.decode(self.tokenizer, self.ids)
         if not final:  # an incomplete multi-byte character waits too
             text = text.rstrip("\ufffd")
         for s in self.stops:
@@ -355,7 +348,7 @@ class ChatSession:
         import torch
         from transformers import StoppingCriteriaList
 
-        from .cache import generate
+        from .cache import eos_ids, generate, until_eos
 
         self.history.append({"role": "user", "content": text})
         ids = prompt_ids(self.tokenizer, self._messages())
@@ -374,17 +367,13 @@ class ChatSession:
         sink = _Sink(self.tokenizer, write or (lambda s: None), self.stops)
         sampling = self.temperature > 0
         extra = {"do_sample": True, "temperature": self.temperature} if sampling else {"do_sample": False}
-        eos = getattr(self.model.generation_config, "eos_token_id", None) or getattr(self.tokenizer, "eos_token_id",
-                                                                                     None)  # fmt: skip
+        eos = eos_ids(self.model, self.tokenizer)
         criteria = StoppingCriteriaList([_StopOnText(self.tokenizer, len(ids), self.stops)] if self.stops else [])
         with torch.no_grad():
             out = generate(self.model, x, policy=self.policy, max_new_tokens=self.max_new_tokens, streamer=sink,
                            stopping_criteria=criteria, attention_mask=torch.ones_like(x),
-                           pad_token_id=eos if isinstance(eos, int) else (eos or [0])[0], **extra)  # fmt: skip
-        new = out[0, len(ids) :].tolist()
-        eos_ids = set(eos if isinstance(eos, (list, tuple)) else [eos] if eos is not None else [])
-        cut = next((j for j, tok in enumerate(new) if tok in eos_ids), len(new))
-        answer = _decode(self.tokenizer, new[:cut])
+                           pad_token_id=eos[0] if eos else 0, **extra)  # fmt: skip
+        answer = D.decode(self.tokenizer, until_eos(out[0, len(ids) :].tolist(), eos))
         for s in self.stops:
             answer = answer.split(s, 1)[0]
         self.history.append({"role": "assistant", "content": answer})

@@ -231,6 +231,13 @@ def encode(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
+def decode(tokenizer, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+    """Text of ``ids`` (byte-level ids have no special tokens to skip)."""
+    if isinstance(tokenizer, ByteTokenizer):
+        return tokenizer.decode(ids)
+    return tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+
+
 # --- token cache ------------------------------------------------------------------------------------
 def cache_dir() -> Path:
     return Path(os.environ.get("CLEX_CACHE", Path.home() / ".cache" / "clex")) / "tokens"

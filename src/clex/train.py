@@ -100,11 +100,6 @@ def batch_indices(n: int, step: int, size: int, seed: int) -> np.ndarray:
     return np.asarray([sample_order(n, seed, (start + i) // n)[(start + i) % n] for i in range(size)])
 
 
-def global_batch(samples: np.ndarray, step: int, size: int, seed: int) -> np.ndarray:
-    """Rows of the ``size`` samples of optimizer step ``step``."""
-    return samples[batch_indices(len(samples), step, size, seed)]
-
-
 def chat_data(cfg: TrainConfig, tok, length: int):
     """The conversations of ``cfg.data`` as padded or packed rows (``clex.chat``), with their counts."""
     from .chat import ChatStats, build_rows, load_conversations

@@ -21,6 +21,7 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 
 from .. import data as D
+from ..data import encode
 from .tasks import Sample, TaskReport, run_task, special_prefix
 
 PASSKEY_INTRO = (
@@ -35,10 +36,6 @@ PASSKEY_QUESTION = "What is the pass key? The pass key is"
 
 NIAH_NEEDLE = "The special magic number is {key}."
 NIAH_QUESTION = "What is the special magic number mentioned in the text? The special magic number is"
-
-
-def encode(tokenizer, text: str) -> list[int]:
-    return list(D.encode(tokenizer, text))
 
 
 def haystack_prompt(

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from .. import data as D
-from ..cache import generate
+from ..cache import eos_ids, generate, until_eos
 from ..methods import parse_method
 from ..models import training_length
 from .ppl import _dtype, model_for_method, model_tokenizer_config
@@ -102,7 +102,7 @@ def greedy_answers(
     Samples with equal prompt length and token budget are generated together (no padding needed).
     """
     device = next(model.parameters()).device
-    eos = _eos_ids(model, tokenizer)
+    eos = eos_ids(model, tokenizer)
     pad = eos[0] if eos else 0
     groups: dict[tuple[int, int, tuple[str, ...]], list[int]] = {}
     for i, s in enumerate(samples):
@@ -120,26 +120,10 @@ def greedy_answers(
                 seqs = generate(model, ids, policy=policy, max_new_tokens=new, do_sample=False, pad_token_id=pad,
                                 eos_token_id=eos or None, attention_mask=torch.ones_like(ids), **kwargs)  # fmt: skip
             for i, row in zip(chunk, seqs[:, n:].tolist(), strict=True):
-                out[i] = _cut(_decode(tokenizer, _until_eos(row, eos)), stops)
+                out[i] = _cut(D.decode(tokenizer, until_eos(row, eos)), stops)
             if progress:
                 progress(len(chunk))
     return out
-
-
-def _eos_ids(model, tokenizer) -> list[int]:
-    ids = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    if ids is None:
-        ids = getattr(tokenizer, "eos_token_id", None)
-    if ids is None:
-        return []
-    return [int(x) for x in (ids if isinstance(ids, (list, tuple)) else [ids])]
-
-
-def _until_eos(row: list[int], eos: list[int]) -> list[int]:
-    for j, tok in enumerate(row):
-        if tok in eos:
-            return row[:j]
-    return row
 
 
 def _cut(text: str, stops: tuple[str, ...]) -> str:
@@ -148,12 +132,6 @@ def _cut(text: str, stops: tuple[str, ...]) -> str:
     for stop in stops:
         text = (text.lstrip(stop) if not stop.strip() else text).split(stop, 1)[0]
     return text
-
-
-def _decode(tokenizer, ids: list[int]) -> str:
-    if isinstance(tokenizer, D.ByteTokenizer):
-        return tokenizer.decode(ids)
-    return tokenizer.decode(ids, skip_special_tokens=True)
 
 
 def special_prefix(tokenizer) -> list[int]:
