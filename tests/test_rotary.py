@@ -170,6 +170,8 @@ def test_sample_scale_factor_is_uniform_over_1_to_max():
     assert counts[0] == 0 and (counts[1:] > 400).all() and min(draws) == 1 and max(draws) == 8
     with pytest.raises(ValueError, match="max_factor"):
         sample_scale_factor(0)
+    with pytest.raises(ValueError, match="sampling must be one of"):
+        sample_scale_factor(8, g, "normal")
 
 
 def test_sample_training_positions_pairs_t_with_its_span():

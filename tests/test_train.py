@@ -16,7 +16,7 @@ import torch
 import transformers as tf
 
 import clex
-from clex.train import TrainConfig, TrainError, step_positions, train
+from clex.train import TrainConfig, TrainError, cosine_schedule, step_positions, train
 
 L = 32
 
@@ -86,6 +86,38 @@ def test_t_draws_are_uniform():
         step_positions("scatter", 2, L, L, 8, seed=0, step=5)[0],
         step_positions("scatter", 2, L, L, 8, seed=0, step=5)[1].tolist(),
     )
+
+
+def test_log_t_sampling_weights_t_by_its_inverse():
+    draws = [step_positions("chunks", 2, L, L, 8, seed=0, step=s, sampling="log")[0] for s in range(8000)]
+    counts = Counter(draws)
+    weights = {t: 1 / t for t in range(1, 9)}
+    expected = {t: len(draws) * w / sum(weights.values()) for t, w in weights.items()}
+    chi2 = sum((counts[t] - e) ** 2 / e for t, e in expected.items())
+    assert set(counts) == set(range(1, 9)) and chi2 < 24.3  # 7 degrees of freedom, p = 0.001
+    assert counts[1] > 2.5 * counts[8]
+
+
+def test_cosine_schedule_is_transformers_and_clex_warmup_ramps_the_ode_only():
+    from transformers import get_cosine_schedule_with_warmup
+
+    steps, warmup = 100, 0.05
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    reference = get_cosine_schedule_with_warmup(opt, int(warmup * steps), steps).lr_lambdas[0]
+    base, same = cosine_schedule(steps, warmup)
+    assert [base(s) for s in range(steps + 1)] == pytest.approx([reference(s) for s in range(steps + 1)], abs=1e-12)
+    assert [same(s) for s in range(steps + 1)] == [base(s) for s in range(steps + 1)]  # default: no own warm-up
+    _, clex_lambda = cosine_schedule(steps, warmup, clex_warmup=0.4)
+    assert clex_lambda(20) == pytest.approx(base(20) * 0.5) and clex_lambda(0) == 0
+    assert [clex_lambda(s) for s in range(40, steps + 1)] == [base(s) for s in range(40, steps + 1)]
+
+
+def test_clex_lr_zero_freezes_the_ode_and_trains_the_rest(model_dir, corpus, tmp_path):
+    out = train(cfg(model_dir, corpus, tmp_path / "frozen", clex_lr=0.0, steps=6))
+    model = clex.from_pretrained(out)
+    assert clex.clex_modules(model)[0].clex_ode.down_proj.abs().sum() == 0  # still the init: NTK α = 2t−1
+    base = tf.AutoModelForCausalLM.from_pretrained(model_dir)
+    assert not torch.equal(model.model.layers[0].self_attn.q_proj.weight, base.model.layers[0].self_attn.q_proj.weight)
 
 
 def test_lora_freezes_base_trains_clex_saves_reloads_merges(model_dir, corpus, tmp_path):
@@ -178,3 +210,13 @@ def test_refusals(model_dir, corpus, tmp_path):
         train(cfg(model_dir, corpus, tmp_path / "nothing", resume=True))
     with pytest.raises(ValueError, match="unknown method"):
         train(cfg(model_dir, corpus, tmp_path / "m", method="warp"))
+    with pytest.raises(TrainError, match="--t-sampling must be one of"):
+        train(cfg(model_dir, corpus, tmp_path / "s", t_sampling="normal"))
+    with pytest.raises(TrainError, match="--clex-warmup must be a fraction"):
+        train(cfg(model_dir, corpus, tmp_path / "w", clex_warmup=2.0))
+    with pytest.raises(TrainError, match="different t_sampling"):
+        train(cfg(model_dir, corpus, out, steps=4, t_sampling="log", resume=True))
+    args = json.loads((out / "train_args.json").read_text())
+    del args["t_sampling"]  # a run started before the option existed resumes under its default
+    (out / "train_args.json").write_text(json.dumps(args))
+    train(cfg(model_dir, corpus, out, steps=3, resume=True))

@@ -175,7 +175,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         grad_accum=args.grad_accum, lr=args.lr, clex_lr=args.clex_lr, weight_decay=args.weight_decay,
         warmup=args.warmup, max_grad_norm=args.max_grad_norm,
         clex_max_grad_norm=None if args.joint_clip else args.clex_max_grad_norm, layout=args.layout,
-        chunks=args.chunks, seed=args.seed, lora=args.lora, merge=args.merge,
+        chunks=args.chunks, t_sampling=args.t_sampling, clex_warmup=args.clex_warmup, seed=args.seed,
+        lora=args.lora, merge=args.merge,
         gradient_checkpointing=args.gradient_checkpointing, save_every=args.save_every, keep=args.keep,
         resume=args.resume, overwrite=args.overwrite, show_progress=not args.no_progress, format=args.format,
         pack=args.pack, on_bad_record=args.on_bad_record,
@@ -379,7 +380,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--batch-size", type=int, default=1, help="samples per process and micro-step")
     tr.add_argument("--grad-accum", type=int, default=1)
     tr.add_argument("--lr", type=float, default=2e-5)
-    tr.add_argument("--clex-lr", type=float, default=None, help="learning rate of the CLEX matrices (default: --lr)")
+    tr.add_argument("--clex-lr", type=float, default=None,
+                    help="learning rate of the CLEX matrices (default: --lr; 0 freezes them)")
     tr.add_argument("--weight-decay", type=float, default=0.0)
     tr.add_argument("--warmup", type=float, default=0.03, help="warm-up fraction of the cosine schedule")
     tr.add_argument("--max-grad-norm", type=float, default=1.0)
@@ -389,6 +391,10 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--layout", default="scatter", choices=["scatter", "chunks"],
                     help="CLEX training positions: scatter (reference) or chunks (contiguous runs)")  # fmt: skip
     tr.add_argument("--chunks", type=int, default=2)
+    tr.add_argument("--t-sampling", default="uniform", choices=["uniform", "log"],
+                    help="CLEX's t' per step: uniform on 1…max_factor (reference) or log (P ∝ 1/t')")
+    tr.add_argument("--clex-warmup", type=float, default=None,
+                    help="CLEX's own linear warm-up, a fraction of the steps (default: --warmup)")
     tr.add_argument("--seed", type=int, default=0)
     tr.add_argument("--lora", default=None, help="LoRA as r,alpha,target[,target…], e.g. 8,16,q_proj,v_proj")
     tr.add_argument("--merge", action="store_true", help="with --lora: save merged weights")

@@ -26,6 +26,7 @@ from .dynamics import CLEXDynamics, validate_dynamics
 
 POLICIES = ("ceil", "continuous")
 LAYOUTS = ("scatter", "chunks")
+T_SAMPLINGS = ("uniform", "log")
 
 
 @dataclass(frozen=True)
@@ -223,11 +224,21 @@ class ClexRotary(nn.Module):
 
 
 # --- training-time sampling ------------------------------------------------------------------------
-def sample_scale_factor(max_factor: int, generator: torch.Generator | None = None) -> int:
-    """The training step's t': uniform over the integers 1 … max_factor (1 included, as the reference)."""
+def sample_scale_factor(max_factor: int, generator: torch.Generator | None = None, sampling: str = "uniform") -> int:
+    """The training step's t' in the integers 1 … max_factor (1 included, as the reference).
+
+    ``uniform`` (the reference): each equally likely. ``log`` (ours, an option of the reproduction
+    study): P(t') ∝ 1/t', i.e. even mass per octave of length, so short contexts (t' = 1 about 30%
+    of the steps at max_factor 16) keep more of the budget.
+    """
     if not isinstance(max_factor, int) or max_factor < 1:
         raise ValueError(f"max_factor must be an integer >= 1, got {max_factor!r}")
-    return int(torch.randint(1, max_factor + 1, (1,), generator=generator).item())
+    if sampling == "uniform":
+        return int(torch.randint(1, max_factor + 1, (1,), generator=generator).item())
+    if sampling == "log":
+        weights = 1.0 / torch.arange(1, max_factor + 1, dtype=torch.float64)
+        return int(torch.multinomial(weights, 1, generator=generator).item()) + 1
+    raise ValueError(f"t' sampling must be one of {T_SAMPLINGS}, got {sampling!r}")
 
 
 def extrapolated_positions(
@@ -303,10 +314,11 @@ def sample_training_positions(
     layout: str = "scatter",
     chunks: int = 2,
     base_length: int | None = None,
+    sampling: str = "uniform",
 ) -> tuple[int, torch.Tensor]:
-    """One CLEX training step's ``(t', position_ids)``: t' uniform in 1 … max_factor, then ``length``
-    positions spanning ``0 … L·t' − 1`` (``L = base_length``, the model's CLEX training length;
-    default ``length``). Feeding these ids (with an all-ones attention mask) makes the CLEX rotary
-    module solve the ODE to exactly t' with gradients."""
-    t = sample_scale_factor(max_factor, generator)
+    """One CLEX training step's ``(t', position_ids)``: t' in 1 … max_factor (``sampling``, see
+    :func:`sample_scale_factor`), then ``length`` positions spanning ``0 … L·t' − 1`` (``L =
+    base_length``, the model's CLEX training length; default ``length``). Feeding these ids (with an
+    all-ones attention mask) makes the CLEX rotary module solve the ODE to exactly t' with gradients."""
+    t = sample_scale_factor(max_factor, generator, sampling)
     return t, extrapolated_positions(length, t, generator, layout, chunks, base_length)

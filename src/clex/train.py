@@ -20,7 +20,7 @@ import math
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +29,7 @@ import torch
 from . import data as D
 from .methods import parse_method
 from .models import check_model_path, clex_modules, from_pretrained, training_length, use_method
-from .rotary import LAYOUTS, sample_training_positions
+from .rotary import LAYOUTS, T_SAMPLINGS, sample_training_positions
 
 STATE_FILE = "trainer_state.json"
 ADAPTER_METHOD_FILE, ADAPTER_CLEX_FILE = "clex_method.json", "clex_ode.safetensors"
@@ -38,7 +38,7 @@ METRICS_FILE = "metrics.jsonl"
 CHAT_STATS_FILE = "chat_data.json"
 # Arguments that must match when resuming (the others may change, e.g. --steps to extend a run).
 RESUME_KEYS = ("model", "method", "data", "train_length", "batch_size", "grad_accum", "seed", "lora", "layout",
-               "format", "pack")
+               "format", "pack", "t_sampling")
 FORMATS = ("text", "chat")
 
 
@@ -59,13 +59,15 @@ class TrainConfig:
     batch_size: int = 1  # per process and micro-step
     grad_accum: int = 1
     lr: float = 2e-5
-    clex_lr: float | None = None  # default: lr
+    clex_lr: float | None = None  # default: lr; 0 freezes the ODE (NTK α = 2t−1 + position extrapolation)
+    clex_warmup: float | None = None  # CLEX's own linear warm-up, a fraction of the steps (default: warmup)
     weight_decay: float = 0.0
     warmup: float = 0.03  # fraction of the steps
     max_grad_norm: float = 1.0
     clex_max_grad_norm: float | None = 1.0  # CLEX clipped on its own; None: one joint norm (the reference)
     layout: str = "scatter"  # CLEX position layout: scatter (reference) or chunks
     chunks: int = 2
+    t_sampling: str = "uniform"  # CLEX's t' distribution: uniform (reference) or log (P ∝ 1/t')
     seed: int = 0
     lora: str | None = None  # "r,alpha,target[,target…]"
     merge: bool = False
@@ -124,10 +126,31 @@ def packed_clex_positions(segments: np.ndarray, t: int, layout: str, chunks: int
     return torch.as_tensor(out)
 
 
-def step_positions(cfg_layout: str, chunks: int, length: int, base_length: int, max_factor: int, seed: int, step: int):
+def step_positions(cfg_layout: str, chunks: int, length: int, base_length: int, max_factor: int, seed: int, step: int,
+                   sampling: str = "uniform"):  # fmt: skip
     """CLEX's (t', position ids) for a step, from (seed, step) alone."""
     g = torch.Generator().manual_seed(int(np.random.default_rng([seed, step, 7]).integers(2**62)))
-    return sample_training_positions(length, max_factor, g, cfg_layout, chunks, base_length)
+    return sample_training_positions(length, max_factor, g, cfg_layout, chunks, base_length, sampling)
+
+
+def cosine_schedule(steps: int, warmup: float, clex_warmup: float | None = None):
+    """Learning-rate multipliers (base group, CLEX group) per step: linear warm-up over ``warmup·steps``
+    then cosine decay to 0 (transformers' cosine schedule). The CLEX group follows the same curve times
+    its own linear ramp over ``clex_warmup·steps``, so the base model can adapt to extrapolated
+    positions before the ODE moves."""
+    warm = int(warmup * steps)
+
+    def base(step: int) -> float:
+        if step < warm:
+            return step / max(1, warm)
+        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * (step - warm) / max(1, steps - warm))))
+
+    clex_warm = warm if clex_warmup is None else int(clex_warmup * steps)
+
+    def clex(step: int) -> float:
+        return base(step) * (min(1.0, step / clex_warm) if clex_warm > warm else 1.0)
+
+    return base, clex
 
 
 # --- model ----------------------------------------------------------------------------------------
@@ -179,7 +202,6 @@ def add_lora(model, spec: str):
 def train(cfg: TrainConfig) -> Path:
     """Run (or resume) a fine-tuning job; returns the output directory holding the final model."""
     from accelerate import Accelerator, DistributedDataParallelKwargs
-    from transformers import get_cosine_schedule_with_warmup
 
     _validate(cfg)
     out = Path(cfg.out)
@@ -213,13 +235,19 @@ def train(cfg: TrainConfig) -> Path:
             model.enable_input_require_grads()
 
     clex_params = [p for m in clex_modules(model) for p in m.clex_ode.parameters() if p.requires_grad]
+    if cfg.clex_lr == 0:  # frozen ODE: no gradients through the solve, nothing for the optimizer
+        for p in clex_params:
+            p.requires_grad_(False)
+        clex_params = []
     clex_ids = {id(p) for p in clex_params}
     base_params = [p for p in model.parameters() if p.requires_grad and id(p) not in clex_ids]
     groups = [{"params": base_params, "lr": cfg.lr, "weight_decay": cfg.weight_decay}]
     if clex_params:
-        groups.append({"params": clex_params, "lr": cfg.clex_lr or cfg.lr, "weight_decay": 0.0})
+        clex_lr = cfg.lr if cfg.clex_lr is None else cfg.clex_lr
+        groups.append({"params": clex_params, "lr": clex_lr, "weight_decay": 0.0})
     optimizer = torch.optim.AdamW(groups)
-    scheduler = get_cosine_schedule_with_warmup(optimizer, int(cfg.warmup * cfg.steps), cfg.steps)
+    schedule = cosine_schedule(cfg.steps, cfg.warmup, cfg.clex_warmup)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, list(schedule[: len(groups)]))
     # The scheduler is stepped once per optimizer step whatever the process count (accelerate's
     # prepared scheduler steps once per process), and checkpointed with the rest of the state.
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -244,7 +272,7 @@ def train(cfg: TrainConfig) -> Path:
             idx = batch_indices(len(samples), step, per_step, cfg.seed)
             rows = samples[idx]
             if name == "clex":
-                t, pos = step_positions(cfg.layout, cfg.chunks, length, L, max_factor, cfg.seed, step)
+                t, pos = step_positions(cfg.layout, cfg.chunks, length, L, max_factor, cfg.seed, step, cfg.t_sampling)
             else:
                 t, pos = 1, None
             loss_sum = 0.0
@@ -351,6 +379,12 @@ def _validate(cfg: TrainConfig) -> None:
         raise TrainError(f"learning rates must be positive and finite, got lr={cfg.lr}, clex_lr={cfg.clex_lr}")
     if cfg.layout not in LAYOUTS:
         raise TrainError(f"--layout must be one of {LAYOUTS}, got {cfg.layout!r}")
+    if cfg.t_sampling not in T_SAMPLINGS:
+        raise TrainError(f"--t-sampling must be one of {T_SAMPLINGS}, got {cfg.t_sampling!r}")
+    for name in ("warmup", "clex_warmup"):
+        value = getattr(cfg, name)
+        if value is not None and not 0 <= value <= 1:
+            raise TrainError(f"--{name.replace('_', '-')} must be a fraction of the steps in [0, 1], got {value!r}")
     if cfg.gradient_checkpointing not in ("auto", "on", "off"):
         raise TrainError("--gradient-checkpointing must be auto, on or off")
     if cfg.merge and not cfg.lora:
@@ -368,7 +402,8 @@ def _check_out_dir(out: Path, cfg: TrainConfig) -> None:
         if not holds_run:
             raise TrainError(f"--resume: {out} holds no run to resume")
         previous = json.loads((out / ARGS_FILE).read_text())
-        changed = [k for k in RESUME_KEYS if previous.get(k) != getattr(cfg, k)]
+        defaults = {f.name: f.default for f in fields(TrainConfig)}  # keys added after the run was started
+        changed = [k for k in RESUME_KEYS if previous.get(k, defaults[k]) != getattr(cfg, k)]
         if changed:
             raise TrainError(f"--resume with different {', '.join(changed)} than the run in {out}")
     elif holds_run:
