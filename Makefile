@@ -9,10 +9,10 @@ QUIET_PIP = $(PY) -m pip install -q --disable-pip-version-check
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@echo "setting up $(VENV) (first run only; log in $(VENV)/install.log)"
-	@( $(QUIET_PIP) torch==2.13.0 && $(QUIET_PIP) -e '.[train,eval,dev,lmeval]' ) > $(VENV)/install.log 2>&1 \
+	@( $(QUIET_PIP) torch==2.13.0 && $(QUIET_PIP) -c constraints.txt -e '.[train,eval,dev,lmeval]' ) > $(VENV)/install.log 2>&1 \
 		|| { tail -40 $(VENV)/install.log; exit 1; }
 	@touch $(STAMP)
 

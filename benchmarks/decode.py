@@ -47,7 +47,7 @@ def decode(model, ids, new: int, policy: str | None, cache=None) -> tuple[float,
     kwargs = dict(max_new_tokens=new, do_sample=False, pad_token_id=0, eos_token_id=None,
                   logits_processor=LogitsProcessorList([clock]))  # fmt: skip
     if cache is not None:
-        kwargs["past_key_values"] = cache
+        kwargs[clex.cache.cache_kwarg(model)] = cache
     start = time.perf_counter()
     with torch.no_grad():
         if policy is None:

@@ -18,6 +18,7 @@ t differs from the cache's. Policies (``ClexRotary.policy``):
 from __future__ import annotations
 
 import functools
+import inspect
 import warnings
 
 import torch
@@ -42,7 +43,7 @@ def install_cache_hook(decoder: nn.Module, attr: str) -> None:
 
 def _cache_hook(attr: str, decoder: nn.Module, args, kwargs):
     rot = getattr(decoder, attr, None)
-    cache = kwargs.get("past_key_values")
+    cache = kwargs.get("cache", kwargs.get("past_key_values"))  # transformers >= 5.24 names it `cache`
     if not isinstance(rot, ClexRotary) or cache is None or rot._in_recompute:
         return None
     positions = _step_positions(kwargs, args, cache)
@@ -65,6 +66,12 @@ def _cache_hook(attr: str, decoder: nn.Module, args, kwargs):
             stacklevel=2,
         )
     return None
+
+
+def cache_kwarg(module: nn.Module) -> str:
+    """The name ``module.forward`` takes its KV cache by: ``cache`` from transformers 5.24 on (the
+    old ``past_key_values`` still works there, deprecated), ``past_key_values`` before."""
+    return "cache" if "cache" in inspect.signature(module.forward).parameters else "past_key_values"
 
 
 def _step_positions(kwargs, args, cache) -> torch.Tensor | None:
@@ -160,7 +167,8 @@ def _recompute(rot: ClexRotary, decoder: nn.Module, cache, t_new: float, attenti
     saved = rot.t_override
     rot._in_recompute, rot.t_override = True, t_new
     try:
-        decoder(input_ids=prefix, attention_mask=mask, position_ids=positions, past_key_values=fresh, use_cache=True)
+        decoder(input_ids=prefix, attention_mask=mask, position_ids=positions, use_cache=True,
+                **{cache_kwarg(decoder): fresh})  # fmt: skip
     finally:
         rot._in_recompute, rot.t_override = False, saved
     for old, new in zip(cache.layers, fresh.layers, strict=True):
