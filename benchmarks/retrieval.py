@@ -83,6 +83,7 @@ def main() -> None:
     args = ap.parse_args()
     demo, out = Path(args.demo), Path(args.out)
     saved = json.loads((demo / "demo_config.json").read_text())
+    saved.setdefault("extra_baselines", [])  # demo runs from before the option had none
     cfg = DemoConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()
                         if k in {f.name for f in dataclasses.fields(DemoConfig)}})  # fmt: skip
     lengths = [int(f) * cfg.L0 for f in args.factors.split(",")]
