@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import warnings
 
 import pytest
@@ -142,6 +143,24 @@ def test_left_padded_batch_across_several_t_boundaries(policy):
     assert torch.equal(seq[1], seq_long[0])
     torch.testing.assert_close(logits[1], logits_long[0], rtol=0, atol=1e-4)
     assert (seq[0, -2 * L :] != 0).any() and torch.isfinite(logits).all()
+
+
+def test_cache_kwarg_names_what_the_forward_takes():
+    """transformers 5.24 renamed the KV-cache argument ``past_key_values`` to ``cache``: the re-rotation
+    hook and ``recompute`` follow whichever name the installed release's decoder takes."""
+
+    class New(torch.nn.Module):
+        def forward(self, input_ids=None, cache=None, past_key_values=None):  # 5.24: both, the old deprecated
+            return input_ids
+
+    class Old(torch.nn.Module):
+        def forward(self, input_ids=None, past_key_values=None):
+            return input_ids
+
+    assert clex.cache.cache_kwarg(New()) == "cache"
+    assert clex.cache.cache_kwarg(Old()) == "past_key_values"
+    model = sharp_clex_model()
+    assert clex.cache.cache_kwarg(model.model) in inspect.signature(model.model.forward).parameters
 
 
 def test_policy_off_warns_and_bad_policy_raises():
