@@ -79,9 +79,7 @@ def bpe_base(base: Path, vocab: int, cfg: DemoConfig) -> None:
         config.vocab_size, config.eos_token_id = len(tok), tok.eos_token_id
         LlamaForCausalLM(config).save_pretrained(init)
         tok.save_pretrained(init)
-    train_run(base, model=str(init), method="vanilla", data=cfg.train_data, steps=cfg.pretrain_steps,
-              batch_size=cfg.batch_size, lr=cfg.pretrain_lr, seed=cfg.seed, save_every=cfg.save_every,
-              tokenizer=None)  # fmt: skip
+    pretrain(cfg, base.parent, tokenizer=None)
 
 
 def train_bpe(vocab: int):

@@ -149,7 +149,9 @@ def train_run(run_dir: Path, tokenizer: str | None = "bytes", **kwargs) -> None:
         shutil.rmtree(checkpoint)
 
 
-def pretrain(cfg: DemoConfig, out: Path) -> None:
+def pretrain(cfg: DemoConfig, out: Path, tokenizer: str | None = "bytes") -> None:
+    """Pre-train ``out/base`` from ``out/init``, a fresh byte-level model unless one is there already
+    (a study's BPE model, with ``tokenizer=None`` to use its own tokenizer)."""
     from transformers import LlamaForCausalLM
 
     init = out / "init"
@@ -157,7 +159,8 @@ def pretrain(cfg: DemoConfig, out: Path) -> None:
         torch.manual_seed(cfg.seed)
         LlamaForCausalLM(_model_config(cfg)).save_pretrained(init)
     train_run(out / "base", model=str(init), method="vanilla", data=cfg.train_data, steps=cfg.pretrain_steps,
-           batch_size=cfg.batch_size, lr=cfg.pretrain_lr, seed=cfg.seed, save_every=cfg.save_every)  # fmt: skip
+              batch_size=cfg.batch_size, lr=cfg.pretrain_lr, seed=cfg.seed, save_every=cfg.save_every,
+              tokenizer=tokenizer)  # fmt: skip
 
 
 def finetune(cfg: DemoConfig, out: Path, name: str, seed: int) -> None:
@@ -194,18 +197,17 @@ def cached_ppl(model: str, method: str, lengths: list[int], data: str, samples: 
     """``{"ppl": {length: perplexity}, "seconds": …}`` of one (model, method), cached as JSON at ``path``
     (written atomically: an interrupted run never leaves half a file). Lengths missing from the cache are
     evaluated and added; every length's windows are independent of the others."""
-    cached = json.loads(path.read_text()) if path.exists() else {"ppl": {}, "seconds": 0.0}
-    missing = [n for n in lengths if str(n) not in cached["ppl"]]
-    if not missing:
-        return {"ppl": {str(n): cached["ppl"][str(n)] for n in lengths}, "seconds": cached["seconds"]}
-    report = evaluate_ppl(model, [method], missing, data=data, samples=samples, tokenizer=tokenizer,
-                          show_progress=False)  # fmt: skip
-    result = {"ppl": {**cached["ppl"], **{str(r.length): r.ppl for r in report.results}},
-              "seconds": cached["seconds"] + sum(r.seconds for r in report.results)}  # fmt: skip
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=2))
-    os.replace(tmp, path)
+    result = json.loads(path.read_text()) if path.exists() else {"ppl": {}, "seconds": 0.0}
+    missing = [n for n in lengths if str(n) not in result["ppl"]]
+    if missing:
+        report = evaluate_ppl(model, [method], missing, data=data, samples=samples, tokenizer=tokenizer,
+                              show_progress=False)  # fmt: skip
+        result["ppl"].update({str(r.length): r.ppl for r in report.results})
+        result["seconds"] += sum(r.seconds for r in report.results)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(result, indent=2))
+        os.replace(tmp, path)
     return {"ppl": {str(n): result["ppl"][str(n)] for n in lengths}, "seconds": result["seconds"]}
 
 
