@@ -187,12 +187,13 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    """Write a CLEX model's frequencies at t = T as a stock `longrope` checkpoint (no clex needed to load it)."""
-    from .export import export
+    """Write a CLEX model's frequencies at t = T as a stock `longrope` checkpoint (no clex needed to load it)
+    or a GGUF file for llama.cpp."""
+    from .export import export, serving_hint
 
-    out = export(args.model, args.out, to=args.to, factor=args.factor)
-    print(f"wrote {out}: stock transformers loads it; equal to the CLEX model at lengths "
-          f"{(args.factor - 1)}·L < n ≤ {args.factor}·L")  # fmt: skip
+    out = export(args.model, args.out, to=args.to, factor=args.factor, outtype=args.outtype)
+    where = "llama.cpp loads it" if args.to == "gguf" else "stock transformers and vLLM load it"
+    print(f"wrote {out}: {where}; {serving_hint(args.model, args.factor, args.to)}")
     return 0
 
 
@@ -410,9 +411,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     ex = sub.add_parser("export", help=cmd_export.__doc__, description=cmd_export.__doc__)
     ex.add_argument("--model", required=True, help="CLEX model directory")
-    ex.add_argument("--to", default="longrope", choices=["longrope"], help="target format (default: %(default)s)")
+    ex.add_argument("--to", default="longrope", choices=["longrope", "gguf"],
+                    help="longrope: a transformers/vLLM checkpoint directory; gguf: one llama.cpp file (default: "
+                         "%(default)s)")  # fmt: skip
+    ex.add_argument("--outtype", default="f32", choices=["f32", "f16", "q8_0"],
+                    help="with --to gguf: weight type (default: %(default)s)")
     ex.add_argument("--factor", type=int, required=True, help="t = T whose frequencies are exported (1 … max_factor)")
-    ex.add_argument("--out", required=True, help="new output directory")
+    ex.add_argument("--out", required=True, help="new output directory (gguf: a new FILE.gguf)")
     ex.set_defaults(func=cmd_export)
 
     fe = sub.add_parser("fetch", help=cmd_fetch.__doc__, description=cmd_fetch.__doc__)

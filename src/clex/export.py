@@ -20,9 +20,9 @@ from pathlib import Path
 
 import torch
 
-from .models import apply, check_model_path, clex_modules, from_pretrained
+from .models import apply, check_model_path, clex_modules, from_pretrained, training_length
 
-EXPORT_FORMATS = ("longrope",)
+EXPORT_FORMATS = ("longrope", "gguf")
 TOKENIZER_FILES = ("tokenizer*", "special_tokens_map.json", "chat_template.jinja", "vocab.json", "merges.txt")
 
 
@@ -54,18 +54,45 @@ def longrope_parameters(model, factor: int) -> dict:
             "attention_factor": scale, "short_mscale": scale, "long_mscale": scale}  # fmt: skip
 
 
-def export(model_dir: str | Path, out: str | Path, to: str = "longrope", factor: int | None = None) -> Path:
-    """Write a stock-transformers checkpoint of the CLEX model in ``model_dir`` at t = ``factor``."""
+def export(model_dir: str | Path, out: str | Path, to: str = "longrope", factor: int | None = None,
+           outtype: str = "f32") -> Path:  # fmt: skip
+    """Write the CLEX model in ``model_dir`` at t = ``factor`` as a stock-transformers checkpoint (``longrope``:
+    a directory) or a llama.cpp file (``gguf``: ``out`` ends in .gguf; ``outtype`` f32, f16 or q8_0)."""
     if to not in EXPORT_FORMATS:
         raise ExportError(f"--to must be one of {EXPORT_FORMATS}, got {to!r}")
     if factor is None:
         raise ExportError("--factor T is required: the exported model uses CLEX's frequencies at t = T")
     check_model_path(model_dir)
     out = Path(out)
-    if out.exists() and any(out.iterdir()):
+    source = Path(model_dir).resolve()
+    if out.resolve() == source or source in out.resolve().parents:
+        raise ExportError(f"--out {out} is inside --model {model_dir}; write the export somewhere else")
+    if to == "gguf":
+        from .export_gguf import GGUF_TYPES, GGUFExportError, check_family, write_gguf
+
+        if out.suffix != ".gguf":
+            raise ExportError(f"--to gguf writes one file: --out must end in .gguf, got {out}")
+        if out.exists():
+            raise ExportError(f"{out} exists; choose a new --out")
+        if not out.parent.is_dir():
+            raise ExportError(f"the folder of --out, {out.parent}, does not exist")
+        if outtype not in GGUF_TYPES:
+            raise ExportError(f"--outtype must be one of {GGUF_TYPES}, got {outtype!r}")
+    elif out.exists() and any(out.iterdir()):
         raise ExportError(f"{out} exists and is not empty; choose a new --out")
     model = from_pretrained(model_dir)
-    apply(model, "longrope", **longrope_parameters(model, factor))
+    if to == "gguf":
+        try:
+            check_family(model.config.get_text_config())
+        except GGUFExportError as exc:
+            raise ExportError(str(exc)) from None
+    rope = longrope_parameters(model, factor)
+    apply(model, "longrope", **rope)
+    if to == "gguf":
+        try:
+            return write_gguf(model, model_dir, out, model.config.rope_parameters, outtype)
+        except GGUFExportError as exc:
+            raise ExportError(str(exc)) from None
     tmp = out.with_name(f".tmp-{out.name}")
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -78,3 +105,26 @@ def export(model_dir: str | Path, out: str | Path, to: str = "longrope", factor:
         out.rmdir()
     tmp.rename(out)
     return out
+
+
+def serving_hint(model_dir: str | Path, factor: int, to: str = "longrope") -> str:
+    """:func:`serving_settings` for the model in ``model_dir`` (its training length L from its config)."""
+    from transformers import AutoConfig
+
+    return serving_settings(training_length(AutoConfig.from_pretrained(model_dir)), factor, to)
+
+
+def serving_settings(L: int, factor: int, to: str = "longrope") -> str:
+    """What to tell the engine so that the export computes what CLEX computes (measured: docs/serving.md)."""
+    lo, hi = (factor - 1) * L, factor * L
+    if factor == 1:
+        return f"equal to the CLEX model at every length up to L = {L} (t = 1 is the original rope)"
+    if to == "gguf":
+        return (f"equal to the CLEX model at lengths {lo} < n <= {hi} when llama.cpp runs with n_ctx in "
+                f"({L}, {hi}] (e.g. -c {hi}; any n_ctx > {L} applies the T = {factor} factors at every position, "
+                f"so shorter prompts are served at t = {factor}); for prompts up to {L} tokens run a second "
+                f"context with -c {L}")  # fmt: skip
+    return (f"equal to the CLEX model at lengths {lo} < n <= {hi}; vLLM: --max-model-len {hi} + the new tokens "
+            f"you allow (a prompt and its output must fit; tokens past {hi} stay at t = {factor}); any "
+            f"max_model_len > {L} applies long_factor at every position, so shorter prompts are served at "
+            f"t = {factor}: for prompts up to {L} tokens serve it with --max-model-len {L}")

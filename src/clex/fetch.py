@@ -8,6 +8,7 @@ weights are copied into a freshly built model of the same config, which saves li
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import shutil
 import subprocess
@@ -65,7 +66,12 @@ def gguf_to_safetensors(gguf_path: str | Path, out: str | Path, dtype: torch.dty
     where = dict(pretrained_model_name_or_path=str(gguf_path.parent), gguf_file=gguf_path.name)
     loaded = AutoModelForCausalLM.from_pretrained(**where, dtype=dtype)
     tokenizer = AutoTokenizer.from_pretrained(**where)
-    config = loaded.config.__class__.from_dict(loaded.config.to_dict())
+    # the GGUF loader leaves a `quantization_config` (quant_method gguf) in the config: a checkpoint that
+    # kept it would refuse save_pretrained after fine-tuning. The weights below are plain floats.
+    fields = {k: v for k, v in loaded.config.to_dict().items() if k != "quantization_config"}
+    config = loaded.config.__class__.from_dict(fields)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
     config.dtype = dtype
     fresh = AutoModelForCausalLM.from_config(config, dtype=dtype)
     missing, unexpected = fresh.load_state_dict(loaded.state_dict(), strict=False)
@@ -81,4 +87,6 @@ def gguf_to_safetensors(gguf_path: str | Path, out: str | Path, dtype: torch.dty
     if out.exists() and not any(out.iterdir()):
         out.rmdir()
     os.replace(tmp, out)
+    if "quantization_config" in json.loads((out / "config.json").read_text()):
+        raise FetchError(f"{out}/config.json still names a GGUF quantization; please report this")
     return out
