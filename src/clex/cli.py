@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from .methods import METHODS
 
 PARTIAL_FILE = "partial.jsonl"  # finished cells of a task evaluation, read back by a re-run
+OVERWRITE_HELP = ("replace the results clex wrote in --out (only files its manifest lists are removed; an --out "
+                  "holding results is refused without it)")  # fmt: skip
 
 
 def cmd_methods(args: argparse.Namespace) -> int:
@@ -47,49 +50,89 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_counts(args: argparse.Namespace) -> None:
+    """Counts that must be at least 1, refused before any work (names as on the command line)."""
+    from .eval.ppl import check_positive
+
+    for name in ("samples", "trials", "batch_size", "max_new_tokens", "limit", "key_digits"):
+        value = getattr(args, name, None)
+        if value is not None:
+            if name == "limit" and isinstance(value, float):  # lm-eval: a fraction below 1
+                if not value > 0:
+                    raise ValueError(f"--limit must be positive, got {value!r}")
+                continue
+            check_positive("--" + name.replace("_", "-"), value)
+
+
+def _eval_out(args: argparse.Namespace, kind: str, files: tuple[str, ...] = ()):
+    """The command's --out, checked now (nothing written) and claimed once its arguments are valid."""
+    from .eval.output import EvalOut
+
+    _check_counts(args)
+    return EvalOut(args.out, f"eval-{kind}", overwrite=args.overwrite, model=args.model, files=files)
+
+
 def cmd_eval_ppl(args: argparse.Namespace) -> int:
     """Perplexity against length for several methods on the same token windows."""
-    from .data import parse_length
+    from .data import DataError, parse_length
     from .eval.ppl import evaluate_ppl, write_report
     from .methods import split_methods
     from .report import ppl_markdown
 
-    report = evaluate_ppl(
-        args.model,
-        split_methods(args.methods),
-        [parse_length(x) for x in args.lengths.split(",") if x.strip()],
-        data=args.data,
-        samples=args.samples,
-        tokenizer=args.tokenizer,
-        mode="concat" if args.concat else "filter",
-        stride=args.stride,
-        dtype=args.dtype,
-        device=args.device,
-        text_field=args.text_field,
-        per_position=args.per_position,
-        show_progress=not args.no_progress,
-    )
-    out = write_report(report, args.out)
+    with _eval_out(args, "ppl") as dest:
+        try:
+            report = evaluate_ppl(
+                args.model,
+                split_methods(args.methods),
+                [parse_length(x) for x in args.lengths.split(",") if x.strip()],
+                data=args.data,
+                samples=args.samples,
+                tokenizer=args.tokenizer,
+                mode="concat" if args.concat else "filter",
+                stride=args.stride,
+                dtype=args.dtype,
+                device=args.device,
+                text_field=args.text_field,
+                per_position=args.per_position,
+                show_progress=not args.no_progress,
+                ready=dest.ready,
+            )
+        except (Exception, KeyboardInterrupt) as err:
+            partial = getattr(err, "partial_report", None)
+            if partial is None or not partial.results or dest.out is None:
+                raise
+            path = write_report(partial, dest.out, error=str(err))  # the lengths that finished are kept
+            if isinstance(err, KeyboardInterrupt):
+                raise
+            raise DataError(f"{err}; the {len(partial.results)} results that finished are in "
+                            f"{path / 'results.json'}") from err  # fmt: skip
+        out = write_report(report, dest.ready())
     print(ppl_markdown(report).split("\n\n| method | length")[0])
     print(f"\nwrote {out / 'results.json'}, results.md, ppl.png")
     return 0
 
 
-def _task_run_args(args: argparse.Namespace) -> dict:
+def _task_run_args(args: argparse.Namespace, dest) -> dict:
     """Shared generation options; finished cells go to OUT/partial.jsonl, so a killed run resumes there."""
     from pathlib import Path
 
     return {"tokenizer": args.tokenizer, "policy": args.policy, "batch_size": args.batch_size, "dtype": args.dtype,
             "device": args.device, "show_progress": not args.no_progress,
-            "resume_file": Path(args.out) / PARTIAL_FILE}  # fmt: skip
+            "resume_file": Path(args.out) / PARTIAL_FILE, "ready": dest.ready}  # fmt: skip
 
 
-def _finish_task(report, out: str) -> int:
+def _task_out(args: argparse.Namespace, kind: str):
+    return _eval_out(args, kind, files=(PARTIAL_FILE,))
+
+
+def _finish_task(report, dest) -> int:
     from .eval.tasks import write_task_report
     from .report import task_markdown
 
+    out = dest.ready()
     path = write_task_report(report, out)
-    (path / PARTIAL_FILE).unlink(missing_ok=True)  # the complete results.json replaces the checkpoint
+    if PARTIAL_FILE in out.files:
+        out.remove(PARTIAL_FILE)  # the complete results.json replaces the checkpoint
     print(task_markdown(report).split("| method | task | length")[0].rstrip())
     print(f"\nwrote {path / 'results.json'}, results.md, predictions.jsonl, {report.kind}.png")
     return 0
@@ -106,10 +149,11 @@ def cmd_eval_passkey(args: argparse.Namespace) -> int:
     from .eval.retrieval import evaluate_passkey
     from .methods import split_methods
 
-    report = evaluate_passkey(args.model, split_methods(args.methods), _lengths(args.lengths), args.depths,
-                              args.trials, args.seed, args.key_digits, not args.no_intro,
-                              args.max_new_tokens or 12, **_task_run_args(args))  # fmt: skip
-    return _finish_task(report, args.out)
+    with _task_out(args, "passkey") as dest:
+        report = evaluate_passkey(args.model, split_methods(args.methods), _lengths(args.lengths), args.depths,
+                                  args.trials, args.seed, args.key_digits, not args.no_intro,
+                                  args.max_new_tokens or 12, **_task_run_args(args, dest))  # fmt: skip
+        return _finish_task(report, dest)
 
 
 def cmd_eval_niah(args: argparse.Namespace) -> int:
@@ -117,11 +161,12 @@ def cmd_eval_niah(args: argparse.Namespace) -> int:
     from .eval.retrieval import NIAH_NEEDLE, NIAH_QUESTION, evaluate_niah
     from .methods import split_methods
 
-    report = evaluate_niah(args.model, split_methods(args.methods), _lengths(args.lengths), args.depths, args.trials,
-                           args.seed, args.data, args.needle or NIAH_NEEDLE, args.question or NIAH_QUESTION,
-                           args.answer, args.max_new_tokens or 16, args.text_field,
-                           **_task_run_args(args))  # fmt: skip
-    return _finish_task(report, args.out)
+    with _task_out(args, "niah") as dest:
+        report = evaluate_niah(args.model, split_methods(args.methods), _lengths(args.lengths), args.depths,
+                               args.trials, args.seed, args.data, args.needle or NIAH_NEEDLE,
+                               args.question or NIAH_QUESTION, args.answer, args.max_new_tokens or 16,
+                               args.text_field, **_task_run_args(args, dest))  # fmt: skip
+        return _finish_task(report, dest)
 
 
 def cmd_eval_ruler(args: argparse.Namespace) -> int:
@@ -130,9 +175,10 @@ def cmd_eval_ruler(args: argparse.Namespace) -> int:
     from .methods import split_methods
 
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
-    report = evaluate_ruler(args.model, split_methods(args.methods), _lengths(args.lengths), tasks, args.samples,
-                            args.seed, args.data, **_task_run_args(args))  # fmt: skip
-    return _finish_task(report, args.out)
+    with _task_out(args, "ruler") as dest:
+        report = evaluate_ruler(args.model, split_methods(args.methods), _lengths(args.lengths), tasks, args.samples,
+                                args.seed, args.data, **_task_run_args(args, dest))  # fmt: skip
+        return _finish_task(report, dest)
 
 
 def cmd_eval_longbench(args: argparse.Namespace) -> int:
@@ -140,9 +186,10 @@ def cmd_eval_longbench(args: argparse.Namespace) -> int:
     from .eval.longbench import evaluate_longbench
     from .methods import split_methods
 
-    report = evaluate_longbench(args.model, split_methods(args.methods), _lengths(args.lengths), args.data,
-                                args.dataset, args.chat, args.limit, **_task_run_args(args))  # fmt: skip
-    return _finish_task(report, args.out)
+    with _task_out(args, "longbench") as dest:
+        report = evaluate_longbench(args.model, split_methods(args.methods), _lengths(args.lengths), args.data,
+                                    args.dataset, args.chat, args.limit, **_task_run_args(args, dest))  # fmt: skip
+        return _finish_task(report, dest)
 
 
 def cmd_eval_harness(args: argparse.Namespace) -> int:
@@ -151,10 +198,11 @@ def cmd_eval_harness(args: argparse.Namespace) -> int:
     from .methods import split_methods
 
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
-    result = evaluate_harness(args.model, split_methods(args.methods), tasks, args.include_path, args.limit,
-                              args.num_fewshot, args.batch_size, args.max_length, args.tokenizer, args.dtype,
-                              args.device)  # fmt: skip
-    path = write_harness(result, args.out)
+    with _eval_out(args, "lm-eval") as dest:
+        result = evaluate_harness(args.model, split_methods(args.methods), tasks, args.include_path, args.limit,
+                                  args.num_fewshot, args.batch_size, args.max_length, args.tokenizer, args.dtype,
+                                  args.device, ready=dest.ready)  # fmt: skip
+        path = write_harness(result, dest.ready())
     print(harness_markdown(result))
     print(f"wrote {path / 'results.json'}, results.md")
     return 0
@@ -166,8 +214,14 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     method = args.method
     if args.max_factor is not None:
-        if not method.startswith("clex"):
+        from .methods import parse_method
+
+        name, params = parse_method(method)
+        if name != "clex":
             raise ValueError("--max-factor applies to --method clex")
+        if "max_factor" in params:
+            raise ValueError(f"max_factor given twice: in --method {method} and as --max-factor {args.max_factor}; "
+                             "give it once")  # fmt: skip
         method = f"{method}{',' if ':' in method else ':'}max_factor={args.max_factor}"
     cfg = TrainConfig(
         model=args.model, out=args.out, method=method, data=args.data, text_field=args.text_field,
@@ -233,9 +287,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from transformers import TextStreamer
 
     from .cache import generate
+    from .chat import check_sampling
     from .data import ByteTokenizer, encode, load_tokenizer
     from .models import from_pretrained
 
+    check_sampling(args.temperature, args.top_p)
+    if args.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens must be an integer >= 1, got {args.max_new_tokens}")
     text = sys.stdin.read() if args.prompt_file == "-" else open(args.prompt_file, encoding="utf-8").read()
     tok = load_tokenizer(args.tokenizer or args.model)
     model = from_pretrained(args.model).eval()
@@ -279,10 +337,11 @@ def cmd_chat(args: argparse.Namespace) -> int:
     on stdin it reads one message per line and writes one answer per line (newlines escaped as \\n)."""
     from transformers.utils import logging as hf_logging
 
-    from .chat import ChatSession
+    from .chat import ChatSession, check_sampling
     from .data import DataError, load_tokenizer
     from .models import from_pretrained, use_method
 
+    check_sampling(args.temperature)
     hf_logging.disable_progress_bar()  # no loading bars in a conversation
     tok = load_tokenizer(args.tokenizer or args.model)
     model = from_pretrained(args.model).eval()
@@ -301,8 +360,13 @@ def cmd_chat(args: argparse.Namespace) -> int:
         if command == "/reset":
             session.reset()
             notice("history cleared")
+            if not interactive:
+                print(flush=True)
             continue
         if not command:
+            if not interactive:  # one output line per input line, always: scripts read them in step
+                notice("empty message: no answer")
+                print(flush=True)
             continue
         try:
             if interactive:
@@ -313,6 +377,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
                 print(_escape(session.reply(text)), flush=True)
         except DataError as err:
             notice(str(err))
+            if not interactive:
+                print(flush=True)  # the message's line: empty, the reason on stderr
     return 0
 
 
@@ -356,6 +422,7 @@ def build_parser() -> argparse.ArgumentParser:
     ppl.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     ppl.add_argument("--per-position", action="store_true", help="also plot the loss by position at the longest length")
     ppl.add_argument("--out", default="runs/eval-ppl", help="output directory (default: %(default)s)")
+    ppl.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     ppl.add_argument("--no-progress", action="store_true", help="no progress bar")
     ppl.set_defaults(func=cmd_eval_ppl)
 
@@ -470,7 +537,9 @@ def _task_parsers(ev) -> None:
         p.add_argument("--dtype", default="auto", help="auto (fp32 on CPU, bf16 on GPU), float32, bfloat16, float16")
         p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
         p.add_argument("--seed", type=int, default=0, help="seed of the generated prompts (default: %(default)s)")
-        p.add_argument("--out", default=f"runs/eval-{name}", help="output directory (default: %(default)s)")
+        p.add_argument("--out", default=f"runs/eval-{name}", help="output directory (default: %(default)s); a "
+                       "killed run resumes from its OUT/partial.jsonl when re-run with the same settings")  # fmt: skip
+        p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
         p.add_argument("--no-progress", action="store_true", help="no progress bar")
         p.set_defaults(func=func)
         return p
@@ -521,13 +590,51 @@ def _task_parsers(ev) -> None:
     lm.add_argument("--dtype", default="auto")
     lm.add_argument("--device", default=None)
     lm.add_argument("--out", default="runs/eval-lm-eval", help="output directory (default: %(default)s)")
+    lm.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     lm.set_defaults(func=cmd_eval_harness)
 
 
+def _debug_requested(argv: list[str]) -> tuple[list[str], bool]:
+    """``--debug`` anywhere on the command line (or ``CLEX_DEBUG=1``) shows tracebacks."""
+    debug = os.environ.get("CLEX_DEBUG", "") not in ("", "0")
+    if "--debug" in argv:
+        argv, debug = [a for a in argv if a != "--debug"], True
+    return argv, debug
+
+
+def _one_line(err: BaseException) -> str:
+    text = " ".join(str(err).split("\n")[0].split()) if str(err).strip() else type(err).__name__
+    return text.strip("'\"") if isinstance(err, KeyError) else text
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Every failure ends in one line on stderr and a non-zero status: 2 for a request that cannot be run as
+    given, 1 for an unexpected failure, 130 for Ctrl-C; ``--debug`` re-raises with the traceback."""
+    argv, debug = _debug_requested(list(sys.argv[1:] if argv is None else argv))
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
+    except KeyboardInterrupt as err:
+        if debug:
+            raise
+        print(f"clex {args.command}: {_one_line(err) if str(err) else INTERRUPTED.get(args.command, 'interrupted')}",
+              file=sys.stderr)  # fmt: skip
+        return 130
     except (ValueError, OSError) as err:
-        print(f"clex {args.command}: error: {err}", file=sys.stderr)
+        if debug:
+            raise
+        print(f"clex {args.command}: error: {_one_line(err)}", file=sys.stderr)
         return 2
+    except Exception as err:  # noqa: BLE001 - the one place that turns any failure into one line
+        if debug:
+            raise
+        print(f"clex {args.command}: error: {type(err).__name__}: {_one_line(err)} (unexpected; --debug or "
+              "CLEX_DEBUG=1 shows the traceback)", file=sys.stderr)  # fmt: skip
+        return 1
+
+
+INTERRUPTED = {
+    "demo": "interrupted; run the same command again to continue where it stopped",
+    "eval": "interrupted; finished results so far are kept where the command keeps them (task evaluations resume "
+    "from OUT/partial.jsonl): run the same command again",
+}

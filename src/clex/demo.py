@@ -17,7 +17,6 @@ import json
 import math
 import os
 import platform
-import shutil
 import statistics
 import time
 from collections.abc import Callable
@@ -26,9 +25,10 @@ from pathlib import Path
 
 import torch
 
+from . import outdir
 from .eval.ppl import PPLReport, PPLResult, evaluate_ppl
 from .methods import parse_method
-from .train import ARGS_FILE, STATE_FILE, TrainConfig, train
+from .train import ARGS_FILE, STATE_FILE, Interrupted, TrainConfig, train
 
 CONFIG_FILE = "demo_config.json"
 BASELINE_NAMES = {"pi": "PI", "yarn": "YaRN", "ntk": "NTK"}
@@ -145,8 +145,10 @@ def train_run(run_dir: Path, tokenizer: str | None = "bytes", **kwargs) -> None:
         return
     resume = (run_dir / ARGS_FILE).exists()
     train(TrainConfig(out=str(run_dir), tokenizer=tokenizer, resume=resume, keep=1, **kwargs))
+    run = outdir.read(run_dir)
     for checkpoint in run_dir.glob("checkpoint-*"):  # the final model is saved: free the optimizer states
-        shutil.rmtree(checkpoint)
+        if checkpoint.name in run.files:
+            run.remove(checkpoint.name)
 
 
 def pretrain(cfg: DemoConfig, out: Path, tokenizer: str | None = "bytes") -> None:
@@ -166,7 +168,10 @@ def pretrain(cfg: DemoConfig, out: Path, tokenizer: str | None = "bytes") -> Non
 def finetune(cfg: DemoConfig, out: Path, name: str, seed: int) -> None:
     spec = finetune_methods(cfg)[name]
     extra = dict(clex_lr=cfg.clex_lr, layout=cfg.layout, chunks=cfg.chunks) if name == "clex" else {}
-    train_run(out / "finetuned" / f"{name}-seed{seed}", model=str(out / "base"), method=spec, data=cfg.train_data,
+    runs = out / "finetuned"
+    if (runs / outdir.MANIFEST).exists():  # record the run before it is written, as the demo's
+        outdir.read(runs).add(f"{name}-seed{seed}")
+    train_run(runs / f"{name}-seed{seed}", model=str(out / "base"), method=spec, data=cfg.train_data,
            steps=cfg.finetune_steps, batch_size=cfg.batch_size, lr=cfg.lr, seed=seed, save_every=cfg.save_every,
            **extra)  # fmt: skip
 
@@ -225,7 +230,7 @@ def evaluate_row(cfg: DemoConfig, out: Path, data: str, row) -> dict:
 def run_demo(cfg: DemoConfig, overwrite: bool = False, log=print) -> Path:
     """Run (or continue) every phase; returns the output directory holding report.md."""
     out = Path(cfg.out)
-    _check_config(cfg, out, overwrite)
+    demo_dir = _check_config(cfg, out, overwrite)
     timings = json.loads((out / TIMINGS_FILE).read_text()) if (out / TIMINGS_FILE).exists() else {}
     ft_units = cfg.finetune_steps * 1.05  # a CLEX step costs about 5% more (benchmarks/train_step.py)
     eval_units = sum(cfg.eval_factors) * cfg.eval_samples / 48 + 5  # forward only, plus loading the model
@@ -247,27 +252,49 @@ def run_demo(cfg: DemoConfig, overwrite: bool = False, log=print) -> Path:
         left = sum(p.units for p in phases[i - 1 :]) * (seconds_per_unit or 0.2)
         log(f"[{i}/{len(phases)}] {phase.title} — about {_minutes(left)} left")
         began = time.perf_counter()
-        phase.run()
+        try:
+            phase.run()
+        except KeyboardInterrupt:
+            raise Interrupted(f"interrupted during '{phase.title}'; run the same command again to continue "
+                              "where it stopped") from None  # fmt: skip
         spent = time.perf_counter() - began
         if spent > 5 and phase.name.startswith(("pretrain", "finetune")):  # measured, not resumed from cache
             seconds_per_unit = spent / phase.units
         timings[phase.name] = timings.get(phase.name, 0.0) + spent
-        (out / TIMINGS_FILE).write_text(json.dumps(timings, indent=2))
+        demo_dir.write_text(TIMINGS_FILE, json.dumps(timings, indent=2))
     path = write_demo_report(cfg, out, records, timings)
     log(f"wrote {path} and {out / 'ppl.png'}")
     log(verdict(cfg, records)[0])
     return out
 
 
-def _check_config(cfg: DemoConfig, out: Path, overwrite: bool) -> None:
-    path = out / CONFIG_FILE
+DEMO_FILES = (CONFIG_FILE, TIMINGS_FILE, "init", "base", "finetuned", "eval", "report.md", "ppl.png", "results.json")
+
+
+def _check_config(cfg: DemoConfig, out: Path, overwrite: bool) -> outdir.OutDir:
+    """Claim ``out`` for the demo. Its settings must be those of the run already there (held-out data may be
+    added: it changes no training); ``overwrite`` removes only what the demo wrote."""
+    if out.is_dir() and not (out / outdir.MANIFEST).exists() and (out / CONFIG_FILE).exists():
+        raise ValueError(f"{out} holds a demo from an older clex without a manifest (its checkpoints are pickles, "
+                         "which clex no longer reads); move it aside or choose another --out")  # fmt: skip
     wanted = json.loads(json.dumps(cfg.budget()))
-    if path.exists() and json.loads(path.read_text()) != wanted:
-        if not overwrite:
-            raise ValueError(f"{out} holds a demo run with other settings; use another --out, or --overwrite")
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(wanted, indent=2))
+    existing = outdir.claim(out, "demo", dry_run=True)
+    if existing is not None and existing.holds(CONFIG_FILE):
+        try:
+            previous = json.loads((out / CONFIG_FILE).read_text())
+        except (OSError, ValueError):
+            previous = None
+        training = lambda c: {k: v for k, v in (c or {}).items() if k != "eval_data"}  # noqa: E731
+        if training(previous) != training(wanted) and not overwrite:
+            raise ValueError(f"{out} holds a demo run with other settings; use another --out, or --overwrite "
+                             "(removes only what the demo wrote there)")  # fmt: skip
+        overwrite = overwrite and training(previous) != training(wanted)
+    demo_dir = outdir.claim(out, "demo", overwrite=overwrite)
+    demo_dir.add(*DEMO_FILES)
+    for sub in ("finetuned",):  # a directory of runs: each cleaned through its own manifest on --overwrite
+        outdir.claim(out / sub, "demo")
+    demo_dir.write_text(CONFIG_FILE, json.dumps(wanted, indent=2))
+    return demo_dir
 
 
 def _minutes(seconds: float) -> str:

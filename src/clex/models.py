@@ -44,6 +44,10 @@ class UnsupportedModelError(ValueError):
     """The model has no rotary position embedding that clex can replace."""
 
 
+class ModelLoadError(ValueError):
+    """A model directory whose config or weights cannot be read; the message names the file."""
+
+
 # --- finding the rotary modules ---------------------------------------------------------------------
 def _is_rotary(module: nn.Module) -> bool:
     return isinstance(module, ClexRotary) or (
@@ -102,6 +106,10 @@ def apply(model: PreTrainedModel, method: str, **params) -> PreTrainedModel:
     Re-applying ``clex`` to a CLEX model keeps its learned weights. On bad input nothing changes.
     """
     name, spec_params = parse_method(method)
+    twice = sorted(set(spec_params) & set(params))
+    if twice:
+        raise ValueError(f"method parameter(s) {twice} given both in {method!r} and as keyword arguments; "
+                         "give each once")  # fmt: skip
     params = {**spec_params, **params}
     found = list(rotary_modules(model))
     if not found:
@@ -317,20 +325,92 @@ def from_pretrained(path: str | os.PathLike, **kwargs) -> PreTrainedModel:
         raise ValueError("clex.from_pretrained never runs remote code (trust_remote_code=True refused)")
     if os.path.exists(os.path.join(path, "adapter_config.json")):
         return _from_adapter(path, **kwargs)
-    config = kwargs.pop("config", None) or AutoConfig.from_pretrained(path)
+    config = kwargs.pop("config", None) or _load_config(path)
     text = _text_config(config)
-    rope = _current_rope(text) if getattr(text, "rope_parameters", None) else {}
-    reference = _reference_weights(path) if rope.get("rope_type") == "clex" else None
+    if not getattr(text, "rope_parameters", None):
+        raise UnsupportedModelError(f"{path}: model type {text.model_type!r} has no rotary position embedding to "
+                                    f"scale; supported families: {', '.join(SUPPORTED_FAMILIES)}")  # fmt: skip
+    files = _weight_files(path)
+    rope = _current_rope(text)
+    reference = _reference_weights(path, files) if rope.get("rope_type") == "clex" else None
     if reference is not None and "log_scale" not in rope:
         rope["log_scale"] = bool(getattr(text, "log_scale", False))
     kwargs.setdefault("use_safetensors", True)
-    model = AutoModelForCausalLM.from_pretrained(path, config=config, **kwargs)
+    if rope.get("rope_type") == "clex" and reference is None:  # CLEX shapes checked before transformers reports
+        problem = _mismatch(path, config, files, only="clex_ode")
+        if problem:
+            raise ModelLoadError(problem)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, config=config, **kwargs)
+    except RuntimeError as err:
+        if "mismatched" not in str(err):
+            raise
+        raise ModelLoadError(_mismatch(path, config, files) or str(err).splitlines()[0]) from None
     if reference is not None:  # the reference stores both matrices transposed
         _set_clex_weights(model, reference[REFERENCE_UP].T, reference[REFERENCE_DOWN].T)
     for module in clex_modules(model):
         if not module.clex_ode.parameters_finite():
             raise ValueError(f"{path}: CLEX weights (clex_ode.up_proj / down_proj) contain NaN or inf")
+    if not list(rotary_modules(model)):
+        raise _unsupported(model)
     return model
+
+
+def _load_config(path):
+    """The model's config; invalid rope parameters (a CLEX ``max_factor`` of 0, say) name the file."""
+    from huggingface_hub.errors import StrictDataclassClassValidationError
+
+    try:
+        return AutoConfig.from_pretrained(path)
+    except StrictDataclassClassValidationError as err:
+        cause = err.__cause__ or err
+        raise ModelLoadError(f"{os.path.join(path, 'config.json')}: invalid rope parameters: {cause}") from None
+    except json.JSONDecodeError as err:
+        raise ModelLoadError(f"{os.path.join(path, 'config.json')} is not valid JSON ({err})") from None
+
+
+def _weight_files(path) -> list[str]:
+    """The safetensors files of a local model, each header checked (a truncated or garbage file is named)."""
+    from safetensors import SafetensorError, safe_open
+
+    if not os.path.isdir(path):
+        return []
+    index = os.path.join(path, "model.safetensors.index.json")
+    try:
+        if os.path.exists(index):
+            with open(index) as f:
+                files = sorted(set(json.load(f)["weight_map"].values()))
+        else:
+            files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
+    except (ValueError, KeyError, TypeError, AttributeError) as err:
+        raise ModelLoadError(f"{index} is not a valid weight index ({err})") from None
+    for file in files:
+        where = os.path.join(path, file)
+        if not os.path.isfile(where):
+            raise ModelLoadError(f"{where} is missing (named in {os.path.basename(index)})")
+        try:
+            with safe_open(where, framework="pt") as f:
+                f.keys()
+        except (SafetensorError, OSError) as err:
+            raise ModelLoadError(f"{where} is not a readable safetensors file ({err}); it is truncated or "
+                                 "damaged: save or copy the model again") from None  # fmt: skip
+    return files
+
+
+def _mismatch(path, config, files: list[str], only: str = "") -> str | None:
+    """Which saved tensors (whose names contain ``only``) do not have the shape the config asks for."""
+    from safetensors import safe_open
+
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in AutoModelForCausalLM.from_config(config).state_dict().items()}
+    wrong = []
+    for file in files:
+        with safe_open(os.path.join(path, file), framework="pt") as f:
+            for key in f.keys():
+                shape = tuple(f.get_slice(key).get_shape())
+                if only in key and key in expected and expected[key] != shape:
+                    wrong.append(f"{key} in {file} is {list(shape)}, the config needs {list(expected[key])}")
+    return f"{path}: weights do not fit the model's config: {'; '.join(wrong[:3])}" if wrong else None
 
 
 def _from_adapter(path, **kwargs) -> PreTrainedModel:
@@ -365,18 +445,10 @@ def _set_clex_weights(model: nn.Module, up: torch.Tensor, down: torch.Tensor) ->
         module.clex_ode.down_proj.copy_(down)
 
 
-def _reference_weights(path) -> dict[str, torch.Tensor] | None:
+def _reference_weights(path, files: list[str]) -> dict[str, torch.Tensor] | None:
     """The reference's two CLEX matrices if ``path`` holds them, else None."""
     from safetensors import safe_open
 
-    if not os.path.isdir(path):
-        return None
-    index = os.path.join(path, "model.safetensors.index.json")
-    if os.path.exists(index):
-        with open(index) as f:
-            files = sorted(set(json.load(f)["weight_map"].values()))
-    else:
-        files = [f for f in os.listdir(path) if f.endswith(".safetensors")]
     found: dict[str, torch.Tensor] = {}
     for file in files:
         with safe_open(os.path.join(path, file), framework="pt") as f:

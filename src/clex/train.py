@@ -17,33 +17,34 @@ import contextlib
 import functools
 import json
 import math
-import os
-import shutil
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from . import data as D
+from . import outdir
 from .methods import parse_method
 from .models import check_model_path, clex_modules, from_pretrained, training_length, use_method
 from .rotary import LAYOUTS, T_SAMPLINGS, sample_training_positions
+from .runs import (
+    ARGS_FILE,
+    CHAT_STATS_FILE,
+    METRICS_FILE,
+    STATE_FILE,
+    Run,
+    TrainError,
+    check_identity,
+    preflight,
+    run_identity,
+)
+from .runs import checkpoints as _checkpoints
+from .runs import trim_metrics as _trim_metrics
 
-STATE_FILE = "trainer_state.json"
 ADAPTER_METHOD_FILE, ADAPTER_CLEX_FILE = "clex_method.json", "clex_ode.safetensors"
-ARGS_FILE = "train_args.json"
-METRICS_FILE = "metrics.jsonl"
-CHAT_STATS_FILE = "chat_data.json"
-# Arguments that must match when resuming (the others may change, e.g. --steps to extend a run).
-RESUME_KEYS = ("model", "method", "data", "train_length", "batch_size", "grad_accum", "seed", "lora", "layout",
-               "format", "pack", "t_sampling")
 FORMATS = ("text", "chat")
-
-
-class TrainError(ValueError):
-    """A training request that cannot be run as asked; the message says what to change."""
 
 
 @dataclass
@@ -181,17 +182,26 @@ def _supported_length(name: str, rope: dict, L: int) -> int:
     return int(factor * L)
 
 
-def add_lora(model, spec: str):
-    from peft import LoraConfig, get_peft_model
-
+def parse_lora(spec: str) -> tuple[int, float, list[str]]:
+    """``r,alpha,target[,target…]``, checked."""
     parts = [p.strip() for p in spec.split(",") if p.strip()]
     try:
         r, alpha, targets = int(parts[0]), float(parts[1]), parts[2:]
     except (IndexError, ValueError):
         example = "8,16,q_proj,v_proj"
         raise TrainError(f"--lora must look like r,alpha,target[,target…] (e.g. {example}), got {spec!r}") from None
-    if r < 1 or not targets:
-        raise TrainError(f"--lora needs r >= 1 and at least one target module, got {spec!r}")
+    if r < 1 or not targets or not (alpha > 0 and math.isfinite(alpha)):
+        raise TrainError(f"--lora needs r >= 1, alpha > 0 and at least one target module, got {spec!r}")
+    return r, alpha, targets
+
+
+def add_lora(model, spec: str):
+    from peft import LoraConfig, get_peft_model
+
+    r, alpha, targets = parse_lora(spec)
+    unknown = [t for t in targets if not any(name.split(".")[-1] == t for name, _ in model.named_modules())]
+    if unknown:
+        raise TrainError(f"--lora targets {unknown} name no module of the model (e.g. q_proj, v_proj)")
     peft_model = get_peft_model(model, LoraConfig(r=r, lora_alpha=alpha, target_modules=targets, lora_dropout=0.0))
     for module in clex_modules(peft_model):  # CLEX parameters always train
         module.clex_ode.requires_grad_(True)
@@ -199,13 +209,22 @@ def add_lora(model, spec: str):
 
 
 # --- the loop -------------------------------------------------------------------------------------
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C during training: the message says where the run stopped and how to continue."""
+
+
 def train(cfg: TrainConfig) -> Path:
-    """Run (or resume) a fine-tuning job; returns the output directory holding the final model."""
+    """Run (or resume) a fine-tuning job; returns the output directory holding the final model.
+
+    Nothing is written before every argument, the model and the data have been checked; the output
+    directory is locked for the run, and only what clex writes there is ever replaced."""
     from accelerate import Accelerator, DistributedDataParallelKwargs
 
     _validate(cfg)
     out = Path(cfg.out)
-    _check_out_dir(out, cfg)
+    if preflight(out, cfg):
+        print(f"{out} holds a finished run of these settings ({cfg.steps} steps); nothing to do", flush=True)
+        return out
     torch.manual_seed(cfg.seed)
     model, L, length = prepare_model(cfg)
     # At t' = 1 the CLEX matrices take no part in the loss: DDP must not wait for their gradients.
@@ -227,6 +246,9 @@ def train(cfg: TrainConfig) -> Path:
             f"({per_step} = batch {cfg.batch_size} × accumulation {cfg.grad_accum} × {accelerator.num_processes} "
             "processes)"
         )
+    identity = run_identity(cfg, samples, accelerator.num_processes)
+    if cfg.resume:
+        check_identity(out, identity)
     if cfg.lora:
         model = add_lora(model, cfg.lora)
     if cfg.gradient_checkpointing == "on" or (cfg.gradient_checkpointing == "auto" and length >= 2048):
@@ -249,23 +271,38 @@ def train(cfg: TrainConfig) -> Path:
     schedule = cosine_schedule(cfg.steps, cfg.warmup, cfg.clex_warmup)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, list(schedule[: len(groups)]))
     # The scheduler is stepped once per optimizer step whatever the process count (accelerate's
-    # prepared scheduler steps once per process), and checkpointed with the rest of the state.
+    # prepared scheduler steps once per process); clex.checkpoint saves it with the rest, as JSON.
     model, optimizer = accelerator.prepare(model, optimizer)
-    accelerator.register_for_checkpointing(scheduler)
 
-    start_step = _resume(accelerator, out) if cfg.resume else 0
-    if accelerator.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / ARGS_FILE).write_text(json.dumps(asdict(cfg), indent=2))
-        if chat is not None:
-            (out / CHAT_STATS_FILE).write_text(json.dumps(asdict(chat.stats), indent=2))
-        _trim_metrics(out / METRICS_FILE, start_step)
+    run = Run(out, accelerator, model, optimizer, scheduler)
+    with run.claimed(cfg):
+        start_step = run.resume() if cfg.resume else 0
+        if accelerator.is_main_process:
+            if not cfg.resume or not (out / ARGS_FILE).exists():
+                run.dir.write_text(ARGS_FILE, json.dumps({**asdict(cfg), "identity": identity}, indent=2))
+            if chat is not None:
+                run.dir.write_text(CHAT_STATS_FILE, json.dumps(asdict(chat.stats), indent=2))
+            _trim_metrics(run.dir, start_step)
+        accelerator.wait_for_everyone()
+        try:
+            _loop(cfg, accelerator, model, optimizer, scheduler, run, samples, chat, L, length, per_step,
+                         start_step, base_params, clex_params)  # fmt: skip
+            _save_final(accelerator, model, run, cfg, tok)
+        except KeyboardInterrupt:
+            raise Interrupted(_interrupted_message(out, cfg)) from None
+    return out
+
+
+def _loop(cfg, accelerator, model, optimizer, scheduler, run, samples, chat, L, length, per_step, start_step,
+          base_params, clex_params) -> int:  # fmt: skip
     name, _ = parse_method(cfg.method)
     max_factor = clex_modules(model)[0].config.max_factor if name == "clex" else 1
     mask_dtype = _packed_mask_dtype(accelerator.unwrap_model(model), accelerator, cfg)
     bar = _bar(cfg, accelerator, start_step)
+    out = run.path
     metrics = open(out / METRICS_FILE, "a", buffering=1) if accelerator.is_main_process else None
     model.train()
+    step = start_step
     try:
         for step in range(start_step, cfg.steps):
             began = time.perf_counter()
@@ -297,13 +334,16 @@ def train(cfg: TrainConfig) -> Path:
                 accelerator.clip_grad_norm_(clex_params, cfg.clex_max_grad_norm)
             else:
                 accelerator.clip_grad_norm_(base_params + clex_params, cfg.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
             loss_mean = accelerator.reduce(torch.as_tensor(loss_sum / cfg.grad_accum, device=accelerator.device),
                                            "mean").item()  # fmt: skip
             if not math.isfinite(loss_mean):
+                if step == 0:
+                    raise TrainError(f"the loss is {loss_mean} at step 1, before any update: the model {cfg.model} "
+                                     "gives non-finite logits on this data; check its weights (not --lr)")
                 raise TrainError(f"loss became {loss_mean} at step {step + 1}; lower --lr (checkpoints kept)")
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
             elapsed = time.perf_counter() - began
             record = {"step": step + 1, "loss": loss_mean, "t": t, "lr": scheduler.get_last_lr()[0],
                       "tokens_per_s": per_step * length / elapsed}  # fmt: skip
@@ -312,15 +352,22 @@ def train(cfg: TrainConfig) -> Path:
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss_mean:.4f}", t=t, tok_s=f"{record['tokens_per_s']:.0f}")
+            run.step_done = step + 1
             if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps:
-                _save_checkpoint(accelerator, out, step + 1, cfg.keep)
+                run.save_checkpoint(step + 1, cfg.keep)
     finally:
         if metrics is not None:
             metrics.close()
         if bar is not None:
             bar.close()
-    _save_final(accelerator, model, out, cfg, tok)
-    return out
+    return step
+
+
+def _interrupted_message(out: Path, cfg: TrainConfig) -> str:
+    checkpoints = _checkpoints(out)
+    where = f"the last checkpoint is {checkpoints[-1].name}" if checkpoints else "no checkpoint was written yet"
+    return (f"training interrupted; {where} in {out}: run the same command with --resume to continue"
+            + ("" if cfg.save_every else " (pass --save-every to checkpoint during a run)"))
 
 
 def _chat_inputs(chat, idx: np.ndarray, kwargs: dict, cfg: TrainConfig, t: int, pos, step: int, device,
@@ -393,78 +440,35 @@ def _validate(cfg: TrainConfig) -> None:
         raise TrainError(f"--format must be one of {FORMATS}, got {cfg.format!r}")
     if cfg.pack and cfg.format != "chat":
         raise TrainError("--pack applies to --format chat (text is always packed)")
-
-
-def _check_out_dir(out: Path, cfg: TrainConfig) -> None:
-    holds_run = out.exists() and any((out / f).exists() for f in (STATE_FILE, ARGS_FILE, METRICS_FILE))
-    holds_run = holds_run or (out.exists() and any(out.glob("checkpoint-*")))
-    if cfg.resume:
-        if not holds_run:
-            raise TrainError(f"--resume: {out} holds no run to resume")
-        previous = json.loads((out / ARGS_FILE).read_text())
-        defaults = {f.name: f.default for f in fields(TrainConfig)}  # keys added after the run was started
-        changed = [k for k in RESUME_KEYS if previous.get(k, defaults[k]) != getattr(cfg, k)]
-        if changed:
-            raise TrainError(f"--resume with different {', '.join(changed)} than the run in {out}")
-    elif holds_run:
-        if not cfg.overwrite:
-            raise TrainError(f"{out} already holds a training run; pass --resume to continue it or --overwrite")
-        _remove_run(out)
-
-
-RUN_ARTIFACTS = (STATE_FILE, ARGS_FILE, METRICS_FILE, CHAT_STATS_FILE, "checkpoint-*", ".tmp-*", "config.json",
-                 "generation_config.json", "model*.safetensors", "model.safetensors.index.json", "tokenizer*",
-                 "special_tokens_map.json", "chat_template.jinja", "adapter_*", "clex_*", "README.md")  # fmt: skip
-
-
-def _remove_run(out: Path) -> None:
-    """--overwrite: remove what a run writes, nothing else that may live in the directory."""
-    for pattern in RUN_ARTIFACTS:
-        for item in out.glob(pattern):
-            shutil.rmtree(item) if item.is_dir() else item.unlink()
+    for name in ("save_every", "keep"):
+        value = getattr(cfg, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise TrainError(f"--{name.replace('_', '-')} must be an integer >= 0, got {value!r}")
+    if cfg.layout == "chunks" and (isinstance(cfg.chunks, bool) or not isinstance(cfg.chunks, int) or cfg.chunks < 2
+                                   or (cfg.train_length is not None and cfg.chunks > cfg.train_length)):  # fmt: skip
+        raise TrainError(f"--chunks must be an integer from 2 to the train length (one run cannot span L·t'), "
+                         f"got {cfg.chunks!r}")  # fmt: skip
+    if cfg.train_length is not None and (isinstance(cfg.train_length, bool) or not isinstance(cfg.train_length, int)):
+        raise TrainError(f"--train-length must be an integer, got {cfg.train_length!r}")
+    if cfg.clex_lr is not None and not math.isfinite(cfg.clex_lr):
+        raise TrainError(f"--clex-lr must be finite, got {cfg.clex_lr}")
+    if not (cfg.max_grad_norm > 0 and math.isfinite(cfg.max_grad_norm)):
+        raise TrainError(f"--max-grad-norm must be positive and finite, got {cfg.max_grad_norm}")
+    clex_norm = cfg.clex_max_grad_norm
+    if clex_norm is not None and not (clex_norm > 0 and math.isfinite(clex_norm)):
+        raise TrainError(f"--clex-max-grad-norm must be positive and finite, got {cfg.clex_max_grad_norm}")
+    if not (cfg.weight_decay >= 0 and math.isfinite(cfg.weight_decay)):
+        raise TrainError(f"--weight-decay must be >= 0 and finite, got {cfg.weight_decay}")
+    if cfg.on_bad_record not in ("error", "skip"):
+        raise TrainError(f"--on-bad-record must be error or skip, got {cfg.on_bad_record!r}")
+    if cfg.lora:
+        parse_lora(cfg.lora)
 
 
 def _mixed_precision() -> str:
     if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
         return "bf16"
     return "no"
-
-
-def _checkpoints(out: Path) -> list[Path]:
-    return sorted(p for p in out.glob("checkpoint-*") if p.is_dir() and (p / STATE_FILE).exists())
-
-
-def _save_checkpoint(accelerator, out: Path, step: int, keep: int) -> None:
-    """Written to a temporary directory, then renamed: a kill leaves the previous checkpoint intact."""
-    final = out / f"checkpoint-{step:07d}"
-    tmp = out / f".tmp-checkpoint-{step:07d}"
-    if accelerator.is_main_process and tmp.exists():
-        shutil.rmtree(tmp)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    if accelerator.is_main_process:
-        (tmp / STATE_FILE).write_text(json.dumps({"step": step}))
-        os.replace(tmp, final)
-        for old in _checkpoints(out)[:-keep] if keep > 0 else []:
-            shutil.rmtree(old)
-    accelerator.wait_for_everyone()
-
-
-def _resume(accelerator, out: Path) -> int:
-    checkpoints = _checkpoints(out)
-    if not checkpoints:
-        return 0  # interrupted before the first checkpoint: start over, same steps
-    last = checkpoints[-1]
-    accelerator.load_state(str(last))
-    return json.loads((last / STATE_FILE).read_text())["step"]
-
-
-def _trim_metrics(path: Path, step: int) -> None:
-    """Drop metric lines past the checkpoint being resumed (steps that will be run again)."""
-    if not path.exists():
-        return
-    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-    path.write_text("".join(line + "\n" for line in kept))
 
 
 def _bar(cfg: TrainConfig, accelerator, start: int):
@@ -475,14 +479,16 @@ def _bar(cfg: TrainConfig, accelerator, start: int):
     return tqdm(total=cfg.steps, initial=start, unit="step", desc=f"train {cfg.method}")
 
 
-def _save_final(accelerator, model, out: Path, cfg: TrainConfig, tok) -> None:
+def _save_final(accelerator, model, run: Run, cfg: TrainConfig, tok) -> None:
+    """The final model, written beside the run under a temporary name and moved in file by file (never over a
+    file clex did not write); the checkpoints go once the model is in place."""
     accelerator.wait_for_everyone()
     if not accelerator.is_main_process:
         return
     model = accelerator.unwrap_model(model)
-    tmp = out / ".tmp-final"
+    tmp = run.path / f"{outdir.TMP_PREFIX}final"
     if tmp.exists():
-        shutil.rmtree(tmp)
+        outdir.remove(tmp)
     if cfg.lora and cfg.merge:
         model = model.merge_and_unload()
     model.save_pretrained(tmp)
@@ -490,10 +496,11 @@ def _save_final(accelerator, model, out: Path, cfg: TrainConfig, tok) -> None:
         _save_method_beside_adapter(model, cfg.method, tmp)
     if not isinstance(tok, D.ByteTokenizer):
         tok.save_pretrained(tmp)
-    for item in tmp.iterdir():
-        os.replace(item, out / item.name)
+    run.dir.add(*sorted(item.name for item in tmp.iterdir() if item.name not in run.dir.files))
+    for item in sorted(tmp.iterdir()):
+        run.dir.place(item)
     tmp.rmdir()
-    (out / STATE_FILE).write_text(json.dumps({"step": cfg.steps, "final": True}))
+    run.dir.write_text(STATE_FILE, json.dumps({"step": cfg.steps, "final": True}))
 
 
 def _save_method_beside_adapter(model, method: str, path: Path) -> None:

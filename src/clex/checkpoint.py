@@ -1,0 +1,163 @@
+"""Training checkpoints in formats that cannot run code: safetensors for tensors, JSON for the rest.
+
+accelerate's ``save_state``/``load_state`` pickle the optimizer, the scheduler, the RNG states and any
+registered object, and unpickle them on resume (``torch.load(weights_only=False)`` for custom state):
+a file placed in a checkpoint would run as code. clex writes its own checkpoint instead:
+
+    model.safetensors        the (unwrapped) model's state, tied weights once
+    optimizer.safetensors    every tensor of the optimizer state, keyed ``<param index>.<name>``
+    optimizer.json           the param groups and the non-tensor state
+    scheduler.json           the LR scheduler's state dict (plain numbers)
+    rng-<rank>.safetensors   torch's CPU (and CUDA) generator state of each process
+    trainer_state.json       {"step": N}: written last, so it marks a complete checkpoint
+
+Every file read back is parsed as safetensors or JSON only; a damaged one raises
+:class:`CheckpointError` naming it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+STATE_FILE = "trainer_state.json"
+MODEL, OPTIM, OPTIM_META, SCHED = "model.safetensors", "optimizer.safetensors", "optimizer.json", "scheduler.json"
+FILES = (MODEL, OPTIM, OPTIM_META, SCHED, STATE_FILE)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that is missing or cannot be read; the message names it."""
+
+
+def _rng_file(rank: int) -> str:
+    return f"rng-{rank}.safetensors"
+
+
+def _json(value):
+    """Optimizer hyper-parameters as JSON (tuples become lists; read back as tuples)."""
+    if isinstance(value, tuple):
+        return {"__tuple__": [_json(v) for v in value]}
+    if isinstance(value, list):
+        return [_json(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _json(v) for k, v in value.items()}
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    raise TypeError(f"cannot store {type(value).__name__} in a checkpoint")
+
+
+def _unjson(value):
+    if isinstance(value, dict):
+        if set(value) == {"__tuple__"}:
+            return tuple(_unjson(v) for v in value["__tuple__"])
+        return {k: _unjson(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_unjson(v) for v in value]
+    return value
+
+
+def save(path: Path, model, optimizer, scheduler, step: int, rank: int = 0, main: bool = True) -> None:
+    """Write a checkpoint of ``model`` (unwrapped), ``optimizer`` and ``scheduler`` into ``path``."""
+    from safetensors.torch import save_file, save_model
+
+    path.mkdir(parents=True, exist_ok=True)
+    rng = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng.update({f"cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    save_file(rng, str(path / _rng_file(rank)))
+    if not main:
+        return
+    save_model(model, str(path / MODEL))
+    state = optimizer.state_dict()
+    tensors, other = {}, {}
+    for index, entries in state["state"].items():
+        for name, value in entries.items():
+            if torch.is_tensor(value):
+                tensors[f"{index}.{name}"] = value.detach().cpu().contiguous()
+            else:
+                other[f"{index}.{name}"] = _json(value)
+    save_file(tensors, str(path / OPTIM))
+    (path / OPTIM_META).write_text(json.dumps({"param_groups": _json(state["param_groups"]), "state": other}))
+    sched = {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"}
+    (path / SCHED).write_text(json.dumps(_json(sched)))
+    (path / STATE_FILE).write_text(json.dumps({"step": step}))
+
+
+def _read_json(file: Path) -> dict:
+    try:
+        value = json.loads(file.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{file} is missing") from None
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise CheckpointError(f"{file} is not valid JSON ({err})") from None
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{file} does not hold a JSON object")
+    return value
+
+
+def _read_tensors(file: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    if not file.is_file():
+        raise CheckpointError(f"{file} is missing")
+    try:
+        return load_file(str(file))
+    except Exception as err:  # safetensors raises its own error type for a damaged header or body
+        raise CheckpointError(f"{file} is not a readable safetensors file ({str(err).splitlines()[0][:120]})") from None
+
+
+def step_of(path: Path) -> int:
+    """The step a checkpoint was written at (its state file, checked)."""
+    step = _read_json(path / STATE_FILE).get("step")
+    if not isinstance(step, int) or step < 0:
+        raise CheckpointError(f"{path / STATE_FILE} does not name a step")
+    return step
+
+
+def verify(path: Path, rank: int = 0) -> int:
+    """Parse every file of the checkpoint (without loading it into anything); returns its step."""
+    step = step_of(path)
+    for name in (MODEL, OPTIM, _rng_file(rank)):
+        _read_tensors(path / name)
+    meta = _read_json(path / OPTIM_META)
+    if not isinstance(meta.get("param_groups"), list) or not isinstance(meta.get("state"), dict):
+        raise CheckpointError(f"{path / OPTIM_META} lacks the optimizer's param groups")
+    _read_json(path / SCHED)
+    return step
+
+
+def load(path: Path, model, optimizer, scheduler, rank: int = 0) -> int:
+    """Restore a checkpoint written by :func:`save` into the same objects; returns its step."""
+    step = verify(path, rank)
+    weights = _read_tensors(path / MODEL)
+    own = model.state_dict()
+    missing = [k for k in own if k not in weights and not _tied_elsewhere(k, own, weights)]
+    wrong = [k for k, v in weights.items() if k in own and own[k].shape != v.shape]
+    if missing or wrong or any(k not in own for k in weights):
+        raise CheckpointError(f"{path / MODEL} does not fit the model being trained (missing {missing[:3]}, "
+                              f"wrong shapes {wrong[:3]}); it belongs to another run")  # fmt: skip
+    model.load_state_dict(weights, strict=False)
+    tensors, meta = _read_tensors(path / OPTIM), _read_json(path / OPTIM_META)
+    state: dict[int, dict] = {}
+    for key, value in [*tensors.items(), *_unjson(meta["state"]).items()]:
+        index, name = key.split(".", 1)
+        state.setdefault(int(index), {})[name] = value
+    try:
+        optimizer.load_state_dict({"state": state, "param_groups": _unjson(meta["param_groups"])})
+    except (ValueError, KeyError, RuntimeError) as err:
+        raise CheckpointError(f"{path / OPTIM} does not fit this run's optimizer ({err})") from None
+    scheduler.load_state_dict({**scheduler.state_dict(), **_unjson(_read_json(path / SCHED))})
+    rng = _read_tensors(path / _rng_file(rank))
+    torch.set_rng_state(rng["cpu"])
+    if torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([rng[k] for k in sorted(rng) if k.startswith("cuda")] or
+                                     torch.cuda.get_rng_state_all())  # fmt: skip
+    return step
+
+
+def _tied_elsewhere(key: str, own: dict, saved: dict) -> bool:
+    """``save_model`` writes a tied tensor once, under one of its names."""
+    tensor = own[key]
+    return any(k in saved and v.data_ptr() == tensor.data_ptr() for k, v in own.items() if k != key)

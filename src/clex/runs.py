@@ -1,0 +1,231 @@
+"""The output directory of a ``clex train`` run: its identity, its lock, its checkpoints, its final model.
+
+A run is identified by every argument that changes what is trained (all of ``TrainConfig`` but the
+output options below), the number of processes, and fingerprints of the model and of the packed data.
+``--resume`` continues a run only under the same identity; a finished run is left as it is. The
+directory is claimed through :mod:`clex.outdir` (only what clex wrote is ever replaced or removed) and
+locked for the life of the run. Checkpoints are :mod:`clex.checkpoint` directories written under a
+temporary name and renamed; a damaged latest checkpoint is reported and an earlier intact one used.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+
+from . import checkpoint as C
+from . import outdir
+
+STATE_FILE = C.STATE_FILE
+ARGS_FILE = "train_args.json"
+METRICS_FILE = "metrics.jsonl"
+CHAT_STATS_FILE = "chat_data.json"
+KIND = "train"
+# Options that change where and how often a run writes, not what it trains: free to change on --resume.
+NOT_IDENTITY = ("out", "save_every", "keep", "resume", "overwrite", "show_progress", "gradient_checkpointing")
+
+
+class TrainError(ValueError):
+    """A training request that cannot be run as asked; the message says what to change."""
+
+
+RunError = TrainError  # an output directory or resume request that cannot be honoured
+
+
+def _flag(key: str) -> str:
+    return "--" + key.replace("_", "-")
+
+
+def model_fingerprint(model: str) -> str:
+    """The model's config and the names and sizes of its weight files (cheap; catches a replaced model)."""
+    path = Path(model)
+    if not path.is_dir():
+        return model  # a hub name: the name is all we know
+    h = hashlib.sha256()
+    for item in sorted(path.iterdir()):
+        if item.name == "config.json":
+            h.update(item.read_bytes())
+        elif item.suffix == ".safetensors":
+            h.update(f"{item.name}:{item.stat().st_size}".encode())
+    return h.hexdigest()[:16]
+
+
+def run_identity(cfg, samples: np.ndarray, processes: int) -> dict:
+    """Everything that decides what a run trains."""
+    ident = {k: v for k, v in asdict(cfg).items() if k not in NOT_IDENTITY}
+    ident["processes"] = processes
+    ident["model_fingerprint"] = model_fingerprint(cfg.model)
+    ident["data_fingerprint"] = hashlib.sha256(np.ascontiguousarray(samples).tobytes()).hexdigest()[:16]
+    return ident
+
+
+def _previous(out: Path) -> dict:
+    try:
+        record = json.loads((out / ARGS_FILE).read_text())
+        ident = record["identity"]
+        if not isinstance(ident, dict):
+            raise TypeError
+        return ident
+    except (OSError, ValueError, KeyError, TypeError):
+        raise RunError(f"{out / ARGS_FILE} is missing or damaged, so the run cannot be resumed as the same run; "
+                       "start a new --out (or --overwrite)") from None  # fmt: skip
+
+
+def _changed(previous: dict, current: dict, keys) -> list[str]:
+    return [k for k in keys if previous.get(k) != current.get(k)]
+
+
+def _describe(previous: dict, current: dict, keys: list[str]) -> str:
+    shown = []
+    for k in keys:
+        if k.endswith("_fingerprint"):
+            shown.append(f"the {k.removesuffix('_fingerprint')}'s content")
+        elif k == "processes":
+            shown.append(f"the number of processes ({previous.get(k)} → {current.get(k)})")
+        else:
+            shown.append(f"{_flag(k)} ({previous.get(k)!r} → {current.get(k)!r})")
+    return ", ".join(shown)
+
+
+def finished(out: Path) -> bool:
+    try:
+        return bool(json.loads((out / STATE_FILE).read_text()).get("final", False))
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def preflight(out: Path, cfg) -> bool:
+    """Every refusal that needs no model or data, before anything is written. True: the run in ``out`` is
+    finished under these settings (nothing to do)."""
+    if cfg.resume and cfg.overwrite:
+        raise RunError("--resume continues the run in --out and --overwrite replaces it: pass one of them")
+    if out.is_dir() and not (out / outdir.MANIFEST).exists() and (out / ARGS_FILE).exists():
+        raise RunError(f"{out} holds a run from an older clex without a manifest (its checkpoints are pickles, "
+                       "which clex no longer reads); move it aside or choose a new --out")  # fmt: skip
+    existing = outdir.claim(out, KIND, overwrite=cfg.overwrite and not cfg.resume, source=cfg.model, dry_run=True)
+    holds_run = existing is not None and existing.kind == KIND and existing.holds(ARGS_FILE)
+    if cfg.resume:
+        if not holds_run:
+            raise RunError(f"--resume: {out} holds no run to resume")
+        previous = _previous(out)
+        current = {k: v for k, v in asdict(cfg).items() if k not in NOT_IDENTITY}
+        _refuse_changes(out, previous, current)
+        return finished(out)
+    if holds_run and not cfg.overwrite:
+        what = "a finished training run" if finished(out) else "a training run"
+        raise RunError(f"{out} already holds {what}; pass --resume to continue it or --overwrite to replace it")
+    return False
+
+
+def check_identity(out: Path, identity: dict) -> None:
+    """--resume: the model, the data and the process count must be those of the run too."""
+    _refuse_changes(out, _previous(out), identity)
+
+
+def _refuse_changes(out: Path, previous: dict, current: dict) -> None:
+    changed = _changed(previous, current, list(current))
+    if changed:
+        raise RunError(f"--resume with other settings than the run in {out}: {_describe(previous, current, changed)}"
+                       "; a resume continues the same run (start a new --out for new settings)")  # fmt: skip
+
+
+def checkpoints(out: Path) -> list[Path]:
+    """The complete checkpoints in ``out`` (those with a state file), oldest first."""
+    return sorted(p for p in out.glob("checkpoint-*") if p.is_dir() and (p / STATE_FILE).exists())
+
+
+def warn(text: str) -> None:
+    print(f"clex train: warning: {text}", file=sys.stderr, flush=True)
+
+
+class Run:
+    """The claimed, locked output directory of one run (its manifest on the main process)."""
+
+    def __init__(self, path: Path, accelerator, model, optimizer, scheduler) -> None:
+        self.path, self.accelerator = path, accelerator
+        self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
+        self.dir: outdir.OutDir | None = None
+        self.step_done = 0
+
+    @property
+    def main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    @contextlib.contextmanager
+    def claimed(self, cfg):
+        stack = contextlib.ExitStack()
+        with stack:
+            if self.main:
+                self.dir = outdir.claim(self.path, KIND, overwrite=cfg.overwrite, source=cfg.model)
+                stack.enter_context(outdir.locked(self.path))
+                if not cfg.resume:
+                    self.dir.clear()  # --overwrite, or leftovers of a run killed before it wrote its arguments
+            self.accelerator.wait_for_everyone()
+            yield self
+
+    def _unwrapped(self):
+        return self.accelerator.unwrap_model(self.model)
+
+    def resume(self) -> int:
+        """Load the latest intact checkpoint (an earlier one when the latest is damaged); its step, or 0."""
+        rank = self.accelerator.process_index
+        for path in reversed(checkpoints(self.path)):
+            try:
+                return C.load(path, self._unwrapped(), self.optimizer, self.scheduler, rank)
+            except C.CheckpointError as err:
+                if self.main:
+                    warn(f"{err}; {path.name} is damaged and left as it is, trying an earlier checkpoint")
+        damaged = [p for p in self.path.glob("checkpoint-*") if p.is_dir()]
+        if damaged and self.main:
+            warn("no intact checkpoint: the run starts again from step 0 (the same steps)")
+        return 0
+
+    def save_checkpoint(self, step: int, keep: int) -> None:
+        """Written under a temporary name, then renamed: a kill leaves the previous checkpoint intact."""
+        name = f"checkpoint-{step:07d}"
+        tmp = self.path / f"{outdir.TMP_PREFIX}{name}"
+        if self.main:
+            outdir.remove(tmp) if tmp.exists() else None
+            tmp.mkdir()
+        self.accelerator.wait_for_everyone()
+        C.save(tmp, self._unwrapped(), self.optimizer, self.scheduler, step, self.accelerator.process_index,
+               self.main)  # fmt: skip
+        self.accelerator.wait_for_everyone()
+        if self.main:
+            self.dir.place(tmp, name)
+            for old in checkpoints(self.path)[:-keep] if keep > 0 else []:
+                self.dir.remove(old.name)
+        self.accelerator.wait_for_everyone()
+
+    def remove_checkpoints(self) -> None:
+        if self.main:
+            for path in self.path.glob("checkpoint-*"):
+                if path.name in self.dir.files:
+                    self.dir.remove(path.name)
+
+
+def trim_metrics(run: outdir.OutDir, step: int) -> None:
+    """Drop metric lines past the checkpoint being resumed (steps that will run again) and any torn line."""
+    path = run.path / METRICS_FILE
+    if not path.exists():
+        run.add(METRICS_FILE)
+        return
+    kept = []
+    for number, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            keep = int(record["step"]) <= step
+        except (ValueError, KeyError, TypeError):
+            warn(f"{path}:{number} is not a metrics record (a line torn by a kill?); dropped")
+            continue
+        if keep:
+            kept.append(line)
+    run.write_text(METRICS_FILE, "".join(line + "\n" for line in kept))
