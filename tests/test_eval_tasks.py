@@ -299,11 +299,13 @@ def test_cli_passkey_and_errors(tmp_path, capsys):
     payload = json.loads((out / "results.json").read_text())
     assert {r["method"] for r in payload["rows"]} == {"vanilla", "pi:factor=2"}
     assert all(0.0 <= r["accuracy"] <= 1.0 for r in payload["rows"])
-    assert main([*argv[:-4], "--depths", "0,101", "--out", str(out)]) == 2
+    bad = tmp_path / "bad"
+    assert main([*argv[:-4], "--depths", "0,101", "--out", str(bad)]) == 2
     assert "percentages" in capsys.readouterr().err
     assert main(["eval", "niah", "--model", str(model_dir), "--tokenizer", "bytes", "--lengths", "40",
-                 "--out", str(out), "--no-progress"]) == 2  # fmt: skip
+                 "--out", str(bad), "--no-progress"]) == 2  # fmt: skip
     assert "shorter than the prompt" in capsys.readouterr().err
+    assert not bad.exists()  # a refused command leaves no directory behind
 
 
 def test_a_rerun_resumes_from_finished_cells(oracle, tmp_path):
@@ -316,5 +318,5 @@ def test_a_rerun_resumes_from_finished_cells(oracle, tmp_path):
     Oracle.silent = True  # the cached cells are not generated again
     again = R.evaluate_passkey(oracle, ["vanilla", "clex"], [128, 256], depths=(0, 100), trials=2, intro=False, **run)
     assert again.rows == first.rows and again.predictions == first.predictions
-    other = R.evaluate_passkey(oracle, ["vanilla"], [128], depths=(0, 100), trials=3, intro=False, **run)
-    assert {r.score for r in other.rows} == {0.0}  # other prompts: nothing reused
+    with pytest.raises(DataError, match="other settings"):  # other prompts: refused, nothing mixed in
+        R.evaluate_passkey(oracle, ["vanilla"], [128], depths=(0, 100), trials=3, intro=False, **run)

@@ -318,6 +318,17 @@ class _Sink:
         self.shown = len(text)
 
 
+def check_sampling(temperature: float, top_p: float | None = None) -> None:
+    """Sampling settings ``clex chat`` / ``clex generate`` accept: temperature 0 (greedy) or a finite
+    positive number, top-p in (0, 1]; anything else is refused, never silently greedy."""
+    import math
+
+    if not isinstance(temperature, (int, float)) or not math.isfinite(temperature) or temperature < 0:
+        raise D.DataError(f"--temperature must be 0 (greedy) or a finite positive number, got {temperature!r}")
+    if top_p is not None and (not isinstance(top_p, (int, float)) or not 0 < top_p <= 1):
+        raise D.DataError(f"--top-p must be in (0, 1], got {top_p!r}")
+
+
 class ChatSession:
     """A conversation with a model: the history is kept and re-rendered with the chat template at each turn;
     the oldest exchanges are dropped (``notice`` is called) when prompt + answer budget outgrow
@@ -330,6 +341,7 @@ class ChatSession:
         self.max_context = max_context or model.config.get_text_config().max_position_embeddings
         if max_new_tokens < 1 or self.max_context <= max_new_tokens:
             raise D.DataError(f"--max-context ({self.max_context}) must exceed --max-new-tokens ({max_new_tokens})")
+        check_sampling(temperature)
         self.max_new_tokens, self.policy, self.temperature = max_new_tokens, policy, temperature
         self.notice = notice or (lambda text: None)
         self.history: list[dict] = []

@@ -360,8 +360,6 @@ def cmd_chat(args: argparse.Namespace) -> int:
         if command == "/reset":
             session.reset()
             notice("history cleared")
-            if not interactive:
-                print(flush=True)
             continue
         if not command:
             if not interactive:  # one output line per input line, always: scripts read them in step

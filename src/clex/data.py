@@ -129,10 +129,18 @@ def _local(path: Path, text_field: str) -> list[Document]:
         with open(path, encoding="utf-8") as f:
             for i, line in enumerate(f):
                 if line.strip():
-                    record = json.loads(line)
+                    where = f"{path}:{i + 1}"
+                    try:
+                        record = json.loads(line)
+                    except json.JSONDecodeError as err:
+                        raise DataError(f"{where}: not valid JSON ({err.msg}, column {err.colno}); each line must "
+                                        f"be one JSON object with a {text_field!r} field") from None  # fmt: skip
+                    if not isinstance(record, dict):
+                        raise DataError(f"{where}: a record must be a JSON object with a {text_field!r} field, got "
+                                        f"{_json_kind(record)}")  # fmt: skip
                     if text_field not in record:
-                        raise DataError(f"{path}: record {i} has no field {text_field!r} (see --text-field)")
-                    docs.append(Document(str(record.get("id", i)), str(record[text_field])))
+                        raise DataError(f"{where}: record has no field {text_field!r} (see --text-field)")
+                    docs.append(Document(str(record.get("id", i)), _text(record[text_field], where, text_field)))
         return docs
     if suffix == ".parquet":
         try:
@@ -142,7 +150,8 @@ def _local(path: Path, text_field: str) -> list[Document]:
         table = pq.read_table(path)
         if text_field not in table.column_names:
             raise DataError(f"{path}: no column {text_field!r}; columns are {table.column_names}")
-        return [Document(str(i), str(t)) for i, t in enumerate(table.column(text_field).to_pylist())]
+        return [Document(str(i), _text(t, f"{path}: row {i}", text_field))
+                for i, t in enumerate(table.column(text_field).to_pylist())]  # fmt: skip
     raise DataError(f"{path}: unsupported file type {suffix!r} (use .txt, a folder, .jsonl or .parquet)")
 
 
@@ -183,7 +192,19 @@ def _hub(name: str, split: str | None, text_field: str) -> list[Document]:
         ) from err
     if text_field not in ds.column_names:
         raise DataError(f"dataset {name!r} has no column {text_field!r}; columns are {ds.column_names}")
-    return [Document(str(i), str(t)) for i, t in enumerate(ds[text_field])]
+    return [Document(str(i), _text(t, f"dataset {name!r}: row {i}", text_field)) for i, t in enumerate(ds[text_field])]
+
+
+def _json_kind(value) -> str:
+    names = {str: "a string", list: "a list", bool: "a boolean", int: "a number", float: "a number", dict: "an object"}
+    return "null" if value is None else names.get(type(value), type(value).__name__)
+
+
+def _text(value, where: str, text_field: str) -> str:
+    """A record's text, which must be a string (null, numbers or lists are refused, never str()-ed)."""
+    if not isinstance(value, str):
+        raise DataError(f"{where}: field {text_field!r} must be a string, got {_json_kind(value)}")
+    return value
 
 
 # --- tokenizers -------------------------------------------------------------------------------------
@@ -254,9 +275,9 @@ def tokenize_documents(docs: list[Document], tokenizer, cache: bool = True) -> l
     key = hashlib.sha256(f"{corpus.hexdigest()}:{tokenizer_fingerprint(tokenizer)}".encode()).hexdigest()[:24]
     path = cache_dir() / f"{key}.npz"
     if cache and path.exists():
-        with np.load(path) as f:
-            tokens, offsets = f["tokens"], f["offsets"]
-        return [tokens[a:b] for a, b in zip(offsets[:-1], offsets[1:], strict=True)]
+        cached = _read_cache(path, len(docs))
+        if cached is not None:
+            return cached
     ids = [np.asarray(encode(tokenizer, d.text), dtype=np.int32) for d in docs]
     if cache:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -265,6 +286,27 @@ def tokenize_documents(docs: list[Document], tokenizer, cache: bool = True) -> l
         np.savez(tmp, tokens=np.concatenate(ids) if ids else np.zeros(0, np.int32), offsets=offsets)
         os.replace(tmp, path)  # atomic: a reader never sees half a file
     return ids
+
+
+def _read_cache(path: Path, n_docs: int) -> list[np.ndarray] | None:
+    """The cached token ids of ``n_docs`` documents, or None (with a line on stderr) when the file is
+    unreadable or inconsistent: it is then rebuilt. Never unpickles (``allow_pickle=False``)."""
+    import sys
+    import zipfile
+
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            tokens, offsets = f["tokens"], f["offsets"]
+        ok = (tokens.ndim == 1 and offsets.ndim == 1 and len(offsets) == n_docs + 1 and offsets[0] == 0
+              and offsets[-1] == len(tokens) and bool(np.all(np.diff(offsets) >= 0))
+              and np.issubdtype(tokens.dtype, np.integer))  # fmt: skip
+        reason = "inconsistent contents"
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:
+        ok, reason = False, f"{type(err).__name__}: {str(err).splitlines()[0][:120] if str(err) else 'unreadable'}"
+    if not ok:
+        print(f"clex: token cache {path} is corrupt ({reason}); rebuilding it", file=sys.stderr)
+        return None
+    return [tokens[a:b] for a, b in zip(offsets[:-1], offsets[1:], strict=True)]
 
 
 # --- windows ----------------------------------------------------------------------------------------

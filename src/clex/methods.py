@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import modeling_rope_utils as mru
 
-from .rotary import CLEXConfig
+from .rotary import MAX_FACTOR, CLEXConfig
 
 
 @dataclass(frozen=True)
@@ -57,8 +57,13 @@ class Method:
 def _check_factor(name: str, params: dict) -> None:
     if "factor" in params:
         f = params["factor"]
-        if not isinstance(f, (int, float)) or isinstance(f, bool) or not math.isfinite(f) or f < 1:
-            raise ValueError(f"factor for method {name!r} must be a finite number >= 1, got {f!r}")
+        if not isinstance(f, (int, float)) or isinstance(f, bool) or not math.isfinite(f) or not 1 <= f <= MAX_FACTOR:
+            raise ValueError(f"factor for method {name!r} must be a number in 1 … {MAX_FACTOR}, got {f!r}")
+    if "max_factor" in params:
+        f = params["max_factor"]
+        if not isinstance(f, int) or isinstance(f, bool) or not 1 <= f <= MAX_FACTOR:
+            raise ValueError(f"max_factor for method {name!r} must be an integer in 1 … {MAX_FACTOR} "
+                             f"(θ(1) … θ(max_factor) are solved as one grid), got {f!r}")  # fmt: skip
     for key in ("long_factor", "short_factor"):
         if key in params:
             v = params[key]
@@ -160,7 +165,10 @@ def parse_method(spec: str) -> tuple[str, dict]:
         key, eq, value = item.partition("=")
         if not eq:
             raise ValueError(f"method parameter {item!r} in {spec!r} must look like key=value")
-        params[key.strip()] = _parse_value(value.strip())
+        key = key.strip()
+        if key in params:
+            raise ValueError(f"method parameter {key!r} is given twice in {spec!r}; give it once")
+        params[key] = _parse_value(value.strip())
     return name, params
 
 

@@ -27,6 +27,10 @@ from .dynamics import CLEXDynamics, validate_dynamics
 POLICIES = ("ceil", "continuous")
 LAYOUTS = ("scatter", "chunks")
 T_SAMPLINGS = ("uniform", "log")
+# The largest scaling factor any method accepts (factor, CLEX's max_factor). Solving CLEX's grid θ(1) … θ(T)
+# costs about 1 ms per unit of T on one CPU core (1 s at 1024, measured; 1e9 ran out of memory), and a
+# factor of 1024 already means 1024·L tokens of context.
+MAX_FACTOR = 1024
 
 
 @dataclass(frozen=True)
@@ -48,8 +52,8 @@ class CLEXConfig:
         if not isinstance(L, int) or isinstance(L, bool) or L < 1:
             raise ValueError(f"original_max_position_embeddings must be a positive integer, got {L!r}")
         mf = self.max_factor
-        if not isinstance(mf, int) or isinstance(mf, bool) or mf < 1:
-            raise ValueError(f"max_factor must be an integer >= 1, got {mf!r}")
+        if not isinstance(mf, int) or isinstance(mf, bool) or not 1 <= mf <= MAX_FACTOR:
+            raise ValueError(f"max_factor must be an integer in 1 … {MAX_FACTOR}, got {mf!r}")
         validate_dynamics(4, self.param_factor, self.act, self.ode_base, self.time_dt)
         if self.policy not in POLICIES:
             raise ValueError(f"policy must be one of {POLICIES}, got {self.policy!r}")
@@ -130,7 +134,9 @@ class ClexRotary(nn.Module):
                 f"frequencies stay at t = {cfg.max_factor}"
             )
             if not cfg.clamp:
-                raise ValueError(msg + " (clamp=False)")
+                raise ValueError(f"refused: sequence length {n} exceeds CLEX's max_factor·L = {cfg.max_factor}·{L} "
+                                 "and clamp=False; use a shorter input, a larger max_factor, or clamp=True (keeps "
+                                 f"t = {cfg.max_factor} beyond it)")  # fmt: skip
             if not self._warned:
                 warnings.warn(msg, stacklevel=3)
                 self._warned = True

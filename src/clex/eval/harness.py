@@ -9,14 +9,14 @@ Generation tasks go through ``model.generate``, where CLEX's cache hook keeps ke
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
 
 from .. import data as D
 from ..methods import parse_method
-from .ppl import _dtype, model_for_method, model_tokenizer_config
+from .ppl import _dtype, check_positive, model_for_method, model_tokenizer_config, resolve_device
 
 
 def _lm_eval():
@@ -42,12 +42,18 @@ def evaluate_harness(
     dtype: str = "auto",
     device: str | None = None,
     log_samples: bool = False,
+    ready: Callable[[], object] | None = None,
 ) -> dict:
     """lm-eval's ``results`` (and, with ``log_samples``, its per-sample records) for each method.
 
     lm-eval truncates prompts from the left to ``max_length``; by default that is the length the method
     is meant for (factor × L, CLEX's max_factor × L, or L for vanilla).
     """
+    check_positive("--batch-size", batch_size)
+    if limit is not None and not limit > 0:
+        raise D.DataError(f"--limit must be positive, got {limit!r}")
+    device = resolve_device(device)
+    torch_dtype = _dtype(dtype, device)
     lm_eval, HFLM, TaskManager = _lm_eval()
     if not tasks:
         raise D.DataError("no lm-eval tasks given")
@@ -64,8 +70,8 @@ def evaluate_harness(
     unknown = [t for t in tasks if t not in manager.all_tasks]
     if unknown:
         raise D.DataError(f"unknown lm-eval task(s) {unknown} (local YAML tasks need --include-path)")
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    torch_dtype = _dtype(dtype, device)
+    if ready is not None:
+        ready()
     out: dict = {"model": str(model) if isinstance(model, (str, Path)) else type(model).__name__, "tasks": list(tasks),
                  "methods": {}}  # fmt: skip
     for spec in methods:
@@ -107,11 +113,11 @@ def harness_markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_harness(result: dict, out: str | Path) -> Path:
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = out / "results.json.tmp"
-    tmp.write_text(json.dumps(result, indent=2, default=str))
-    tmp.replace(out / "results.json")
-    (out / "results.md").write_text(harness_markdown(result))
-    return out
+def write_harness(result: dict, out) -> Path:
+    """``results.json`` and ``results.md`` in ``out`` (a path, or an :class:`clex.outdir.OutDir` the CLI claimed)."""
+    from .output import as_outdir
+
+    out = as_outdir(out, "eval-lm-eval")
+    out.write_text("results.json", json.dumps(result, indent=2, default=str))
+    out.write_text("results.md", harness_markdown(result))
+    return out.path

@@ -24,11 +24,10 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch.nn import functional as F
-from transformers import AutoConfig
 
 from .. import data as D
 from ..methods import parse_method
-from ..models import check_model_path, from_pretrained, training_length, use_method
+from ..models import check_model_path, from_pretrained, load_config, training_length, use_method
 
 LOGIT_CHUNK = 1024  # positions per LM-head chunk
 
@@ -162,7 +161,7 @@ def model_tokenizer_config(model, tokenizer: str | None):
     if isinstance(model, (str, Path)):
         check_model_path(model)
         try:
-            config = AutoConfig.from_pretrained(model)
+            config = load_config(model)
         except (OSError, ValueError) as err:
             first_line = str(err).splitlines()[0][:200]
             raise D.DataError(f"could not load a model config from {model!r}: {first_line}") from err
@@ -185,17 +184,29 @@ def evaluate_ppl(
     text_field: str = "text",
     per_position: bool = False,
     show_progress: bool = True,
+    ready: Callable[[], object] | None = None,
 ) -> PPLReport:
-    """Perplexity of ``model`` under each method at each length on the same token windows."""
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    """Perplexity of ``model`` under each method at each length on the same token windows.
+
+    ``ready`` is called once everything is validated and the windows are cut, before the first model is
+    loaded (the CLI claims ``--out`` there). A failure at some (method, length) raises with the finished
+    results attached as ``err.partial_report``; a non-finite loss is such a failure (never a NaN result).
+    """
+    device = resolve_device(device)
     torch_dtype = _dtype(dtype, device)
     lengths = sorted({D.parse_length(x) for x in lengths})
+    if not lengths:
+        raise D.DataError("no lengths given (--lengths)")
     if not methods:
         raise D.DataError("no methods given")
     for spec in methods:
         parse_method(spec)  # fail fast on unknown or malformed methods, before any work
-    if stride is not None and (not isinstance(stride, int) or stride < 1):
-        raise D.DataError(f"stride must be a positive integer, got {stride!r}")
+    check_positive("--samples", samples, allow_none=True)
+    if stride is not None:
+        check_positive("--stride", stride)
+        if stride > lengths[0]:
+            raise D.DataError(f"--stride {stride} is larger than the window (length {lengths[0]}): the tokens between "
+                              f"windows would never be scored; use a stride of at most {lengths[0]}")  # fmt: skip
     tok, config = model_tokenizer_config(model, tokenizer)
     docs = D.tokenize_documents(D.load_documents(data, text_field), tok)
     separator = getattr(tok, "eos_token_id", None)
@@ -215,36 +226,59 @@ def evaluate_ppl(
                   "device": device, "tokenizer": getattr(tok, "name_or_path", None) or getattr(tok, "name", "?"),
                   "machine": platform.machine(), "torch": torch.__version__, "threads": torch.get_num_threads()},
     )  # fmt: skip
+    if ready is not None:
+        ready()
     bar = _progress(sum(len(w) for w in windows.values()) * len(methods), show_progress)
-    for spec in methods:
-        model_m = model_for_method(model, spec, torch_dtype, device)
-        for n in lengths:
-            if device.startswith("cuda"):
-                torch.cuda.reset_peak_memory_stats()
-            if bar is not None:
-                bar.set_description(f"{spec} @ {n}")
-            start = time.perf_counter()
-            bins = 64 if per_position and n == lengths[-1] and stride is None else 0
-            nll, count, per_pos = evaluate_windows(
-                model_m, windows[n], stride, n, bins, bar.update if bar is not None else None
-            )
-            report.results.append(
-                PPLResult(
-                    method=spec,
-                    length=n,
-                    ppl=math.exp(nll / count),
-                    nll_sum=nll,
-                    tokens=count,
-                    windows=len(windows[n]),
-                    seconds=time.perf_counter() - start,
-                    peak_memory_bytes=_peak_memory(torch.device(device)),
-                    per_position=None if per_pos is None else [float(x) for x in per_pos],
-                )  # fmt: skip
-            )
-        del model_m
-    if bar is not None:
-        bar.close()
+    try:
+        _run_all(report, model, methods, lengths, windows, stride, per_position, torch_dtype, device, bar)
+    finally:
+        if bar is not None:
+            bar.close()
     return report
+
+
+class PPLEvalError(D.DataError):
+    """One (method, length) of a perplexity evaluation failed; ``partial_report`` holds what finished."""
+
+
+def _run_all(report, model, methods, lengths, windows, stride, per_position, torch_dtype, device, bar) -> None:
+    """Every (method, length) into ``report.results``; a failure is raised with the finished ones attached."""
+    spec, n = methods[0], None
+    try:
+        for spec in methods:
+            n = None
+            model_m = model_for_method(model, spec, torch_dtype, device)
+            for n in lengths:
+                _one_length(report, model_m, spec, n, lengths, windows, stride, per_position, device, bar)
+            del model_m
+    except (PPLEvalError, KeyboardInterrupt) as err:
+        err.partial_report = report
+        raise
+    except Exception as err:
+        first = (str(err).strip().splitlines() or [""])[0][:200]
+        where = f"at length {n}" if n is not None else "while loading the model"
+        new = PPLEvalError(f"method {spec!r} failed {where} ({type(err).__name__}: {first})")
+        new.partial_report = report
+        raise new from err
+
+
+def _one_length(report, model_m, spec, n, lengths, windows, stride, per_position, device, bar) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    if bar is not None:
+        bar.set_description(f"{spec} @ {n}")
+    start = time.perf_counter()
+    bins = 64 if per_position and n == lengths[-1] and stride is None else 0
+    tick = bar.update if bar is not None else None
+    nll, count, per_pos = evaluate_windows(model_m, windows[n], stride, n, bins, tick)
+    if not math.isfinite(nll) or count == 0:
+        raise PPLEvalError(f"method {spec!r} at length {n}: the loss is not finite ({nll}; the model's logits hold NaN "
+                           "or inf, e.g. fp16 overflow or broken weights); nothing is reported for it")  # fmt: skip
+    report.results.append(PPLResult(
+        method=spec, length=n, ppl=math.exp(nll / count), nll_sum=nll, tokens=count, windows=len(windows[n]),
+        seconds=time.perf_counter() - start, peak_memory_bytes=_peak_memory(torch.device(device)),
+        per_position=None if per_pos is None else [float(x) for x in per_pos],
+    ))  # fmt: skip
 
 
 def _sequences(docs: list[np.ndarray], n: int, mode: str, separator: int | None) -> list[np.ndarray]:
@@ -252,6 +286,40 @@ def _sequences(docs: list[np.ndarray], n: int, mode: str, separator: int | None)
     if mode == "concat":
         return [D.join_documents(docs, separator)]
     return [d for d in docs if len(d) >= n]
+
+
+def resolve_device(device: str | None) -> str:
+    """The device an evaluation runs on (default: cuda when available, else cpu); one clear error for a
+    device that does not exist here."""
+    if device in (None, "", "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError, TypeError):
+        raise D.DataError(f"--device {device!r} is not supported; use cpu, cuda or cuda:N") from None
+    if dev.type == "cpu":
+        return "cpu"
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise D.DataError(f"--device {device}: CUDA is not available here (torch {torch.__version__} sees no GPU); "
+                              "use --device cpu")  # fmt: skip
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise D.DataError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) here "
+                              f"(cuda:0 … cuda:{torch.cuda.device_count() - 1})")  # fmt: skip
+        return str(dev)
+    if dev.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise D.DataError(f"--device {device}: MPS is not available here; use --device cpu")
+        return "mps"
+    raise D.DataError(f"--device {device!r} is not supported; use cpu, cuda or cuda:N")
+
+
+def check_positive(flag: str, value, allow_none: bool = False) -> None:
+    """``value`` must be an integer >= 1 (or None where ``allow_none``): refused before any work."""
+    if value is None and allow_none:
+        return
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise D.DataError(f"{flag} must be an integer >= 1, got {value!r}")
 
 
 def _dtype(name: str, device: str) -> torch.dtype:
@@ -275,19 +343,25 @@ def _progress(total: int, show: bool):
 
 
 # --- output ---------------------------------------------------------------------------------------
-def write_report(report: PPLReport, out: str | Path) -> Path:
-    """``results.json``, ``results.md`` and ``ppl.png`` (and ``loss_by_position.png``) in ``out``."""
+def write_report(report: PPLReport, out, error: str | None = None) -> Path:
+    """``results.json``, ``results.md`` and ``ppl.png`` (and ``loss_by_position.png``) in ``out`` (a path, or
+    an :class:`clex.outdir.OutDir` the CLI claimed). With ``error``, the report is what finished before it:
+    ``results.json`` says ``"complete": false`` and the error."""
     from .. import report as R
+    from .output import as_outdir, write_file
 
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    payload = {**{k: v for k, v in asdict(report).items() if k != "results"},
-               "results": [asdict(r) for r in report.results]}  # fmt: skip
-    tmp = out / "results.json.tmp"
-    tmp.write_text(json.dumps(payload, indent=2))
-    tmp.replace(out / "results.json")
-    (out / "results.md").write_text(R.ppl_markdown(report))
-    R.plot_ppl(report, out / "ppl.png")
+    out = as_outdir(out, "eval-ppl")
+    results = [asdict(r) for r in report.results]
+    for r in results:  # an empty position bin (fewer targets than bins) is null, never NaN
+        if r["per_position"]:
+            r["per_position"] = [x if math.isfinite(x) else None for x in r["per_position"]]
+    payload = {**{k: v for k, v in asdict(report).items() if k != "results"}, "results": results}
+    if error is not None:
+        payload = {"complete": False, "error": error, **payload}
+    out.write_text("results.json", json.dumps(payload, indent=2, allow_nan=False))
+    out.write_text("results.md", R.ppl_markdown(report))
+    if report.results:
+        write_file(out, "ppl.png", lambda path: R.plot_ppl(report, path))
     if any(r.per_position for r in report.results):
-        R.plot_per_position(report, out / "loss_by_position.png")
-    return out
+        write_file(out, "loss_by_position.png", lambda path: R.plot_per_position(report, path))
+    return out.path

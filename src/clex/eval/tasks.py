@@ -25,7 +25,7 @@ from .. import data as D
 from ..cache import eos_ids, generate, until_eos
 from ..methods import parse_method
 from ..models import training_length
-from .ppl import _dtype, model_for_method, model_tokenizer_config
+from .ppl import _dtype, check_positive, model_for_method, model_tokenizer_config, resolve_device
 
 
 @dataclass
@@ -93,6 +93,16 @@ class TaskReport:
 ScoreFn = Callable[[str, Sample], float]
 
 
+class NonFiniteLogits(RuntimeError):
+    """The model produced NaN logits while generating (its answers would be garbage, not wrong)."""
+
+
+def _check_logits(input_ids, scores):
+    if torch.isnan(scores).any():
+        raise NonFiniteLogits("NaN logits")
+    return scores
+
+
 def greedy_answers(
     model, tokenizer, samples: Sequence[Sample], policy: str = "rerotate", batch_size: int = 8,
     progress: Callable[[int], None] | None = None,
@@ -101,6 +111,8 @@ def greedy_answers(
 
     Samples with equal prompt length and token budget are generated together (no padding needed).
     """
+    from transformers import LogitsProcessorList
+
     device = next(model.parameters()).device
     eos = eos_ids(model, tokenizer)
     pad = eos[0] if eos else 0
@@ -118,7 +130,8 @@ def greedy_answers(
             kwargs = {"stop_strings": list(stops), "tokenizer": tokenizer} if hf_stops else {}
             with torch.no_grad():
                 seqs = generate(model, ids, policy=policy, max_new_tokens=new, do_sample=False, pad_token_id=pad,
-                                eos_token_id=eos or None, attention_mask=torch.ones_like(ids), **kwargs)  # fmt: skip
+                                eos_token_id=eos or None, attention_mask=torch.ones_like(ids),
+                                logits_processor=LogitsProcessorList([_check_logits]), **kwargs)  # fmt: skip
             for i, row in zip(chunk, seqs[:, n:].tolist(), strict=True):
                 out[i] = _cut(D.decode(tokenizer, until_eos(row, eos)), stops)
             if progress:
@@ -158,12 +171,16 @@ def run_task(
     settings: dict | None = None,
     show_progress: bool = True,
     resume_file: str | Path | None = None,
+    ready: Callable[[], object] | None = None,
 ) -> TaskReport:
     """Build the samples of every length once, then generate and score them under each method.
 
     ``build(tokenizer, length)`` returns the samples of one length (the same for every method). With
     ``resume_file``, each finished (method, task, length, depth) cell is appended there as it completes,
-    and a re-run with the same prompts skips the cells it finds (a killed run loses one cell at most).
+    and a re-run of the same evaluation skips the cells it finds (a killed run loses one cell at most).
+    "The same" is everything that can change a score (:func:`run_key`); a file from other settings is
+    refused, never mixed in. ``ready`` is called once everything is validated, before the first model is
+    loaded (the CLI claims ``--out`` there).
     """
     from .ppl import _progress
 
@@ -171,9 +188,10 @@ def run_task(
         raise D.DataError("no methods given")
     for spec in methods:
         parse_method(spec)  # unknown or malformed methods fail before any work
-    if batch_size < 1:
-        raise D.DataError(f"batch size must be at least 1, got {batch_size}")
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    check_positive("--batch-size", batch_size)
+    if not lengths:
+        raise D.DataError("no lengths given (--lengths)")
+    device = resolve_device(device)
     torch_dtype = _dtype(dtype, device)
     tok, config = model_tokenizer_config(model, tokenizer)
     lengths = sorted({int(n) for n in lengths})
@@ -194,7 +212,10 @@ def run_task(
     cells: dict[tuple[str, int, float | None], list[int]] = {}
     for i, s in enumerate(samples):
         cells.setdefault((s.task, s.length, s.depth), []).append(i)
-    done = _Checkpoint(resume_file, kind, report.model, samples)
+    if ready is not None:
+        ready()
+    key = run_key(kind, model, tok, samples, policy, batch_size, torch_dtype, device) if resume_file else {}
+    done = _Checkpoint(resume_file, key)
     bar = _progress(len(samples) * len(methods), show_progress)
     if bar is not None:
         bar.unit = "sample"
@@ -213,7 +234,12 @@ def run_task(
                 bar.set_description(f"{spec} {task} @ {n}")
             start = time.perf_counter()
             cell = [samples[i] for i in members]
-            answers = greedy_answers(model_m, tok, cell, policy, batch_size, bar.update if bar is not None else None)
+            try:
+                tick = bar.update if bar is not None else None
+                answers = greedy_answers(model_m, tok, cell, policy, batch_size, tick)
+            except NonFiniteLogits:
+                raise D.DataError(f"method {spec!r}, {task} at length {n}: the model's logits are NaN (e.g. fp16 "
+                                  "overflow or broken weights); no answer is scored for it") from None  # fmt: skip
             scores = [float(score(a, s)) for a, s in zip(answers, cell, strict=True)]
             report.rows.append(TaskRow(
                 method=spec, task=task, length=n, depth=depth, metric=cell[0].metric, score=float(np.mean(scores)),
@@ -233,28 +259,117 @@ def run_task(
     return report
 
 
-class _Checkpoint:
-    """Finished cells in a JSONL file, each line stamped with a fingerprint of the run's prompts."""
+def run_key(kind: str, model, tokenizer, samples: Sequence[Sample], policy: str, batch_size: int,
+            dtype: torch.dtype, device: str) -> dict:  # fmt: skip
+    """Everything that can change a cell's score, except the method (each cell records its own): the
+    prompts and what is scored (ids, answers, budgets, stop strings, metric, scorer extras), the weights'
+    content (:func:`weights_identity`), the tokenizer (name and a hash of its vocabulary and rules), the
+    cache policy, dtype, device, batch size (batched kernels may round differently) and the versions of
+    clex, torch and transformers."""
+    import hashlib
 
-    def __init__(self, path: str | Path | None, kind: str, model: str, samples: Sequence[Sample]):
+    import transformers
+
+    from .. import __version__
+
+    prompts = hashlib.sha256(kind.encode())
+    for s in samples:
+        prompts.update(json.dumps([s.ids, s.answers, s.max_new_tokens, s.task, s.length, s.depth, s.metric,
+                                   list(s.stop_strings), s.extra], sort_keys=True, default=str).encode())  # fmt: skip
+    return {
+        "kind": kind, "prompts": prompts.hexdigest()[:16], "weights": weights_identity(model),
+        "tokenizer": f"{getattr(tokenizer, 'name_or_path', None) or getattr(tokenizer, 'name', '?')} "
+                     f"{D.tokenizer_fingerprint(tokenizer)}",
+        "policy": policy, "dtype": str(dtype).replace("torch.", ""), "device": device, "batch_size": batch_size,
+        "versions": f"clex {__version__}, torch {torch.__version__}, transformers {transformers.__version__}",
+    }  # fmt: skip
+
+
+HASH_WHOLE = 4 << 20  # files up to this size are hashed whole; larger ones by size, mtime and their ends
+HASH_ENDS = 1 << 20
+
+
+def _file_digest(path: Path) -> str:
+    """sha256 of a file up to 4 MiB; beyond, of its size, mtime and first and last MiB (a safetensors file's
+    header, which lists every tensor, is in its first bytes): reading 1 TB of weights is not worth it."""
+    import hashlib
+
+    stat = path.stat()
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        if stat.st_size <= HASH_WHOLE:
+            digest.update(f.read())
+        else:
+            digest.update(f"{stat.st_size}:{stat.st_mtime_ns}".encode())
+            digest.update(f.read(HASH_ENDS))
+            f.seek(-HASH_ENDS, os.SEEK_END)
+            digest.update(f.read(HASH_ENDS))
+    return digest.hexdigest()[:16]
+
+
+def weights_identity(model, _depth: int = 0) -> str:
+    """A hash of what a model's scores depend on: for a directory, every file in it (weights, config, CLEX
+    and adapter files; see :func:`_file_digest`) and, for a LoRA adapter, its base model's; for a model
+    object, its config and every tensor of its state dict, whole; for a hub name, the name."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    if isinstance(model, (str, Path)):
+        path = Path(model)
+        if not path.is_dir():
+            return f"name:{model}"
+        digest.update(str(path.resolve()).encode())
+        for item in sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith(".")):
+            digest.update(f"{item.name}:{_file_digest(item)}".encode())
+        adapter = path / "adapter_config.json"
+        if adapter.exists() and _depth == 0:
+            try:
+                base = json.loads(adapter.read_text())["base_model_name_or_path"]
+            except (OSError, ValueError, KeyError, TypeError):
+                base = None
+            if base:
+                digest.update(weights_identity(base, 1).encode())
+        return digest.hexdigest()[:16]
+    digest.update(json.dumps(model.config.to_dict(), sort_keys=True, default=str).encode())
+    for name, tensor in model.state_dict().items():
+        t = tensor.detach().reshape(-1).contiguous()
+        digest.update(f"{name}:{t.dtype}:{tuple(tensor.shape)}".encode())
+        digest.update(t.view(torch.uint8).cpu().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+class _Checkpoint:
+    """Finished cells in a JSONL file, each line stamped with the run's key (:func:`run_key`) and its hash.
+    A file holding cells of another key is refused; a line cut by a kill is ignored."""
+
+    def __init__(self, path: str | Path | None, key: dict):
         import hashlib
 
         self.path = Path(path) if path is not None else None
-        digest = hashlib.sha256(f"{kind}:{model}".encode())
-        for s in samples:
-            digest.update(json.dumps([s.ids, s.answers, s.max_new_tokens, s.task, s.length, s.depth]).encode())
-        self.fingerprint = digest.hexdigest()[:16]
+        self.key = key
+        self.fingerprint = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
         self.cells: dict[tuple, tuple[TaskRow, list[dict]]] = {}
         if self.path is None or not self.path.exists():
             return
         for line in self.path.read_text(encoding="utf-8").splitlines():
             try:
                 entry = json.loads(line)
+                if not isinstance(entry, dict):
+                    continue
             except json.JSONDecodeError:  # a line cut by a kill
                 continue
-            if entry.get("fingerprint") == self.fingerprint:
+            if entry.get("fingerprint") != self.fingerprint:
+                old = entry.get("key") if isinstance(entry.get("key"), dict) else {}
+                changed = [k for k in key if old.get(k) != key[k]] or ["written by another clex version"]
+                shown = "; ".join(f"{k}: {old[k]} → {key[k]}" if k in old else k for k in changed)
+                raise D.DataError(f"{self.path} holds finished cells of an evaluation with other settings ({shown}); "
+                                  "pass --overwrite to discard them (or delete the file), or choose another --out")
+            try:
                 row = TaskRow(**entry["row"])
-                self.cells[(row.method, row.task, row.length, row.depth)] = (row, entry["predictions"])
+                predictions = list(entry["predictions"])
+            except (KeyError, TypeError):
+                continue  # not a cell of ours: ignored, like a cut line
+            self.cells[(row.method, row.task, row.length, row.depth)] = (row, predictions)
 
     def has(self, spec: str, cell: tuple) -> bool:
         return (spec, *cell) in self.cells
@@ -268,31 +383,28 @@ class _Checkpoint:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps({"fingerprint": self.fingerprint, "row": asdict(row), "predictions": predictions},
-                               ensure_ascii=False) + "\n")  # fmt: skip
+            f.write(json.dumps({"fingerprint": self.fingerprint, "key": self.key, "row": asdict(row),
+                                "predictions": predictions}, ensure_ascii=False) + "\n")  # fmt: skip
             f.flush()
             os.fsync(f.fileno())
 
 
-def write_task_report(report: TaskReport, out: str | Path) -> Path:
+def write_task_report(report: TaskReport, out) -> Path:
     """``results.json`` (each row's score also under its metric's name), ``predictions.jsonl``,
-    ``results.md``, ``<kind>.png`` and, for tasks with depths, ``<kind>_heatmap.png``."""
+    ``results.md``, ``<kind>.png`` and, for tasks with depths, ``<kind>_heatmap.png``, in ``out`` (a path,
+    or an :class:`clex.outdir.OutDir` the CLI claimed), each recorded in its manifest before written."""
     from .. import report as R
+    from .output import as_outdir, write_file
 
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = as_outdir(out, f"eval-{report.kind}")
     payload = {k: v for k, v in asdict(report).items() if k not in ("rows", "predictions")}
     payload["rows"] = [{**asdict(r), r.metric: r.score} for r in report.rows]
     payload["summary"] = {task: {m: {str(n): v for n, v in by.items()} for m, by in report.table(task).items()}
                           for task in report.tasks()}  # fmt: skip
-    tmp = out / "results.json.tmp"
-    tmp.write_text(json.dumps(payload, indent=2))
-    tmp.replace(out / "results.json")
-    with open(out / "predictions.jsonl", "w", encoding="utf-8") as f:
-        for p in report.predictions:
-            f.write(json.dumps(p, ensure_ascii=False) + "\n")
-    (out / "results.md").write_text(R.task_markdown(report))
-    R.plot_task(report, out / f"{report.kind}.png")
+    out.write_text("results.json", json.dumps(payload, indent=2))
+    out.write_text("predictions.jsonl", "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in report.predictions))
+    out.write_text("results.md", R.task_markdown(report))
+    write_file(out, f"{report.kind}.png", lambda path: R.plot_task(report, path))
     if report.depths():
-        R.plot_heatmap(report, out / f"{report.kind}_heatmap.png")
-    return out
+        write_file(out, f"{report.kind}_heatmap.png", lambda path: R.plot_heatmap(report, path))
+    return out.path
