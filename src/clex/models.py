@@ -84,6 +84,9 @@ def _rope_layer_type(config) -> str | None:
 
 
 def _current_rope(config) -> dict:
+    if not getattr(config, "rope_parameters", None):
+        raise UnsupportedModelError(f"model type {getattr(config, 'model_type', '?')!r} has no rotary position "
+                                    f"embedding to scale; supported families: {', '.join(SUPPORTED_FAMILIES)}")
     layer_type = _rope_layer_type(config)
     return config.rope_parameters[layer_type] if layer_type else config.rope_parameters
 
@@ -325,7 +328,7 @@ def from_pretrained(path: str | os.PathLike, **kwargs) -> PreTrainedModel:
         raise ValueError("clex.from_pretrained never runs remote code (trust_remote_code=True refused)")
     if os.path.exists(os.path.join(path, "adapter_config.json")):
         return _from_adapter(path, **kwargs)
-    config = kwargs.pop("config", None) or _load_config(path)
+    config = kwargs.pop("config", None) or load_config(path)
     text = _text_config(config)
     if not getattr(text, "rope_parameters", None):
         raise UnsupportedModelError(f"{path}: model type {text.model_type!r} has no rotary position embedding to "
@@ -356,7 +359,7 @@ def from_pretrained(path: str | os.PathLike, **kwargs) -> PreTrainedModel:
     return model
 
 
-def _load_config(path):
+def load_config(path):
     """The model's config; invalid rope parameters (a CLEX ``max_factor`` of 0, say) name the file."""
     from huggingface_hub.errors import StrictDataclassClassValidationError
 

@@ -210,6 +210,32 @@ def _alive(holder: dict) -> bool:
     return True
 
 
+def _holder(lock: Path) -> dict | None:
+    """The live holder of a lock file, or None (no lock, or a stale one)."""
+    if not lock.exists():
+        return None
+    try:
+        holder = json.loads(lock.read_text())
+    except (OSError, ValueError):
+        holder = None
+    if not isinstance(holder, dict):
+        holder = {"pid": -1, "host": "?"} if time.time() - _mtime(lock) < 10 else None  # being written right now
+    return holder if holder is not None and _alive(holder) else None
+
+
+def _busy(path, lock: Path, holder: dict) -> OutDirError:
+    return OutDirError(f"{path} is in use by another clex job (pid {holder.get('pid')} on {holder.get('host')}); "
+                       f"wait for it to finish, or remove {lock} if that job is gone")  # fmt: skip
+
+
+def check_unlocked(path: str | Path) -> None:
+    """Refuse at once when a live job holds ``path``'s lock (before any other check or work)."""
+    lock = Path(path) / LOCK
+    holder = _holder(lock)
+    if holder is not None:
+        raise _busy(path, lock, holder)
+
+
 @contextlib.contextmanager
 def locked(path: str | Path) -> Iterator[None]:
     """Hold ``path/.clex-lock`` for the duration; refuse when a live process holds it."""
@@ -219,17 +245,9 @@ def locked(path: str | Path) -> Iterator[None]:
         try:
             fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
-            try:
-                holder = json.loads(lock.read_text())
-            except (OSError, ValueError):
-                holder = None
-            if holder is None and time.time() - _mtime(lock) < 10:
-                holder = {"pid": -1, "host": "?"}  # being written right now
-            if holder is not None and _alive(holder):
-                raise OutDirError(
-                    f"{path} is in use by another clex job (pid {holder.get('pid')} on {holder.get('host')}); wait "
-                    f"for it to finish, or remove {lock} if that job is gone"
-                ) from None
+            holder = _holder(lock)
+            if holder is not None:
+                raise _busy(path, lock, holder) from None
             with contextlib.suppress(FileNotFoundError):
                 lock.unlink()  # stale: its process is gone
             continue

@@ -105,6 +105,7 @@ def preflight(out: Path, cfg) -> bool:
     finished under these settings (nothing to do)."""
     if cfg.resume and cfg.overwrite:
         raise RunError("--resume continues the run in --out and --overwrite replaces it: pass one of them")
+    outdir.check_unlocked(out)
     if out.is_dir() and not (out / outdir.MANIFEST).exists() and (out / ARGS_FILE).exists():
         raise RunError(f"{out} holds a run from an older clex without a manifest (its checkpoints are pickles, "
                        "which clex no longer reads); move it aside or choose a new --out")  # fmt: skip
