@@ -172,6 +172,23 @@ def parse_method(spec: str) -> tuple[str, dict]:
     return name, params
 
 
+def check_method(spec: str) -> tuple[str, dict]:
+    """``parse_method`` plus every check that needs no model (unknown or missing parameters, the range of
+    ``factor`` and ``max_factor``, CLEX's settings), so a bad ``--methods`` is refused before any work."""
+    name, params = parse_method(spec)
+    params = dict(params)
+    L = params.pop("original_max_position_embeddings", 2)
+    if not isinstance(L, int) or isinstance(L, bool) or L < 1:
+        raise ValueError(f"original_max_position_embeddings in {spec!r} must be a positive integer, got {L!r}")
+    rope = get_method(name).rope_parameters(params, L, 10000.0)
+    if name == "clex":
+        try:
+            CLEXConfig.from_rope_parameters({k: v for k, v in rope.items() if v is not None}, L)
+        except ValueError as err:
+            raise ValueError(f"method {spec!r}: {err}") from None
+    return name, parse_method(spec)[1]
+
+
 def split_methods(text: str) -> list[str]:
     """``"vanilla,yarn:factor=8,beta_fast=32,clex"`` → ``["vanilla", "yarn:factor=8,beta_fast=32", "clex"]``:
     a comma-separated item with ``=`` but no ``:`` is another parameter of the method before it."""
@@ -184,7 +201,7 @@ def split_methods(text: str) -> list[str]:
         else:
             specs.append(item)
     for spec in specs:
-        parse_method(spec)
+        check_method(spec)
     return specs
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from .. import data as D
-from ..methods import parse_method
+from ..methods import check_method, parse_method
 from .ppl import _dtype, check_positive, model_for_method, model_tokenizer_config, resolve_device
 
 
@@ -60,7 +60,7 @@ def evaluate_harness(
     if not methods:
         raise D.DataError("no methods given")
     for spec in methods:
-        parse_method(spec)
+        check_method(spec)
     if include_path is not None and not Path(include_path).exists():
         raise D.DataError(f"--include-path {include_path!r} does not exist")
     tok, config = model_tokenizer_config(model, tokenizer)

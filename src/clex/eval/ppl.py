@@ -26,7 +26,7 @@ import torch
 from torch.nn import functional as F
 
 from .. import data as D
-from ..methods import parse_method
+from ..methods import check_method
 from ..models import check_model_path, from_pretrained, load_config, training_length, use_method
 
 LOGIT_CHUNK = 1024  # positions per LM-head chunk
@@ -200,7 +200,7 @@ def evaluate_ppl(
     if not methods:
         raise D.DataError("no methods given")
     for spec in methods:
-        parse_method(spec)  # fail fast on unknown or malformed methods, before any work
+        check_method(spec)  # fail fast on unknown or malformed methods, before any work
     check_positive("--samples", samples, allow_none=True)
     if stride is not None:
         check_positive("--stride", stride)

@@ -23,7 +23,7 @@ import torch
 
 from .. import data as D
 from ..cache import eos_ids, generate, until_eos
-from ..methods import parse_method
+from ..methods import check_method
 from ..models import training_length
 from .ppl import _dtype, check_positive, model_for_method, model_tokenizer_config, resolve_device
 
@@ -187,7 +187,7 @@ def run_task(
     if not methods:
         raise D.DataError("no methods given")
     for spec in methods:
-        parse_method(spec)  # unknown or malformed methods fail before any work
+        check_method(spec)  # unknown or malformed methods fail before any work
     check_positive("--batch-size", batch_size)
     if not lengths:
         raise D.DataError("no lengths given (--lengths)")
