@@ -338,6 +338,8 @@ def from_pretrained(path: str | os.PathLike, **kwargs) -> PreTrainedModel:
     reference = _reference_weights(path, files) if rope.get("rope_type") == "clex" else None
     if reference is not None and "log_scale" not in rope:
         rope["log_scale"] = bool(getattr(text, "log_scale", False))
+    if reference is not None:
+        _reference_layout(rope, path)
     kwargs.setdefault("use_safetensors", True)
     if rope.get("rope_type") == "clex" and reference is None:  # CLEX shapes checked before transformers reports
         problem = _mismatch(path, config, files, only="clex_ode")
@@ -442,10 +444,25 @@ def _from_adapter(path, **kwargs) -> PreTrainedModel:
 
 @torch.no_grad()
 def _set_clex_weights(model: nn.Module, up: torch.Tensor, down: torch.Tensor) -> None:
-    """Copy W_up (k·d × d/2) and W_down (d/2 × k·d) into every CLEX module of ``model``."""
+    """Copy W_up (k·d × d/2) and W_down (d/2 × k·d) into every CLEX module of ``model``, in fp32 whatever the
+    model's dtype (weights missing from a checkpoint are created in the load dtype, bf16 say)."""
     for module in clex_modules(model):
-        module.clex_ode.up_proj.copy_(up)
-        module.clex_ode.down_proj.copy_(down)
+        for param, value in ((module.clex_ode.up_proj, up), (module.clex_ode.down_proj, down)):
+            if param.dtype != torch.float32:
+                param.data = param.data.float()
+            param.copy_(value)
+
+
+def _reference_layout(rope: dict, path) -> None:
+    """The reference's first config layout has neither ``act`` nor ``time_dt``: that version used SiLU and RK4
+    steps of 0.01, so read it as that (our defaults, tanh and 0.2, would give other frequencies)."""
+    missing = [key for key in ("act", "time_dt") if key not in rope]
+    if len(missing) == 2:
+        rope["act"], rope["time_dt"] = "silu", 0.01
+    elif missing:
+        have = ({"act", "time_dt"} - set(missing)).pop()
+        raise ModelLoadError(f"{path}: the reference's rope_scaling has {have!r} but not {missing[0]!r} (its "
+                             f"versions write both or neither); add {missing[0]!r} to config.json")  # fmt: skip
 
 
 def _reference_weights(path, files: list[str]) -> dict[str, torch.Tensor] | None:

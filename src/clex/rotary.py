@@ -108,11 +108,36 @@ class ClexRotary(nn.Module):
         self.t_override: float | None = None
         self._recorded_ids: torch.Tensor | None = None
         self._in_recompute = False
+        # θ in fp32 as last seen before a cast: model.to(torch.bfloat16) rounds the wrapped module's inv_freq
+        # (θ moves by ~4e-3), but CLEX's path starts from the exact θ. A plain attribute, which .to(dtype)
+        # leaves alone; _apply moves it between devices.
+        self._exact_theta: torch.Tensor | None = None
 
     # --- what the wrapped module knows -------------------------------------------------------
-    def _base_inv_freq(self) -> torch.Tensor:
+    def _inv_freq_buffer(self) -> torch.Tensor:
         name = "inv_freq" if self.layer_type is None else f"{self.layer_type}_inv_freq"
         return getattr(self.original, name)
+
+    def _base_inv_freq(self) -> torch.Tensor:
+        """θ: the wrapped module's buffer, or its exact fp32 values when ``model.to(dtype)`` has rounded it."""
+        raw = self._inv_freq_buffer()
+        if raw.dtype in (torch.float32, torch.float64):
+            return raw
+        exact = self._exact_theta
+        if exact is not None and exact.shape == raw.shape and torch.equal(exact.to(raw.device, raw.dtype), raw):
+            if exact.device != raw.device:
+                exact = self._exact_theta = exact.to(raw.device)
+            return exact
+        return raw.float()
+
+    def _apply(self, fn, recurse=True):
+        raw = self._inv_freq_buffer()
+        if raw.dtype in (torch.float32, torch.float64) and raw.device.type != "meta":
+            self._exact_theta = raw.detach().float().clone()
+        super()._apply(fn, recurse)
+        if self._exact_theta is not None:
+            self._exact_theta = self._exact_theta.to(self._inv_freq_buffer().device)
+        return self
 
     def _attention_scaling(self) -> float:
         name = "attention_scaling" if self.layer_type is None else f"{self.layer_type}_attention_scaling"
@@ -162,9 +187,8 @@ class ClexRotary(nn.Module):
 
     def frequencies(self, t: float) -> torch.Tensor:
         """θ(t) in fp32; differentiable in the CLEX parameters when gradients are enabled."""
-        inv_freq = self._base_inv_freq().float()
-        if t <= 1.0:
-            return inv_freq
+        if t <= 1.0:  # the wrapped module's own θ (as the unmodified model computes, rounded or not)
+            return self._inv_freq_buffer().float()
         needs_grad = torch.is_grad_enabled() and (
             self.clex_ode.up_proj.requires_grad or self.clex_ode.down_proj.requires_grad
         )
