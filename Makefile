@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.clex-installed
 QUIET_PIP = $(PY) -m pip install -q --disable-pip-version-check
 
-.PHONY: demo test lint bench setup clean
+.PHONY: demo test lint bench setup clean test-engines
 
 setup: $(STAMP)
 
@@ -27,6 +27,13 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	@$(PY) benchmarks/overhead.py
+
+# The engines' conformance suite (not part of `make test`): builds .engines/vllm and .engines/llamacpp on first
+# use (llama.cpp compiles for 15-30 min on 2 cores), then compares clex, stock transformers, vLLM and llama.cpp
+# on a fetched, CLEX-trained SmolLM2 and writes docs/serving.md.
+test-engines: $(STAMP)
+	@bash engines/setup.sh
+	@$(PY) engines/conformance.py
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache
