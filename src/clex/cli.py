@@ -104,8 +104,9 @@ def cmd_eval_ppl(args: argparse.Namespace) -> int:
             path = write_report(partial, dest.out, error=str(err))  # the lengths that finished are kept
             if isinstance(err, KeyboardInterrupt):
                 raise
-            raise DataError(f"{err}; the {len(partial.results)} results that finished are in "
-                            f"{path / 'results.json'}") from err  # fmt: skip
+            k = len(partial.results)
+            raise DataError(f"{err}; the {k} result{'s' if k != 1 else ''} that finished {'are' if k != 1 else 'is'} "
+                            f"in {path / 'results.json'}") from err  # fmt: skip
         out = write_report(report, dest.ready())
     print(ppl_markdown(report).split("\n\n| method | length")[0])
     print(f"\nwrote {out / 'results.json'}, results.md, ppl.png")
