@@ -367,9 +367,18 @@ def test_clamp_false_says_it_refused():
 
 # --- chat in a pipe ----------------------------------------------------------------------------------------
 def test_chat_pipe_writes_one_line_per_message(shared, capsys, monkeypatch):
-    monkeypatch.setattr("sys.stdin", io.StringIO("Hello\n\n" + "x" * 200 + "\nBye\n"))
-    code, out, err = cli(capsys, ["chat", "--model", shared["model"], "--tokenizer", "bytes", "--max-new-tokens", "4"])
+    monkeypatch.setattr("sys.stdin", io.StringIO("Hello\n\n" + "x" * 200 + "\nBye\n"))  # fits, blank, too long, fits
+    code, out, err = cli(capsys, ["chat", "--model", shared["model"], "--tokenizer", "bytes", "--max-new-tokens", "4",
+                              "--max-context", "160"])
     lines = out.split("\n")
     assert code == 0 and len(lines) == 5 and lines[-1] == ""  # 4 messages, 4 lines
     assert lines[1] == "" and lines[2] == ""  # the blank and the too-long message: empty lines, reasons on stderr
+    assert err.count("beyond --max-context") == 1
     assert "empty message" in err and "beyond --max-context" in err
+
+
+def test_chat_with_nan_logits_answers_an_empty_line_and_says_why(shared, capsys, monkeypatch):
+    monkeypatch.setattr("sys.stdin", io.StringIO("Hello\nAgain\n"))
+    code, out, err = cli(capsys, ["chat", "--model", shared["nan"], "--tokenizer", "bytes", "--max-new-tokens", "4",
+                              "--max-context", "160"])
+    assert code == 0 and out == "\n\n" and err.count("logits are NaN") == 2 and "Traceback" not in err

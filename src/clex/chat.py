@@ -318,6 +318,19 @@ class _Sink:
         self.shown = len(text)
 
 
+class _NaNLogits(RuntimeError):
+    pass
+
+
+def _refuse_nan(input_ids, scores):
+    """A logits processor: NaN logits stop generation (their argmax or sample would be garbage)."""
+    import torch
+
+    if torch.isnan(scores).any():
+        raise _NaNLogits
+    return scores
+
+
 def check_sampling(temperature: float, top_p: float | None = None) -> None:
     """Sampling settings ``clex chat`` / ``clex generate`` accept: temperature 0 (greedy) or a finite
     positive number, top-p in (0, 1]; anything else is refused, never silently greedy."""
@@ -381,10 +394,15 @@ class ChatSession:
         extra = {"do_sample": True, "temperature": self.temperature} if sampling else {"do_sample": False}
         eos = eos_ids(self.model, self.tokenizer)
         criteria = StoppingCriteriaList([_StopOnText(self.tokenizer, len(ids), self.stops)] if self.stops else [])
-        with torch.no_grad():
-            out = generate(self.model, x, policy=self.policy, max_new_tokens=self.max_new_tokens, streamer=sink,
-                           stopping_criteria=criteria, attention_mask=torch.ones_like(x),
-                           pad_token_id=eos[0] if eos else 0, **extra)  # fmt: skip
+        try:
+            with torch.no_grad():
+                out = generate(self.model, x, policy=self.policy, max_new_tokens=self.max_new_tokens, streamer=sink,
+                               stopping_criteria=criteria, attention_mask=torch.ones_like(x),
+                               pad_token_id=eos[0] if eos else 0, logits_processor=[_refuse_nan],
+                               **extra)  # fmt: skip
+        except _NaNLogits:
+            self.history.pop()
+            raise D.DataError("the model's logits are NaN (broken weights, or fp16 overflow); no answer") from None
         answer = D.decode(self.tokenizer, until_eos(out[0, len(ids) :].tolist(), eos))
         for s in self.stops:
             answer = answer.split(s, 1)[0]
