@@ -129,6 +129,8 @@ CASES = [
      "holds files clex did not write (thesis.tex)"),
     ("out-of-another-kind", lambda s, t: passkey_argv(s["model"], fake_results(t / "out", "eval-ppl")),
      "holds clex eval-ppl output, not eval-passkey"),
+    ("out-in-use-by-a-live-job", lambda s, t: passkey_argv(s["model"], _locked(t / "out")),
+     "in use by another clex job"),
     ("out-is-the-model", lambda s, t: ppl_argv(s, s["model"]), "is the model directory"),
     ("out-inside-the-model", lambda s, t: ppl_argv(s, s["model"] / "results"), "is the model directory"),
     ("device-cuda-without-cuda", lambda s, t: ppl_argv(s, t / "out", "--device", "cuda"), "CUDA is not available"),
@@ -181,6 +183,18 @@ CASES = [
     ("chat-temperature-nan", lambda s, t: ["chat", "--model", s["model"], "--tokenizer", "bytes", "--temperature",
                                            "nan"], "--temperature must be 0 (greedy)"),  # fmt: skip
 ]
+
+
+def _locked(path: Path) -> Path:
+    """A results directory of a task evaluation that a live process (this one) is writing."""
+    import os
+    import socket
+
+    path.mkdir(parents=True)
+    (path / MANIFEST).write_text(json.dumps({"kind": "eval-passkey", "files": ["partial.jsonl"]}))
+    (path / "partial.jsonl").write_text("")
+    (path / ".clex-lock").write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": 0}))
+    return path
 
 
 def _mk(path: Path, files: dict[str, str]) -> Path:

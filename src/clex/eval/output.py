@@ -54,6 +54,7 @@ def precheck(path: str | Path, kind: str, overwrite: bool = False, model=None) -
         return
     if not path.is_dir():
         raise O.OutDirError(f"--out {path} is a file, not a directory")
+    O.check_unlocked(path)  # another clex job writing there: refused at once
     if (path / O.MANIFEST).exists():
         record = O.read(path)
         if overwrite:
