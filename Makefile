@@ -12,7 +12,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@echo "setting up $(VENV) (first run only; log in $(VENV)/install.log)"
-	@( $(QUIET_PIP) torch==2.13.0 && $(QUIET_PIP) -c constraints.txt -e '.[train,eval,dev,lmeval]' ) > $(VENV)/install.log 2>&1 \
+	@( $(QUIET_PIP) torch==2.13.0 && $(QUIET_PIP) -c constraints.txt -e '.[train,eval,dev,lmeval,trl]' ) > $(VENV)/install.log 2>&1 \
 		|| { tail -40 $(VENV)/install.log; exit 1; }
 	@touch $(STAMP)
 

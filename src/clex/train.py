@@ -28,7 +28,7 @@ from . import data as D
 from . import outdir
 from .methods import parse_method
 from .models import check_model_path, clex_modules, from_pretrained, training_length, use_method
-from .rotary import LAYOUTS, T_SAMPLINGS, sample_training_positions
+from .rotary import LAYOUTS, T_SAMPLINGS
 from .runs import (
     ARGS_FILE,
     CHAT_STATS_FILE,
@@ -42,8 +42,19 @@ from .runs import (
 )
 from .runs import checkpoints as _checkpoints
 from .runs import trim_metrics as _trim_metrics
+from .training import (  # noqa: F401 - re-exported: the step's pieces live in clex.training
+    ADAPTER_CLEX_FILE,
+    ADAPTER_METHOD_FILE,
+    clex_batch,
+    clip_gradients,
+    cosine_schedule,
+    fixed_t,
+    packed_clex_positions,
+    param_groups,
+    save_method_beside_adapter,
+    step_positions,
+)
 
-ADAPTER_METHOD_FILE, ADAPTER_CLEX_FILE = "clex_method.json", "clex_ode.safetensors"
 FORMATS = ("text", "chat")
 
 
@@ -109,49 +120,6 @@ def chat_data(cfg: TrainConfig, tok, length: int):
 
     stats = ChatStats()
     return build_rows(tok, load_conversations(cfg.data, cfg.on_bad_record, stats), length, cfg.pack, stats)
-
-
-def packed_clex_positions(segments: np.ndarray, t: int, layout: str, chunks: int, seed: int, step: int):
-    """CLEX's position extrapolation inside each packed segment: every conversation gets its own
-    extrapolated positions at the step's t' (which is then set explicitly: the largest position no
-    longer says t)."""
-    from .rotary import extrapolated_positions
-
-    g = torch.Generator().manual_seed(int(np.random.default_rng([seed, step, 11]).integers(2**62)))
-    out = np.zeros(segments.shape, dtype=np.float32)
-    for r, row in enumerate(segments):
-        for s in np.unique(row[row >= 0]):
-            where = np.flatnonzero(row == s)
-            if len(where) > 1:
-                out[r, where] = extrapolated_positions(len(where), t, g, layout, chunks).numpy()
-    return torch.as_tensor(out)
-
-
-def step_positions(cfg_layout: str, chunks: int, length: int, base_length: int, max_factor: int, seed: int, step: int,
-                   sampling: str = "uniform"):  # fmt: skip
-    """CLEX's (t', position ids) for a step, from (seed, step) alone."""
-    g = torch.Generator().manual_seed(int(np.random.default_rng([seed, step, 7]).integers(2**62)))
-    return sample_training_positions(length, max_factor, g, cfg_layout, chunks, base_length, sampling)
-
-
-def cosine_schedule(steps: int, warmup: float, clex_warmup: float | None = None):
-    """Learning-rate multipliers (base group, CLEX group) per step: linear warm-up over ``warmup·steps``
-    then cosine decay to 0 (transformers' cosine schedule). The CLEX group follows the same curve times
-    its own linear ramp over ``clex_warmup·steps``, so the base model can adapt to extrapolated
-    positions before the ODE moves."""
-    warm = int(warmup * steps)
-
-    def base(step: int) -> float:
-        if step < warm:
-            return step / max(1, warm)
-        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * (step - warm) / max(1, steps - warm))))
-
-    clex_warm = warm if clex_warmup is None else int(clex_warmup * steps)
-
-    def clex(step: int) -> float:
-        return base(step) * (min(1.0, step / clex_warm) if clex_warm > warm else 1.0)
-
-    return base, clex
 
 
 # --- model ----------------------------------------------------------------------------------------
@@ -256,17 +224,7 @@ def train(cfg: TrainConfig) -> Path:
         if cfg.lora:
             model.enable_input_require_grads()
 
-    clex_params = [p for m in clex_modules(model) for p in m.clex_ode.parameters() if p.requires_grad]
-    if cfg.clex_lr == 0:  # frozen ODE: no gradients through the solve, nothing for the optimizer
-        for p in clex_params:
-            p.requires_grad_(False)
-        clex_params = []
-    clex_ids = {id(p) for p in clex_params}
-    base_params = [p for p in model.parameters() if p.requires_grad and id(p) not in clex_ids]
-    groups = [{"params": base_params, "lr": cfg.lr, "weight_decay": cfg.weight_decay}]
-    if clex_params:
-        clex_lr = cfg.lr if cfg.clex_lr is None else cfg.clex_lr
-        groups.append({"params": clex_params, "lr": clex_lr, "weight_decay": 0.0})
+    groups, base_params, clex_params = param_groups(model, cfg.lr, cfg.clex_lr, cfg.weight_decay)
     optimizer = torch.optim.AdamW(groups)
     schedule = cosine_schedule(cfg.steps, cfg.warmup, cfg.clex_warmup)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, list(schedule[: len(groups)]))
@@ -316,24 +274,17 @@ def _loop(cfg, accelerator, model, optimizer, scheduler, run, samples, chat, L, 
             for micro in range(cfg.grad_accum):
                 first = (micro * accelerator.num_processes + accelerator.process_index) * cfg.batch_size
                 ids = torch.as_tensor(rows[first : first + cfg.batch_size], dtype=torch.long, device=accelerator.device)
-                kwargs = {"attention_mask": torch.ones_like(ids), "labels": ids}
-                if pos is not None:
-                    kwargs["position_ids"] = pos.to(accelerator.device)[None].expand(ids.shape[0], -1)
-                t_fixed = None
-                if chat is not None:
-                    kwargs, t_fixed = _chat_inputs(chat, idx[first : first + cfg.batch_size], kwargs, cfg, t, pos, step,
-                                                   accelerator.device, mask_dtype)  # fmt: skip
+                batch, t_fixed = clex_batch(ids, t=t, pos=pos, **_chat_rows(chat, idx[first : first + cfg.batch_size],
+                                            cfg, accelerator.device), layout=cfg.layout, chunks=cfg.chunks,
+                                            seed=cfg.seed, step=step, mask_dtype=mask_dtype)  # fmt: skip
                 sync = micro == cfg.grad_accum - 1
                 with contextlib.nullcontext() if sync else accelerator.no_sync(model), accelerator.autocast(), \
-                        _fixed_t(model, t_fixed):
-                    loss = model(input_ids=ids, **kwargs).loss
+                        fixed_t(model, t_fixed):
+                    loss = model(**batch).loss
                     accelerator.backward(loss / cfg.grad_accum)
                 loss_sum += loss.detach().float()
-            if clex_params and cfg.clex_max_grad_norm is not None:
-                accelerator.clip_grad_norm_(base_params, cfg.max_grad_norm)
-                accelerator.clip_grad_norm_(clex_params, cfg.clex_max_grad_norm)
-            else:
-                accelerator.clip_grad_norm_(base_params + clex_params, cfg.max_grad_norm)
+            clip_gradients(accelerator.clip_grad_norm_, base_params, clex_params, cfg.max_grad_norm,
+                           cfg.clex_max_grad_norm)  # fmt: skip
             loss_mean = accelerator.reduce(torch.as_tensor(loss_sum / cfg.grad_accum, device=accelerator.device),
                                            "mean").item()  # fmt: skip
             if not math.isfinite(loss_mean):
@@ -370,22 +321,17 @@ def _interrupted_message(out: Path, cfg: TrainConfig) -> str:
             + ("" if cfg.save_every else " (pass --save-every to checkpoint during a run)"))
 
 
-def _chat_inputs(chat, idx: np.ndarray, kwargs: dict, cfg: TrainConfig, t: int, pos, step: int, device,
-                 mask_dtype=torch.bool):
-    """Labels on assistant tokens; padding masked out, or packed segments kept apart (4-D mask, positions
-    restarting per segment; for CLEX extrapolated per segment at the step's t', which is then fixed)."""
-    from .chat import packed_inputs
-
+def _chat_rows(chat, idx: np.ndarray, cfg: TrainConfig, device) -> dict:
+    """Chat rows' labels (assistant tokens) and either their padding mask or, packed, their segments."""
+    if chat is None:
+        return {}
+    rows = {"labels": torch.as_tensor(chat.labels[idx], device=device)}
     segments = chat.segments[idx]
-    kwargs = {**kwargs, "labels": torch.as_tensor(chat.labels[idx], device=device)}
-    if not cfg.pack:
-        kwargs["attention_mask"] = torch.as_tensor(segments >= 0, dtype=torch.long, device=device)
-        return kwargs, None
-    mask, positions = packed_inputs(segments, mask_dtype)
-    if pos is not None:
-        positions = packed_clex_positions(segments, t, cfg.layout, cfg.chunks, cfg.seed, step)
-    kwargs["attention_mask"], kwargs["position_ids"] = mask.to(device), positions.to(device)
-    return kwargs, (t if pos is not None else None)
+    if cfg.pack:
+        rows["segments"] = segments
+    else:
+        rows["attention_mask"] = torch.as_tensor(segments >= 0, dtype=torch.long, device=device)
+    return rows
 
 
 def _packed_mask_dtype(model, accelerator, cfg: TrainConfig):
@@ -399,19 +345,6 @@ def _packed_mask_dtype(model, accelerator, cfg: TrainConfig):
     if impl == "eager":
         return torch.bfloat16 if accelerator.mixed_precision == "bf16" else torch.float32
     raise TrainError(f"--pack needs sdpa or eager attention (a 4-D mask), not {impl}")
-
-
-@contextlib.contextmanager
-def _fixed_t(model, t: int | None):
-    modules = clex_modules(model) if t is not None else []
-    saved = [m.t_override for m in modules]
-    try:
-        for m in modules:
-            m.t_override = t
-        yield
-    finally:
-        for m, s in zip(modules, saved, strict=True):
-            m.t_override = s
 
 
 def _validate(cfg: TrainConfig) -> None:
@@ -493,7 +426,7 @@ def _save_final(accelerator, model, run: Run, cfg: TrainConfig, tok) -> None:
         model = model.merge_and_unload()
     model.save_pretrained(tmp)
     if cfg.lora and not cfg.merge:
-        _save_method_beside_adapter(model, cfg.method, tmp)
+        save_method_beside_adapter(model, cfg.method, tmp)
     if not isinstance(tok, D.ByteTokenizer):
         tok.save_pretrained(tmp)
     run.dir.add(*sorted(item.name for item in tmp.iterdir() if item.name not in run.dir.files))
@@ -501,17 +434,3 @@ def _save_final(accelerator, model, run: Run, cfg: TrainConfig, tok) -> None:
         run.dir.place(item)
     tmp.rmdir()
     run.dir.write_text(STATE_FILE, json.dumps({"step": cfg.steps, "final": True}))
-
-
-def _save_method_beside_adapter(model, method: str, path: Path) -> None:
-    """A LoRA adapter holds only LoRA weights: keep the method and the trained CLEX matrices beside it
-    (``clex.from_pretrained`` reads them back)."""
-    from safetensors.torch import save_file
-
-    modules = clex_modules(model)
-    record = {"method": method, "rope_parameters": modules[0].config.to_rope_parameters() if modules else None}
-    (path / ADAPTER_METHOD_FILE).write_text(json.dumps(record, indent=2))
-    if modules:
-        ode = modules[0].clex_ode
-        save_file({"up_proj": ode.up_proj.detach().cpu().contiguous(), "down_proj": ode.down_proj.detach().cpu()},
-                  path / ADAPTER_CLEX_FILE)  # fmt: skip

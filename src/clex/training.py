@@ -1,0 +1,387 @@
+"""CLEX's training step, shared by ``clex train`` and the stacks people already train with.
+
+The step (DESIGN.md §1): one t' per optimizer step, drawn from (seed, step) alone; the rows' positions
+extrapolated to span ``0 … L·t' − 1`` with an explicit attention mask (packed rows: per segment, at a
+fixed t'); the CLEX matrices in their own parameter group (``clex_lr``, no weight decay) and clipped on
+their own; the same cosine schedule with CLEX's own warm-up. ``clex train`` calls these functions, and
+so do:
+
+- :class:`CLEXDataCollator`: wraps any collator (transformers', TRL's, or none for equal-length rows)
+  and, while the model is in training mode, writes the step's positions and mask into each batch;
+- :class:`CLEXTrainer` (``transformers.Trainer``) and ``CLEXSFTTrainer`` (TRL's ``SFTTrainer``), via
+  :class:`CLEXTrainerMixin`: the optimizer groups, the clipping, the schedule, the fixed t' of packed
+  rows, and the CLEX weights saved beside a LoRA adapter and loaded back on resume.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .models import clex_modules, training_length
+from .rotary import extrapolated_positions, sample_training_positions
+
+ADAPTER_METHOD_FILE, ADAPTER_CLEX_FILE = "clex_method.json", "clex_ode.safetensors"
+# Keys of TRL's padding-free batches meant for varlen kernels; a CLEX batch carries an explicit mask instead.
+VARLEN_KEYS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "seq_idx")
+
+
+# --- the step's t' and positions ------------------------------------------------------------------
+def step_positions(layout: str, chunks: int, length: int, base_length: int, max_factor: int, seed: int, step: int,
+                   sampling: str = "uniform"):  # fmt: skip
+    """CLEX's (t', position ids) for optimizer step ``step`` (0-based), from (seed, step) alone. Rows no
+    longer than the base length take plain positions at t' = 1 (the original frequencies)."""
+    g = torch.Generator().manual_seed(int(np.random.default_rng([seed, step, 7]).integers(2**62)))
+    t, pos = sample_training_positions(length, max_factor, g, layout, chunks, base_length, sampling)
+    if t == 1 and length <= (base_length or length):
+        pos = torch.arange(length)
+    return t, pos
+
+
+def packed_clex_positions(segments: np.ndarray, t: int, layout: str, chunks: int, seed: int, step: int):
+    """CLEX's position extrapolation inside each packed segment: every conversation gets its own
+    extrapolated positions at the step's t' (which is then set explicitly: the largest position no
+    longer says t)."""
+    g = torch.Generator().manual_seed(int(np.random.default_rng([seed, step, 11]).integers(2**62)))
+    segments = np.asarray(segments)
+    out = np.zeros(segments.shape, dtype=np.float32)
+    for r, row in enumerate(segments):
+        for s in np.unique(row[row >= 0]):
+            where = np.flatnonzero(row == s)
+            if len(where) > 1:
+                out[r, where] = extrapolated_positions(len(where), t, g, layout, chunks).numpy()
+    return torch.as_tensor(out)
+
+
+def clex_batch(input_ids: torch.Tensor, *, labels=None, attention_mask=None, segments=None, t: int = 1, pos=None,
+               layout: str = "scatter", chunks: int = 2, seed: int = 0, step: int = 0,
+               mask_dtype=torch.bool) -> tuple[dict, int | None]:  # fmt: skip
+    """The model inputs of one training micro-batch, and the t' to fix during its forward (or None).
+
+    Rows of one sequence each: ``attention_mask`` as given (padding) or all ones — never absent, since
+    transformers reads gaps in position ids without a mask as packed-sequence boundaries — and, for
+    CLEX (``pos`` given), the step's positions on every row. Packed rows (``segments``: a segment id per
+    token, −1 for padding): a 4-D mask keeping segments apart and positions restarting per segment,
+    extrapolated per segment at t' for CLEX, with t' returned to be fixed."""
+    from .chat import packed_inputs
+
+    device = input_ids.device
+    batch = {"input_ids": input_ids, "labels": input_ids if labels is None else labels}
+    if segments is None:
+        batch["attention_mask"] = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+        if pos is not None:
+            batch["position_ids"] = pos.to(device)[None].expand(input_ids.shape[0], -1)
+        return batch, None
+    mask, positions = packed_inputs(segments, mask_dtype)
+    t_fixed = None
+    if pos is not None:
+        positions, t_fixed = packed_clex_positions(segments, t, layout, chunks, seed, step), t
+    batch["attention_mask"], batch["position_ids"] = mask.to(device), positions.to(device)
+    return batch, t_fixed
+
+
+@contextlib.contextmanager
+def fixed_t(model, t: int | None):
+    """Hold CLEX's t at ``t`` during a forward (packed rows; None: t follows the positions)."""
+    modules = clex_modules(model) if t is not None else []
+    saved = [m.t_override for m in modules]
+    try:
+        for m in modules:
+            m.t_override = t
+        yield
+    finally:
+        for m, s in zip(modules, saved, strict=True):
+            m.t_override = s
+
+
+# --- optimizer, schedule, clipping ------------------------------------------------------------------
+def param_groups(model, lr: float, clex_lr: float | None = None, weight_decay: float = 0.0):
+    """(groups, base params, CLEX params): the trainable base parameters at ``lr`` with ``weight_decay``,
+    the CLEX matrices in their own group at ``clex_lr`` (default ``lr``) without decay. ``clex_lr = 0``
+    freezes the ODE (no gradients through the solve: NTK α = 2t − 1 with position extrapolation)."""
+    clex_params = [p for m in clex_modules(model) for p in m.clex_ode.parameters() if p.requires_grad]
+    if clex_lr == 0:
+        for p in clex_params:
+            p.requires_grad_(False)
+        clex_params = []
+    clex_ids = {id(p) for p in clex_params}
+    base_params = [p for p in model.parameters() if p.requires_grad and id(p) not in clex_ids]
+    groups = [{"params": base_params, "lr": lr, "weight_decay": weight_decay}]
+    if clex_params:
+        groups.append({"params": clex_params, "lr": lr if clex_lr is None else clex_lr, "weight_decay": 0.0})
+    return groups, base_params, clex_params
+
+
+def clip_gradients(clip, base_params, clex_params, max_norm: float, clex_max_norm: float | None):
+    """Clip with ``clip(params, norm)`` (accelerate's ``clip_grad_norm_``): the CLEX matrices on their own
+    (``clex_max_norm``; None: one joint norm, the reference). Returns the norm of all gradients before."""
+    if clex_params and clex_max_norm is not None:
+        a, b = clip(base_params, max_norm), clip(clex_params, clex_max_norm)
+        return torch.sqrt(torch.as_tensor(a, dtype=torch.float32) ** 2 + torch.as_tensor(b, dtype=torch.float32) ** 2)
+    return clip(base_params + clex_params, max_norm)
+
+
+def cosine_schedule(steps: int, warmup: float, clex_warmup: float | None = None):
+    """Learning-rate multipliers (base group, CLEX group) per step: linear warm-up over ``warmup·steps``
+    then cosine decay to 0 (transformers' cosine schedule). The CLEX group follows the same curve times
+    its own linear ramp over ``clex_warmup·steps``, so the base model can adapt to extrapolated
+    positions before the ODE moves."""
+    warm = int(warmup * steps)
+
+    def base(step: int) -> float:
+        if step < warm:
+            return step / max(1, warm)
+        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * (step - warm) / max(1, steps - warm))))
+
+    clex_warm = warm if clex_warmup is None else int(clex_warmup * steps)
+
+    def clex(step: int) -> float:
+        return base(step) * (min(1.0, step / clex_warm) if clex_warm > warm else 1.0)
+
+    return base, clex
+
+
+# --- CLEX weights beside a LoRA adapter -------------------------------------------------------------
+def save_method_beside_adapter(model, method: str, path: Path) -> None:
+    """A LoRA adapter holds only LoRA weights: keep the method and the trained CLEX matrices beside it
+    (``clex.from_pretrained`` reads them back)."""
+    from safetensors.torch import save_file
+
+    modules = clex_modules(model)
+    record = {"method": method, "rope_parameters": modules[0].config.to_rope_parameters() if modules else None}
+    (Path(path) / ADAPTER_METHOD_FILE).write_text(json.dumps(record, indent=2))
+    if modules:
+        ode = modules[0].clex_ode
+        save_file({"up_proj": ode.up_proj.detach().cpu().contiguous(), "down_proj": ode.down_proj.detach().cpu()},
+                  str(Path(path) / ADAPTER_CLEX_FILE))  # fmt: skip
+
+
+def load_clex_beside_adapter(model, path) -> bool:
+    """Copy the CLEX matrices saved beside an adapter back into ``model`` (True if there were any)."""
+    from safetensors.torch import load_file
+
+    file = Path(path) / ADAPTER_CLEX_FILE
+    if not file.exists() or not clex_modules(model):
+        return False
+    weights = load_file(str(file))
+    with torch.no_grad():
+        for module in clex_modules(model):
+            module.clex_ode.up_proj.copy_(weights["up_proj"])
+            module.clex_ode.down_proj.copy_(weights["down_proj"])
+    return True
+
+
+# --- the data collator ------------------------------------------------------------------------------
+def _stack(examples: list[dict]) -> dict:
+    """Equal-length rows of token ids (``input_ids``, optional ``labels``/``attention_mask``) as tensors."""
+    from transformers import default_data_collator
+
+    batch = default_data_collator(examples)
+    batch.setdefault("labels", batch["input_ids"].clone())
+    return batch
+
+
+def segments_from_positions(position_ids: torch.Tensor) -> np.ndarray:
+    """Segment ids of packed rows whose positions restart at 0 for each sequence (TRL's padding-free rows)."""
+    starts = (position_ids == 0).long()
+    return (starts.cumsum(-1) - 1).cpu().numpy()
+
+
+class CLEXDataCollator:
+    """Wrap a collator so that each training batch carries CLEX's step: t' drawn from (seed, step), the
+    position ids and the attention mask exactly as ``clex train`` writes them (scatter or chunks layout;
+    ``base_length`` below the row length for the long regime; packed rows, recognised by position ids that
+    restart at 0 and no attention mask, extrapolated per segment with t' fixed through ``clex_t``). Outside
+    training, or for a model without CLEX, batches pass through unchanged. "Training" is ``training`` when
+    set (:class:`CLEXTrainer` sets it: the Trainer collates a step's batches before it calls
+    ``model.train()``), else ``model.training``.
+
+    The step is counted from the calls (``grad_accum`` calls per optimizer step, one process's
+    micro-batches): use a single-process data loader (``dataloader_num_workers=0``, the default), and let
+    :class:`CLEXTrainer` set ``step`` when a run resumes."""
+
+    def __init__(self, model, collator=None, seed: int = 0, layout: str = "scatter", chunks: int = 2,
+                 base_length: int | None = None, t_sampling: str = "uniform", grad_accum: int = 1,
+                 mask_dtype=torch.bool) -> None:  # fmt: skip
+        from .rotary import LAYOUTS, T_SAMPLINGS
+
+        if layout not in LAYOUTS:
+            raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+        if t_sampling not in T_SAMPLINGS:
+            raise ValueError(f"t_sampling must be one of {T_SAMPLINGS}, got {t_sampling!r}")
+        self.model, self.collator, self.seed = model, collator or _stack, seed
+        self.layout, self.chunks, self.t_sampling = layout, chunks, t_sampling
+        self.base_length = base_length or training_length(model)
+        self.grad_accum, self.mask_dtype = grad_accum, mask_dtype
+        self.calls = 0  # training batches collated so far (this process)
+        self.last_t: int | None = None
+        self.training: bool | None = None
+
+    @property
+    def step(self) -> int:
+        return self.calls // self.grad_accum
+
+    @step.setter
+    def step(self, value: int) -> None:
+        self.calls = value * self.grad_accum
+
+    def __call__(self, examples):
+        batch = self.collator(examples)
+        modules = clex_modules(self.model)
+        if not modules or not (self.model.training if self.training is None else self.training):
+            return batch
+        step = self.step
+        self.calls += 1
+        ids = batch["input_ids"]
+        t, pos = step_positions(self.layout, self.chunks, ids.shape[1], self.base_length, modules[0].config.max_factor,
+                                self.seed, step, self.t_sampling)  # fmt: skip
+        packed = batch.get("attention_mask") is None and batch.get("position_ids") is not None
+        segments = segments_from_positions(batch["position_ids"]) if packed else None
+        new, t_fixed = clex_batch(ids, labels=batch.get("labels"), attention_mask=batch.get("attention_mask"),
+                                  segments=segments, t=t, pos=pos, layout=self.layout, chunks=self.chunks,
+                                  seed=self.seed, step=step, mask_dtype=self.mask_dtype)  # fmt: skip
+        extra = {k: v for k, v in batch.items() if k not in new and k not in VARLEN_KEYS}
+        self.last_t = t
+        if t_fixed is not None:
+            new["clex_t"] = t_fixed
+        return {**extra, **new}
+
+
+# --- the Trainer --------------------------------------------------------------------------------------
+class CLEXTrainerMixin:
+    """What a ``transformers.Trainer`` (or a subclass: TRL's ``SFTTrainer``) needs for CLEX's step.
+
+    Extra arguments: ``clex_lr`` (default: the learning rate; 0 freezes the ODE), ``clex_max_grad_norm``
+    (CLEX clipped on its own, default 1.0; None: one joint norm, the reference), ``clex_warmup`` (CLEX's own
+    warm-up fraction), ``clex_method`` (recorded beside LoRA adapters). A ``data_collator`` that is not a
+    :class:`CLEXDataCollator` is wrapped in one (seeded with ``args.seed``)."""
+
+    def __init__(self, *args, clex_lr: float | None = None, clex_max_grad_norm: float | None = 1.0,
+                 clex_warmup: float | None = None, clex_method: str = "clex", **kwargs) -> None:  # fmt: skip
+        from transformers import TrainerCallback
+
+        super().__init__(*args, **kwargs)
+        self.clex_lr, self.clex_max_grad_norm, self.clex_warmup = clex_lr, clex_max_grad_norm, clex_warmup
+        self.clex_method = clex_method
+        for module in clex_modules(self.model):  # peft freezes everything but its adapters: CLEX always trains
+            module.clex_ode.requires_grad_(clex_lr != 0)
+        collator = self.data_collator
+        if not isinstance(collator, CLEXDataCollator):
+            collator = CLEXDataCollator(self.model, collator, seed=self.args.seed)
+            self.data_collator = collator
+        collator.grad_accum = self.args.gradient_accumulation_steps
+        trainer = self
+
+        class _SyncStep(TrainerCallback):
+            def on_train_begin(self, args, state, control, **kw):  # a resumed run continues the step count
+                collator.step = state.global_step
+                collator.model, collator.training = trainer.model, True
+
+            def on_train_end(self, args, state, control, **kw):
+                collator.training = None
+
+        self.add_callback(_SyncStep())
+        self._clex_groups = None
+
+    def create_optimizer(self, model=None):
+        if self.optimizer is None:
+            groups, base, clex = param_groups(self.model, self.args.learning_rate, self.clex_lr,
+                                              self.args.weight_decay)  # fmt: skip
+            optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, self.model)
+            optimizer_kwargs.pop("lr", None)
+            self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
+            self._clex_groups = (base, clex)
+        return self.optimizer
+
+    def create_scheduler(self, num_training_steps: int, optimizer=None):
+        """transformers' cosine schedule, with CLEX's own warm-up on its group (``clex train``'s schedule)."""
+        from transformers.trainer_utils import SchedulerType
+
+        if self.lr_scheduler is None and SchedulerType(self.args.lr_scheduler_type) == SchedulerType.COSINE:
+            optimizer = optimizer or self.optimizer
+            warmup = self.args.get_warmup_steps(num_training_steps) / max(1, num_training_steps)
+            lambdas = list(cosine_schedule(num_training_steps, warmup, self.clex_warmup)[: len(optimizer.param_groups)])
+            self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas)
+            self._created_lr_scheduler = True
+            return self.lr_scheduler
+        return super().create_scheduler(num_training_steps, optimizer)
+
+    def _clip_grad_norm(self, model):
+        if self._clex_groups is None or not self._clex_groups[1] or self.clex_max_grad_norm is None:
+            return super()._clip_grad_norm(model)
+        base, clex = self._clex_groups
+        return clip_gradients(self.accelerator.clip_grad_norm_, base, clex, self.args.max_grad_norm,
+                              self.clex_max_grad_norm)  # fmt: skip
+
+    def compute_loss(self, model, inputs, *args, **kwargs):
+        with fixed_t(model, inputs.pop("clex_t", None)):
+            return super().compute_loss(model, inputs, *args, **kwargs)
+
+    def evaluate(self, *args, **kwargs):
+        return self._outside_training(super().evaluate, *args, **kwargs)
+
+    def predict(self, *args, **kwargs):
+        return self._outside_training(super().predict, *args, **kwargs)
+
+    def _outside_training(self, run, *args, **kwargs):
+        collator, saved = self.data_collator, self.data_collator.training
+        collator.training = False
+        try:
+            return run(*args, **kwargs)
+        finally:
+            collator.training = saved
+
+    def prediction_step(self, model, inputs, *args, **kwargs):
+        inputs.pop("clex_t", None)
+        return super().prediction_step(model, inputs, *args, **kwargs)
+
+    def _save(self, output_dir: str | None = None, state_dict=None):
+        super()._save(output_dir, state_dict)
+        model = self.accelerator.unwrap_model(self.model)
+        if self.args.should_save and _is_peft(model):
+            save_method_beside_adapter(model, self.clex_method, Path(output_dir or self.args.output_dir))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        load_clex_beside_adapter(model or self.model, resume_from_checkpoint)
+
+
+def _is_peft(model) -> bool:
+    return type(model).__module__.startswith("peft")
+
+
+def _trainer_class():
+    from transformers import Trainer
+
+    class CLEXTrainer(CLEXTrainerMixin, Trainer):
+        """``transformers.Trainer`` with CLEX's training step (see :class:`CLEXTrainerMixin`)."""
+
+    return CLEXTrainer
+
+
+def _sft_trainer_class():
+    try:
+        from trl import SFTTrainer
+    except ImportError:  # pragma: no cover - trl is an optional extra
+        raise ImportError("CLEXSFTTrainer needs TRL: pip install trl") from None
+
+    class CLEXSFTTrainer(CLEXTrainerMixin, SFTTrainer):
+        """TRL's ``SFTTrainer`` with CLEX's training step (see :class:`CLEXTrainerMixin`)."""
+
+    return CLEXSFTTrainer
+
+
+_LAZY = {"CLEXTrainer": _trainer_class, "CLEXSFTTrainer": _sft_trainer_class}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        cls = _LAZY[name]()
+        globals()[name] = cls
+        return cls
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
