@@ -178,19 +178,21 @@ def test_trl_sft_on_conversations_trains_assistant_tokens_and_saves_a_clex_model
     from clex.training import CLEXSFTTrainer
 
     convs = [{"messages": [{"role": "user", "content": f"what is {i} plus {i}?"},
-                           {"role": "assistant", "content": f"{i} plus {i} is {2 * i}."}]} for i in range(16)]  # fmt: skip
+                           {"role": "assistant", "content": f"{i} plus {i} is {2 * i}."}]}
+             for i in range(16)]  # fmt: skip
     tk = Tokenizer(models.BPE())
     tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tk.decoder = decoders.ByteLevel()
-    tk.train_from_iterator([render_text(c["messages"]) for c in convs], trainers.BpeTrainer(
-        vocab_size=250, special_tokens=["<|end|>", "</s>", "<pad>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    bpe = trainers.BpeTrainer(vocab_size=250, special_tokens=["<|end|>", "</s>", "<pad>"],
+                              initial_alphabet=pre_tokenizers.ByteLevel.alphabet())  # fmt: skip
+    tk.train_from_iterator([render_text(c["messages"]) for c in convs], bpe)
     tok = tf.PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="</s>", pad_token="<pad>")
     tok.chat_template = DEFAULT_TEMPLATE
     model = clex_model(setup)
     before = clex.models.clex_modules(model)[0].clex_ode.up_proj.detach().clone()
-    args = trl.SFTConfig(output_dir=str(tmp_path / "sft"), max_steps=6, per_device_train_batch_size=4, learning_rate=3e-3,
-                         assistant_only_loss=True, report_to=[], save_strategy="no", use_cpu=True, logging_steps=1,
-                         max_length=L * 4, disable_tqdm=True, seed=0)  # fmt: skip
+    args = trl.SFTConfig(output_dir=str(tmp_path / "sft"), max_steps=6, per_device_train_batch_size=4,
+                         learning_rate=3e-3, assistant_only_loss=True, report_to=[], save_strategy="no",
+                         use_cpu=True, logging_steps=1, max_length=L * 4, disable_tqdm=True, seed=0)  # fmt: skip
     trainer = CLEXSFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(convs), processing_class=tok,
                              clex_lr=1e-2)  # fmt: skip
     seen = []
