@@ -91,6 +91,7 @@ class TrainConfig:
     show_progress: bool = True
     format: str = "text"  # text: language modelling on packed documents; chat: assistant tokens of conversations
     pack: bool = False  # chat: several conversations per row (attention kept inside each), else one per row
+    precision: str = "auto"  # auto: bf16 autocast on a GPU that supports it, else fp32; fp32; bf16 (CPU too)
     on_bad_record: str = "error"  # chat: stop at a bad record, or skip it (counted)
 
 
@@ -197,7 +198,7 @@ def train(cfg: TrainConfig) -> Path:
     model, L, length = prepare_model(cfg)
     # At t' = 1 the CLEX matrices take no part in the loss: DDP must not wait for their gradients.
     ddp = DistributedDataParallelKwargs(find_unused_parameters=bool(clex_modules(model)))
-    accelerator = Accelerator(mixed_precision=_mixed_precision(), kwargs_handlers=[ddp])
+    accelerator = Accelerator(mixed_precision=_fresh_precision(cfg.precision), kwargs_handlers=[ddp])
     tok = D.load_tokenizer(cfg.tokenizer or cfg.model)
     chat = None
     if cfg.format == "chat":
@@ -283,8 +284,8 @@ def _loop(cfg, accelerator, model, optimizer, scheduler, run, samples, chat, L, 
                     loss = model(**batch).loss
                     accelerator.backward(loss / cfg.grad_accum)
                 loss_sum += loss.detach().float()
-            clip_gradients(accelerator.clip_grad_norm_, base_params, clex_params, cfg.max_grad_norm,
-                           cfg.clex_max_grad_norm)  # fmt: skip
+            grad_norm = clip_gradients(accelerator.clip_grad_norm_, base_params, clex_params, cfg.max_grad_norm,
+                                       cfg.clex_max_grad_norm)  # fmt: skip
             loss_mean = accelerator.reduce(torch.as_tensor(loss_sum / cfg.grad_accum, device=accelerator.device),
                                            "mean").item()  # fmt: skip
             if not math.isfinite(loss_mean):
@@ -297,7 +298,7 @@ def _loop(cfg, accelerator, model, optimizer, scheduler, run, samples, chat, L, 
             optimizer.zero_grad(set_to_none=True)
             elapsed = time.perf_counter() - began
             record = {"step": step + 1, "loss": loss_mean, "t": t, "lr": scheduler.get_last_lr()[0],
-                      "tokens_per_s": per_step * length / elapsed}  # fmt: skip
+                      "grad_norm": float(grad_norm), "tokens_per_s": per_step * length / elapsed}  # fmt: skip
             if metrics is not None:
                 metrics.write(json.dumps(record) + "\n")
             if bar is not None:
@@ -392,14 +393,31 @@ def _validate(cfg: TrainConfig) -> None:
         raise TrainError(f"--clex-max-grad-norm must be positive and finite, got {cfg.clex_max_grad_norm}")
     if not (cfg.weight_decay >= 0 and math.isfinite(cfg.weight_decay)):
         raise TrainError(f"--weight-decay must be >= 0 and finite, got {cfg.weight_decay}")
+    if cfg.precision not in PRECISIONS:
+        raise TrainError(f"--precision must be one of {PRECISIONS}, got {cfg.precision!r}")
     if cfg.on_bad_record not in ("error", "skip"):
         raise TrainError(f"--on-bad-record must be error or skip, got {cfg.on_bad_record!r}")
     if cfg.lora:
         parse_lora(cfg.lora)
 
 
-def _mixed_precision() -> str:
-    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+def _fresh_precision(precision: str) -> str:
+    """accelerate keeps one process-wide state and refuses a second Accelerator with another precision: an
+    in-process run (a notebook, the tests) that changes it starts from a fresh state."""
+    from accelerate.state import AcceleratorState
+
+    wanted = _mixed_precision(precision)
+    if AcceleratorState._shared_state and str(AcceleratorState._shared_state.get("_mixed_precision", wanted)) != wanted:
+        AcceleratorState._reset_state()
+    return wanted
+
+
+def _mixed_precision(precision: str = "auto") -> str:
+    """accelerate's mixed precision: bf16 autocast (weights, optimizer and the CLEX ODE stay fp32) or none."""
+    if precision == "bf16" or (precision == "auto" and torch.cuda.is_available() and torch.cuda.is_bf16_supported()):
         return "bf16"
     return "no"
 
