@@ -220,9 +220,10 @@ def test_trl_sft_on_conversations_trains_assistant_tokens_and_saves_a_clex_model
 def test_bf16_autocast_on_cpu_keeps_clex_fp32_with_finite_gradients_and_the_fp32_losses(setup, tmp_path):
     runs = {}
     for precision in ("fp32", "bf16"):
-        out = train(TrainConfig(model=str(setup / "base"), out=str(tmp_path / precision),
-                                data=str(setup / "corpus.txt"), method="clex:max_factor=16", tokenizer="bytes", steps=200, batch_size=2, lr=1e-3,
-                                clex_lr=1e-3, warmup=0.1, precision=precision, show_progress=False))  # fmt: skip
+        cfg = TrainConfig(model=str(setup / "base"), out=str(tmp_path / precision), data=str(setup / "corpus.txt"),
+                          method="clex:max_factor=16", tokenizer="bytes", steps=200, batch_size=2, lr=1e-3,
+                          clex_lr=1e-3, warmup=0.1, precision=precision, show_progress=False)  # fmt: skip
+        out = train(cfg)
         runs[precision] = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
         weights = load_file(out / "model.safetensors")
         assert weights["model.rotary_emb.clex_ode.up_proj"].dtype == torch.float32
