@@ -216,3 +216,47 @@ def test_refusals(model_dir, corpus, tmp_path):
         train(cfg(model_dir, corpus, tmp_path / "w", clex_warmup=2.0))
     with pytest.raises(TrainError, match=r"--t-sampling \('uniform' → 'log'\)"):
         train(cfg(model_dir, corpus, out, steps=2, t_sampling="log", resume=True))
+
+
+def test_fsdp_over_two_processes_takes_the_steps_of_one_and_resumes(model_dir, corpus, tmp_path):
+    from safetensors.torch import load_file
+
+    from clex import outdir
+
+    one = tmp_path / "one"
+    subprocess.run(_cli(model_dir, corpus, one, "--steps", "6"), check=True, capture_output=True)
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29534",
+              "-m", "clex"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
+
+    def sharded(out, *extra):
+        cmd = launch + _cli(model_dir, corpus, out, "--steps", "6", "--batch-size", "2", "--fsdp", "full_shard",
+                            "--save-every", "3", "--keep", "3", *extra)[3:]  # fmt: skip
+        result = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        assert result.returncode == 0, result.stderr[-3000:]
+
+    two = tmp_path / "two"
+    sharded(two)
+    a, b = metrics(one), metrics(two)
+    assert [r["t"] for r in a] == [r["t"] for r in b]
+    assert [r["loss"] for r in a] == pytest.approx([r["loss"] for r in b], abs=1e-4)
+    final, reference = load_file(two / "model.safetensors"), load_file(one / "model.safetensors")
+    key = "model.rotary_emb.clex_ode.down_proj"
+    assert final[key].dtype == torch.float32 and final[key].abs().sum() > 0  # updated (zero at init)
+    for name, value in reference.items():
+        torch.testing.assert_close(final[name], value, rtol=1e-4, atol=1e-4)
+    clex.from_pretrained(two)
+    # a sharded checkpoint resumes: the run as if killed after step 3, then resumed over two processes
+    resumed = tmp_path / "resumed"
+    import shutil
+
+    shutil.copytree(two, resumed)
+    manifest = outdir.read(resumed)
+    for item in list(resumed.iterdir()):
+        if item.name not in ("checkpoint-0000003", "train_args.json", "metrics.jsonl", outdir.MANIFEST):
+            manifest.remove(item.name)
+    sharded(resumed, "--resume")
+    assert [r["loss"] for r in metrics(resumed)] == pytest.approx([r["loss"] for r in b], abs=1e-6)
+    again = load_file(resumed / "model.safetensors")
+    for name, value in final.items():
+        torch.testing.assert_close(again[name], value, rtol=1e-6, atol=1e-6)

@@ -4,15 +4,16 @@ accelerate's ``save_state``/``load_state`` pickle the optimizer, the scheduler, 
 registered object, and unpickle them on resume (``torch.load(weights_only=False)`` for custom state):
 a file placed in a checkpoint would run as code. clex writes its own checkpoint instead:
 
-    model.safetensors        the (unwrapped) model's state, tied weights once
-    optimizer.safetensors    every tensor of the optimizer state, keyed ``<param index>.<name>``
+    model.safetensors        the model's full state (gathered under FSDP), with its own names
+    optimizer.safetensors    every tensor of the optimizer state, keyed ``<parameter name>//<name>``
     optimizer.json           the param groups and the non-tensor state
     scheduler.json           the LR scheduler's state dict (plain numbers)
     rng-<rank>.safetensors   torch's CPU (and CUDA) generator state of each process
     trainer_state.json       {"step": N}: written last, so it marks a complete checkpoint
 
-Every file read back is parsed as safetensors or JSON only; a damaged one raises
-:class:`CheckpointError` naming it.
+Full state dicts come from ``torch.distributed.checkpoint.state_dict``, so one format serves one
+process, DDP and FSDP (a sharded run resumes from it, on any number of processes). Every file read
+back is parsed as safetensors or JSON only; a damaged one raises :class:`CheckpointError` naming it.
 """
 
 from __future__ import annotations
@@ -58,10 +59,32 @@ def _unjson(value):
     return value
 
 
-def save(path: Path, model, optimizer, scheduler, step: int, rank: int = 0, main: bool = True) -> None:
-    """Write a checkpoint of ``model`` (unwrapped), ``optimizer`` and ``scheduler`` into ``path``."""
-    from safetensors.torch import save_file, save_model
+def _options(model, **kw):
+    """Full (unsharded) state dicts, gathered to CPU under FSDP; the same call for one process and DDP."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
 
+    return StateDictOptions(full_state_dict=True, cpu_offload=_sharded(model), **kw)
+
+
+def _sharded(model) -> bool:
+    return any(type(p).__name__ == "DTensor" for p in model.parameters())
+
+
+def full_model_state(model) -> dict[str, torch.Tensor]:
+    """The model's whole state dict with its own names (gathered from every process under FSDP: call it on all)."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    return get_model_state_dict(model, options=_options(model))
+
+
+def save(path: Path, model, optimizer, scheduler, step: int, rank: int = 0, main: bool = True) -> None:
+    """Write a checkpoint of ``model`` (as prepared: plain, DDP or FSDP), ``optimizer`` and ``scheduler`` into
+    ``path``. Every process calls it (FSDP gathers the full state); the main one writes the shared files."""
+    from safetensors.torch import save_file
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    optimizer = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper
+    model_state, optim_state = get_state_dict(model, optimizer, options=_options(model))
     path.mkdir(parents=True, exist_ok=True)
     rng = {"cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -69,17 +92,22 @@ def save(path: Path, model, optimizer, scheduler, step: int, rank: int = 0, main
     save_file(rng, str(path / _rng_file(rank)))
     if not main:
         return
-    save_model(model, str(path / MODEL))
-    state = optimizer.state_dict()
+    seen: set[int] = set()
+    weights = {}
+    for key, value in model_state.items():  # tied weights share storage: safetensors takes each tensor once
+        value = value.detach().cpu()
+        weights[key] = value.clone() if value.data_ptr() in seen else value.contiguous()
+        seen.add(value.data_ptr())
+    save_file(weights, str(path / MODEL))
     tensors, other = {}, {}
-    for index, entries in state["state"].items():
-        for name, value in entries.items():
+    for name, entries in optim_state["state"].items():
+        for key, value in entries.items():
             if torch.is_tensor(value):
-                tensors[f"{index}.{name}"] = value.detach().cpu().contiguous()
+                tensors[f"{name}//{key}"] = value.detach().cpu().contiguous()
             else:
-                other[f"{index}.{name}"] = _json(value)
+                other[f"{name}//{key}"] = _json(value)
     save_file(tensors, str(path / OPTIM))
-    (path / OPTIM_META).write_text(json.dumps({"param_groups": _json(state["param_groups"]), "state": other}))
+    (path / OPTIM_META).write_text(json.dumps({"param_groups": _json(optim_state["param_groups"]), "state": other}))
     sched = {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"}
     (path / SCHED).write_text(json.dumps(_json(sched)))
     (path / STATE_FILE).write_text(json.dumps({"step": step}))
@@ -129,25 +157,24 @@ def verify(path: Path, rank: int = 0) -> int:
 
 
 def load(path: Path, model, optimizer, scheduler, rank: int = 0) -> int:
-    """Restore a checkpoint written by :func:`save` into the same objects; returns its step."""
+    """Restore a checkpoint written by :func:`save` into the same (prepared) objects; returns its step."""
+    from torch.distributed.checkpoint.state_dict import set_state_dict
+
     step = verify(path, rank)
+    optimizer = getattr(optimizer, "optimizer", optimizer)
     weights = _read_tensors(path / MODEL)
-    own = model.state_dict()
-    missing = [k for k in own if k not in weights and not _tied_elsewhere(k, own, weights)]
-    wrong = [k for k, v in weights.items() if k in own and own[k].shape != v.shape]
-    if missing or wrong or any(k not in own for k in weights):
-        raise CheckpointError(f"{path / MODEL} does not fit the model being trained (missing {missing[:3]}, "
-                              f"wrong shapes {wrong[:3]}); it belongs to another run")  # fmt: skip
-    model.load_state_dict(weights, strict=False)
     tensors, meta = _read_tensors(path / OPTIM), _read_json(path / OPTIM_META)
-    state: dict[int, dict] = {}
+    state: dict[str, dict] = {}
     for key, value in [*tensors.items(), *_unjson(meta["state"]).items()]:
-        index, name = key.split(".", 1)
-        state.setdefault(int(index), {})[name] = value
+        name, _, entry = key.rpartition("//")
+        state.setdefault(name, {})[entry] = value
     try:
-        optimizer.load_state_dict({"state": state, "param_groups": _unjson(meta["param_groups"])})
-    except (ValueError, KeyError, RuntimeError) as err:
-        raise CheckpointError(f"{path / OPTIM} does not fit this run's optimizer ({err})") from None
+        set_state_dict(model, optimizer, model_state_dict=weights,
+                       optim_state_dict={"state": state, "param_groups": _unjson(meta["param_groups"])},
+                       options=_options(model))  # fmt: skip
+    except (ValueError, KeyError, RuntimeError, TypeError) as err:
+        raise CheckpointError(f"{path} does not fit the model and optimizer being trained "
+                              f"({str(err).splitlines()[0][:160]}); it belongs to another run") from None  # fmt: skip
     scheduler.load_state_dict({**scheduler.state_dict(), **_unjson(_read_json(path / SCHED))})
     rng = _read_tensors(path / _rng_file(rank))
     torch.set_rng_state(rng["cpu"])
@@ -155,9 +182,3 @@ def load(path: Path, model, optimizer, scheduler, rank: int = 0) -> int:
         torch.cuda.set_rng_state_all([rng[k] for k in sorted(rng) if k.startswith("cuda")] or
                                      torch.cuda.get_rng_state_all())  # fmt: skip
     return step
-
-
-def _tied_elsewhere(key: str, own: dict, saved: dict) -> bool:
-    """``save_model`` writes a tied tensor once, under one of its names."""
-    tensor = own[key]
-    return any(k in saved and v.data_ptr() == tensor.data_ptr() for k, v in own.items() if k != key)

@@ -234,7 +234,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         lora=args.lora, merge=args.merge,
         gradient_checkpointing=args.gradient_checkpointing, save_every=args.save_every, keep=args.keep,
         resume=args.resume, overwrite=args.overwrite, show_progress=not args.no_progress, format=args.format,
-        pack=args.pack, on_bad_record=args.on_bad_record, precision=args.precision,
+        pack=args.pack, on_bad_record=args.on_bad_record, precision=args.precision, fsdp=args.fsdp,
     )  # fmt: skip
     out = train(cfg)
     print(f"trained model in {out} (load with clex.from_pretrained)")
@@ -466,6 +466,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
                     help="bf16: autocast (weights, optimizer states and the CLEX ODE stay fp32), on CPU too; "
                     "auto: bf16 on a GPU that supports it, else fp32 (default: %(default)s)")  # fmt: skip
+    tr.add_argument("--fsdp", default=None, choices=["full_shard"],
+                    help="shard the model over the launched processes (FSDP2; CLEX's module is its own unit)")
     tr.add_argument("--lora", default=None, help="LoRA as r,alpha,target[,target…], e.g. 8,16,q_proj,v_proj")
     tr.add_argument("--merge", action="store_true", help="with --lora: save merged weights")
     tr.add_argument("--gradient-checkpointing", default="auto", choices=["auto", "on", "off"],

@@ -178,7 +178,7 @@ class Run:
         rank = self.accelerator.process_index
         for path in reversed(checkpoints(self.path)):
             try:
-                return C.load(path, self._unwrapped(), self.optimizer, self.scheduler, rank)
+                return C.load(path, self.model, self.optimizer, self.scheduler, rank)
             except C.CheckpointError as err:
                 if self.main:
                     warn(f"{err}; {path.name} is damaged and left as it is, trying an earlier checkpoint")
@@ -195,8 +195,7 @@ class Run:
             outdir.remove(tmp) if tmp.exists() else None
             tmp.mkdir()
         self.accelerator.wait_for_everyone()
-        C.save(tmp, self._unwrapped(), self.optimizer, self.scheduler, step, self.accelerator.process_index,
-               self.main)  # fmt: skip
+        C.save(tmp, self.model, self.optimizer, self.scheduler, step, self.accelerator.process_index, self.main)
         self.accelerator.wait_for_everyone()
         if self.main:
             self.dir.place(tmp, name)

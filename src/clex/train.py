@@ -17,6 +17,7 @@ import contextlib
 import functools
 import json
 import math
+import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -26,6 +27,7 @@ import torch
 
 from . import data as D
 from . import outdir
+from .checkpoint import full_model_state
 from .methods import parse_method
 from .models import check_model_path, clex_modules, from_pretrained, training_length, use_method
 from .rotary import LAYOUTS, T_SAMPLINGS
@@ -92,6 +94,7 @@ class TrainConfig:
     format: str = "text"  # text: language modelling on packed documents; chat: assistant tokens of conversations
     pack: bool = False  # chat: several conversations per row (attention kept inside each), else one per row
     precision: str = "auto"  # auto: bf16 autocast on a GPU that supports it, else fp32; fp32; bf16 (CPU too)
+    fsdp: str | None = None  # full_shard: FSDP2 over the launched processes (also set by an accelerate FSDP config)
     on_bad_record: str = "error"  # chat: stop at a bad record, or skip it (counted)
 
 
@@ -198,7 +201,11 @@ def train(cfg: TrainConfig) -> Path:
     model, L, length = prepare_model(cfg)
     # At t' = 1 the CLEX matrices take no part in the loss: DDP must not wait for their gradients.
     ddp = DistributedDataParallelKwargs(find_unused_parameters=bool(clex_modules(model)))
-    accelerator = Accelerator(mixed_precision=_fresh_precision(cfg.precision), kwargs_handlers=[ddp])
+    plugin = _fsdp_plugin(cfg, model)
+    accelerator = Accelerator(mixed_precision=_fresh_precision(cfg.precision), kwargs_handlers=[ddp],
+                              fsdp_plugin=plugin)  # fmt: skip
+    if plugin is not None:
+        _fsdp_on_cpu(accelerator, plugin)
     tok = D.load_tokenizer(cfg.tokenizer or cfg.model)
     chat = None
     if cfg.format == "chat":
@@ -232,6 +239,10 @@ def train(cfg: TrainConfig) -> Path:
     # The scheduler is stepped once per optimizer step whatever the process count (accelerate's
     # prepared scheduler steps once per process); clex.checkpoint saves it with the rest, as JSON.
     model, optimizer = accelerator.prepare(model, optimizer)
+    if plugin is not None:  # FSDP replaced the parameters (DTensors): the clipping groups follow by name
+        trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        clex_params = [p for n, p in trainable if "clex_ode" in n] if clex_params else []
+        base_params = [p for n, p in trainable if "clex_ode" not in n]
 
     run = Run(out, accelerator, model, optimizer, scheduler)
     with run.claimed(cfg):
@@ -393,6 +404,10 @@ def _validate(cfg: TrainConfig) -> None:
         raise TrainError(f"--clex-max-grad-norm must be positive and finite, got {cfg.clex_max_grad_norm}")
     if not (cfg.weight_decay >= 0 and math.isfinite(cfg.weight_decay)):
         raise TrainError(f"--weight-decay must be >= 0 and finite, got {cfg.weight_decay}")
+    if cfg.fsdp is not None and cfg.fsdp not in FSDP_MODES:
+        raise TrainError(f"--fsdp must be one of {FSDP_MODES}, got {cfg.fsdp!r}")
+    if cfg.fsdp and cfg.lora:
+        raise TrainError("--fsdp with --lora is not supported: LoRA's trainable weights are small, use DDP")
     if cfg.precision not in PRECISIONS:
         raise TrainError(f"--precision must be one of {PRECISIONS}, got {cfg.precision!r}")
     if cfg.on_bad_record not in ("error", "skip"):
@@ -402,6 +417,44 @@ def _validate(cfg: TrainConfig) -> None:
 
 
 PRECISIONS = ("auto", "fp32", "bf16")
+
+
+FSDP_MODES = ("full_shard",)
+
+
+def _fsdp_plugin(cfg: TrainConfig, model):
+    """FSDP2 (``fully_shard``) for ``--fsdp full_shard`` or an accelerate FSDP config (its other settings are
+    read from the environment). CLEX's rotary module is its own unit beside the decoder layers, so the CLEX
+    matrices stay fp32 whatever the layers' dtype and take no part in the layers' reductions."""
+    from_config = os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true")
+    if not (cfg.fsdp or from_config):
+        return None
+    from accelerate import FullyShardedDataParallelPlugin
+
+    layers = list(getattr(model, "_no_split_modules", None) or [])
+    if not layers:
+        raise TrainError(f"--fsdp: {type(model).__name__} names no decoder-layer class to shard by")
+    wrap = layers + (["ClexRotary"] if clex_modules(model) else [])
+    return FullyShardedDataParallelPlugin(fsdp_version=2, reshard_after_forward=True, state_dict_type="FULL_STATE_DICT",
+                                          auto_wrap_policy="transformer_based_wrap", cpu_ram_efficient_loading=False,
+                                          transformer_cls_names_to_wrap=wrap)  # fmt: skip
+
+
+def _fsdp_on_cpu(accelerator, plugin) -> None:
+    """accelerate (1.15) switches FSDP on only for accelerator devices: on CPU processes (gloo) it trains DDP
+    without a word. Sharding several CPU processes is what FSDP2 supports, so clex sets it explicitly."""
+    from accelerate.state import PartialState
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type == DistributedType.FSDP:
+        return
+    if accelerator.distributed_type != DistributedType.MULTI_CPU:
+        raise TrainError("--fsdp shards a model over several processes: launch with `accelerate launch` or "
+                         "`python -m torch.distributed.run --nproc_per_node N -m clex train …`")  # fmt: skip
+    accelerator.state.distributed_type = DistributedType.FSDP
+    PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+    accelerator.state.fsdp_plugin = plugin
+    accelerator.state.device = torch.device("cpu")
 
 
 def _fresh_precision(precision: str) -> str:
@@ -434,6 +487,7 @@ def _save_final(accelerator, model, run: Run, cfg: TrainConfig, tok) -> None:
     """The final model, written beside the run under a temporary name and moved in file by file (never over a
     file clex did not write); the checkpoints go once the model is in place."""
     accelerator.wait_for_everyone()
+    state = full_model_state(model) if cfg.fsdp or accelerator.distributed_type == "FSDP" else None  # all processes
     if not accelerator.is_main_process:
         return
     model = accelerator.unwrap_model(model)
@@ -442,7 +496,7 @@ def _save_final(accelerator, model, run: Run, cfg: TrainConfig, tok) -> None:
         outdir.remove(tmp)
     if cfg.lora and cfg.merge:
         model = model.merge_and_unload()
-    model.save_pretrained(tmp)
+    model.save_pretrained(tmp, **({"state_dict": state} if state is not None else {}))
     if cfg.lora and not cfg.merge:
         save_method_beside_adapter(model, cfg.method, tmp)
     if not isinstance(tok, D.ByteTokenizer):
