@@ -32,9 +32,11 @@ def main() -> None:
             logits_all=True,
             n_threads=int(job.get("threads", 2)),
             verbose=False,
+            **({"type_k": 0, "type_v": 0} if run.get("kv") == "f32" else {}),  # GGML_TYPE_F32; default f16
         )
+        weights = run["gguf"].rsplit("-", 1)[-1].removesuffix(".gguf")
         entry = {
-            "dtype": run["gguf"].rsplit("-", 1)[-1].removesuffix(".gguf"),
+            "dtype": f"{weights}, KV {run.get('kv', 'f16')}",
             "load_s": time.perf_counter() - start,
             "n_ctx": llm.n_ctx(),
             "lengths": {},

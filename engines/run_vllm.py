@@ -50,7 +50,7 @@ def main() -> None:
             t0 = time.perf_counter()
             try:
                 lp, top = prompt_logprobs(llm, job["ids"], n)
-            except ValueError as exc:  # e.g. a prompt that leaves no room for one output token
+            except Exception as exc:  # a refused prompt, e.g. one that leaves no room for one output token
                 entry["lengths"][str(n)] = {"error": str(exc).splitlines()[0]}
                 continue
             entry["lengths"][str(n)] = {"lp": lp, "top": top, "s": time.perf_counter() - t0}

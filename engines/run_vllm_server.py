@@ -43,7 +43,7 @@ def main() -> None:
                "--host", "127.0.0.1", "--port", str(port), "--max-model-len", str(run["max_model_len"]),
                "--dtype", run["dtype"], "--enforce-eager", "--seed", "0",
                "--max-num-batched-tokens", str(max(run["max_model_len"], 2048))]  # fmt: skip
-        log = open(sys.argv[2] + f".{run['name']}.log", "w")
+        log = open(sys.argv[2] + "." + "".join(c if c.isalnum() else "-" for c in run["name"]) + ".log", "w")
         start = time.perf_counter()
         server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         try:

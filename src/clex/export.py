@@ -124,7 +124,7 @@ def serving_settings(L: int, factor: int, to: str = "longrope") -> str:
                 f"({L}, {hi}] (e.g. -c {hi}; any n_ctx > {L} applies the T = {factor} factors at every position, "
                 f"so shorter prompts are served at t = {factor}); for prompts up to {L} tokens run a second "
                 f"context with -c {L}")  # fmt: skip
-    return (f"equal to the CLEX model at lengths {lo} < n <= {hi}; vLLM: --max-model-len {hi} + the new tokens "
-            f"you allow (a prompt and its output must fit; tokens past {hi} stay at t = {factor}); any "
-            f"max_model_len > {L} applies long_factor at every position, so shorter prompts are served at "
-            f"t = {factor}: for prompts up to {L} tokens serve it with --max-model-len {L}")
+    return (f"equal to the CLEX model at lengths {lo} < n <= {hi}; vLLM: --max-model-len {hi} (the most it "
+            f"accepts: prompt + max_tokens <= {hi}); any max_model_len > {L} applies long_factor at every position, "
+            f"so shorter prompts are served at t = {factor}: for prompts up to {L} tokens serve it with "
+            f"--max-model-len {L}")
