@@ -232,3 +232,30 @@ def test_bf16_autocast_on_cpu_keeps_clex_fp32_with_finite_gradients_and_the_fp32
     fp32, bf16 = (np.array([r["loss"] for r in runs[p]]) for p in ("fp32", "bf16"))
     assert np.max(np.abs(bf16 - fp32) / fp32) < 0.02  # measured here: 0.09% at most
     assert fp32[-20:].mean() < fp32[:20].mean()  # it trained
+
+
+# --- FSDP -------------------------------------------------------------------------------------------------
+def test_clex_trainer_under_fsdp_on_two_processes_takes_the_steps_of_one(setup, tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    job = str(Path(__file__).parent / "fsdp_trainer_job.py")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
+    runs = {}
+    for world in (1, 2):
+        out = tmp_path / f"world{world}"
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(world), "--master_port",
+               str(29540 + world), job, str(setup), str(out)]  # fmt: skip
+        result = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        assert result.returncode == 0, result.stderr[-3000:]
+        runs[world] = json.loads((out / "result.json").read_text())
+    assert runs[2]["fsdp"] and set(runs[2]["clex_param_types"].values()) == {"DTensor"}
+    assert set(runs[2]["clex_dtypes"].values()) == {"torch.float32"}
+    assert runs[2]["losses"] == pytest.approx(runs[1]["losses"], abs=1e-5)  # measured: 4.8e-7
+    one, two = (load_file(tmp_path / f"world{w}" / "final" / "model.safetensors") for w in (1, 2))
+    for key, value in one.items():
+        torch.testing.assert_close(two[key], value, rtol=1e-5, atol=1e-5)  # measured: 6e-8
+    assert two["model.rotary_emb.clex_ode.down_proj"].abs().sum() > 0  # CLEX trained (zero at init)
+    clex.from_pretrained(tmp_path / "world2" / "final")

@@ -51,6 +51,7 @@ from .training import (  # noqa: F401 - re-exported: the step's pieces live in c
     clip_gradients,
     cosine_schedule,
     fixed_t,
+    fsdp_on_cpu,
     packed_clex_positions,
     param_groups,
     save_method_beside_adapter,
@@ -441,9 +442,6 @@ def _fsdp_plugin(cfg: TrainConfig, model):
 
 
 def _fsdp_on_cpu(accelerator, plugin) -> None:
-    """accelerate (1.15) switches FSDP on only for accelerator devices: on CPU processes (gloo) it trains DDP
-    without a word. Sharding several CPU processes is what FSDP2 supports, so clex sets it explicitly."""
-    from accelerate.state import PartialState
     from accelerate.utils import DistributedType
 
     if accelerator.distributed_type == DistributedType.FSDP:
@@ -451,10 +449,7 @@ def _fsdp_on_cpu(accelerator, plugin) -> None:
     if accelerator.distributed_type != DistributedType.MULTI_CPU:
         raise TrainError("--fsdp shards a model over several processes: launch with `accelerate launch` or "
                          "`python -m torch.distributed.run --nproc_per_node N -m clex train …`")  # fmt: skip
-    accelerator.state.distributed_type = DistributedType.FSDP
-    PartialState._shared_state["distributed_type"] = DistributedType.FSDP
-    accelerator.state.fsdp_plugin = plugin
-    accelerator.state.device = torch.device("cpu")
+    fsdp_on_cpu(accelerator, plugin)
 
 
 def _fresh_precision(precision: str) -> str:

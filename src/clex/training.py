@@ -146,6 +146,18 @@ def cosine_schedule(steps: int, warmup: float, clex_warmup: float | None = None)
     return base, clex
 
 
+def fsdp_on_cpu(accelerator, plugin) -> None:
+    """accelerate (1.15) switches FSDP on only for accelerator devices: on CPU processes (gloo) it trains DDP
+    without a word. FSDP2 shards CPU processes, so clex sets it explicitly."""
+    from accelerate.state import PartialState
+    from accelerate.utils import DistributedType
+
+    accelerator.state.distributed_type = DistributedType.FSDP
+    PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+    accelerator.state.fsdp_plugin = plugin
+    accelerator.state.device = torch.device("cpu")
+
+
 # --- CLEX weights beside a LoRA adapter -------------------------------------------------------------
 def save_method_beside_adapter(model, method: str, path: Path) -> None:
     """A LoRA adapter holds only LoRA weights: keep the method and the trained CLEX matrices beside it
@@ -288,6 +300,15 @@ class CLEXTrainerMixin:
         self.add_callback(_SyncStep())
         self._clex_groups = None
 
+    def create_accelerator_and_postprocess(self):
+        """On CPU processes accelerate trains DDP even when ``args.fsdp`` asks for FSDP: set it (FSDP2)."""
+        super().create_accelerator_and_postprocess()
+        if self.args.fsdp and not self.is_fsdp_enabled and self.accelerator.distributed_type == "MULTI_CPU":
+            from accelerate import FullyShardedDataParallelPlugin
+
+            fsdp_on_cpu(self.accelerator, FullyShardedDataParallelPlugin(**self.args.fsdp_plugin_args))
+            self.is_fsdp_enabled = True
+
     def create_optimizer(self, model=None):
         if self.optimizer is None:
             groups, base, clex = param_groups(self.model, self.args.learning_rate, self.clex_lr,
@@ -312,9 +333,10 @@ class CLEXTrainerMixin:
         return super().create_scheduler(num_training_steps, optimizer)
 
     def _clip_grad_norm(self, model):
-        if self._clex_groups is None or not self._clex_groups[1] or self.clex_max_grad_norm is None:
+        groups = self.optimizer.param_groups  # FSDP swaps the parameters after the optimizer is built: read them here
+        if self._clex_groups is None or len(groups) < 2 or self.clex_max_grad_norm is None:
             return super()._clip_grad_norm(model)
-        base, clex = self._clex_groups
+        base, clex = groups[0]["params"], groups[1]["params"]
         return clip_gradients(self.accelerator.clip_grad_norm_, base, clex, self.args.max_grad_norm,
                               self.clex_max_grad_norm)  # fmt: skip
 
