@@ -260,6 +260,43 @@ def band_of(n: int, L: int, T: int) -> str:
     return "(T−1)L < n ≤ TL"
 
 
+def summary(res: dict) -> list[str]:
+    """Per engine, precision and T: the worst row inside ((T−1)·L, T·L] with the context at T·L, and below L
+    with the context at T·L and at L."""
+    L = res["L"]
+    groups: dict[tuple, dict] = {}
+    for r in res["rows"]:
+        if "max" not in r:
+            continue
+        key = (r["engine"], r["dtype"].replace("torch.", ""), r["T"])
+        g = groups.setdefault(key, {})
+        if r["n"] > (r["T"] - 1) * L and r["ctx"] in ("-", str(r["T"] * L)):
+            slot = "band"
+        elif r["n"] <= L:
+            slot = "short-L" if r["ctx"] == str(L) else "short"
+        else:
+            slot = "middle"
+        worst = g.get(slot)
+        if worst is None or r["max"] > worst["max"]:
+            g[slot] = {"max": r["max"], "greedy": min(r["greedy"], worst["greedy"] if worst else 1.0)}
+        elif r["greedy"] < worst["greedy"]:
+            worst["greedy"] = r["greedy"]
+
+    def cell(g, slot):
+        v = g.get(slot)
+        return f"{v['max']:.1e} ({100 * v['greedy']:.0f}%)" if v else "—"
+
+    lines = ["Summary: worst max |Δ log-prob| against clex (lowest greedy agreement) per band; the context at T·L",
+             "unless the column says ctx = L (vLLM `max_model_len`, llama.cpp `n_ctx`; transformers has no setting).",
+             "", "| engine | precision | T | (T−1)L < n ≤ TL | L < n ≤ (T−1)L | n ≤ L | n ≤ L, ctx = L |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
+    for key in sorted(groups):
+        g = groups[key]
+        lines.append(f"| {key[0]} | {key[1]} | {key[2]} | {cell(g, 'band')} | {cell(g, 'middle')} | "
+                     f"{cell(g, 'short')} | {cell(g, 'short-L')} |")  # fmt: skip
+    return [*lines, ""]
+
+
 def write_doc(path: Path, res: dict) -> None:
     L = res["L"]
     lines = [
@@ -276,17 +313,20 @@ def write_doc(path: Path, res: dict) -> None:
         "|Δ log-prob| over the n − 1 positions, and greedy agreement (the engine's most likely token equals clex's).",
         "`ctx` is the engine's context setting (vLLM `max_model_len`, llama.cpp `n_ctx`); transformers has none.",
         "",
+        *summary(res),
+        "All rows:",
+        "",
         "| engine | precision | T | ctx | n | band | max \\|Δ log-prob\\| | mean \\|Δ log-prob\\| "
         "| greedy agreement | eval s |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in sorted(res["rows"], key=lambda r: (r["engine"], r["T"], r["setting"], r["n"])):
         band = band_of(r["n"], L, r["T"])
+        dtype = r["dtype"].replace("torch.", "")
         if "error" in r:
-            lines.append(f"| {r['engine']} | {r['dtype']} | {r['T']} | {r['ctx']} | {r['n']} | {band} | refused: "
+            lines.append(f"| {r['engine']} | {dtype} | {r['T']} | {r['ctx']} | {r['n']} | {band} | refused: "
                          f"{r['error'][:120]} | | | |")  # fmt: skip
             continue
-        dtype = r["dtype"].replace("torch.", "")
         lines.append(f"| {r['engine']} | {dtype} | {r['T']} | {r['ctx']} | {r['n']} | {band} | "
                      f"{r['max']:.2e} | {r['mean']:.2e} | {100 * r['greedy']:.1f}% | {r['s']:.1f} |")  # fmt: skip
     lines += ["", "Wall time per engine process (start, model load, every length; the machine: 2 CPU cores):", "",
