@@ -152,7 +152,6 @@ class Run:
         self.path, self.accelerator = path, accelerator
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
         self.dir: outdir.OutDir | None = None
-        self.step_done = 0
 
     @property
     def main(self) -> bool:
@@ -169,9 +168,6 @@ class Run:
                     self.dir.clear()  # --overwrite, or leftovers of a run killed before it wrote its arguments
             self.accelerator.wait_for_everyone()
             yield self
-
-    def _unwrapped(self):
-        return self.accelerator.unwrap_model(self.model)
 
     def resume(self) -> int:
         """Load the latest intact checkpoint (an earlier one when the latest is damaged); its step, or 0."""
@@ -202,12 +198,6 @@ class Run:
             for old in checkpoints(self.path)[:-keep] if keep > 0 else []:
                 self.dir.remove(old.name)
         self.accelerator.wait_for_everyone()
-
-    def remove_checkpoints(self) -> None:
-        if self.main:
-            for path in self.path.glob("checkpoint-*"):
-                if path.name in self.dir.files:
-                    self.dir.remove(path.name)
 
 
 def trim_metrics(run: outdir.OutDir, step: int) -> None:

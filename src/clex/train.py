@@ -256,8 +256,8 @@ def train(cfg: TrainConfig) -> Path:
             _trim_metrics(run.dir, start_step)
         accelerator.wait_for_everyone()
         try:
-            _loop(cfg, accelerator, model, optimizer, scheduler, run, samples, chat, L, length, per_step,
-                         start_step, base_params, clex_params)  # fmt: skip
+            _loop(cfg, accelerator, model, optimizer, scheduler, run, samples, chat, L, length, per_step, start_step,
+                  base_params, clex_params)  # fmt: skip
             _save_final(accelerator, model, run, cfg, tok)
         except KeyboardInterrupt:
             raise Interrupted(_interrupted_message(out, cfg)) from None
@@ -316,7 +316,6 @@ def _loop(cfg, accelerator, model, optimizer, scheduler, run, samples, chat, L, 
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss_mean:.4f}", t=t, tok_s=f"{record['tokens_per_s']:.0f}")
-            run.step_done = step + 1
             if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps:
                 run.save_checkpoint(step + 1, cfg.keep)
     finally:

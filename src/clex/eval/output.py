@@ -44,32 +44,12 @@ def claim_out(path: str | Path, kind: str, overwrite: bool = False, model=None) 
 
 def precheck(path: str | Path, kind: str, overwrite: bool = False, model=None) -> None:
     """Every refusal :func:`claim_out` would give, without creating or writing anything."""
-    path, source = Path(path), _source(model)
-    if source is not None and Path(source).exists():
-        src, dst = Path(source).resolve(), path.resolve()
-        if dst == src or src in dst.parents:
-            raise O.OutDirError(f"--out {path} is the model directory {source} or inside it; write elsewhere so "
-                                "the model is never replaced")  # fmt: skip
-    if not path.exists():
-        return
-    if not path.is_dir():
-        raise O.OutDirError(f"--out {path} is a file, not a directory")
-    O.check_unlocked(path)  # another clex job writing there: refused at once
-    if (path / O.MANIFEST).exists():
-        record = O.read(path)
-        if overwrite:
-            return
-        if record.kind != kind:
-            raise O.OutDirError(f"--out {path} holds clex {record.kind} output, not {kind}; choose another --out or "
-                                "pass --overwrite to replace what clex wrote there")  # fmt: skip
-        if record.holds(RESULTS):
-            raise _refuse_results(path, kind)
-        return
-    others = O.foreign(path)
-    if others:
-        shown = ", ".join(others[:4]) + (", …" if len(others) > 4 else "")
-        raise O.OutDirError(f"--out {path} holds files clex did not write ({shown}); choose a new or empty "
-                            "directory (clex never replaces or removes files it did not write)")  # fmt: skip
+    path = Path(path)
+    if path.is_dir():
+        O.check_unlocked(path)  # another clex job writing there: refused at once
+    existing = O.claim(path, kind, overwrite=overwrite, source=_source(model), dry_run=True)
+    if existing is not None and not overwrite and existing.kind == kind and existing.holds(RESULTS):
+        raise _refuse_results(path, kind)
 
 
 class EvalOut:
