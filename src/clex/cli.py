@@ -398,7 +398,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seeds", type=int, default=None, help="fine-tuning seeds per method (default 1)")
     demo.add_argument("--pretrain-steps", type=int, default=None)
     demo.add_argument("--finetune-steps", type=int, default=None)
-    demo.add_argument("--overwrite", action="store_true", help="start over when --out holds a run with other settings")
+    demo.add_argument("--overwrite", action="store_true", help="start over when --out holds a run with other settings "
+                      "(removes only what the demo wrote there)")  # fmt: skip
     demo.set_defaults(func=cmd_demo)
 
     ev = sub.add_parser("eval", help="evaluations").add_subparsers(dest="evaluation", required=True)
@@ -474,8 +475,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="auto: on from 2048 tokens (non-reentrant)")  # fmt: skip
     tr.add_argument("--save-every", type=int, default=0, help="checkpoint every K steps (0: only the final model)")
     tr.add_argument("--keep", type=int, default=2, help="checkpoints to keep")
-    tr.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
-    tr.add_argument("--overwrite", action="store_true", help="replace the run in --out")
+    tr.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint, with "
+                    "the same settings (refused otherwise; a finished run is left as it is)")  # fmt: skip
+    tr.add_argument("--overwrite", action="store_true", help="replace the run in --out (removes only what clex "
+                    "wrote there, as its manifest lists)")  # fmt: skip
     tr.add_argument("--out", required=True)
     tr.add_argument("--no-progress", action="store_true")
     tr.set_defaults(func=cmd_train)
