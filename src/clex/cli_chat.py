@@ -1,0 +1,155 @@
+"""``clex generate`` and ``clex chat``: generation from the command line, thin over ``clex.cache``/``clex.chat``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+class _ByteStreamer:
+    """Streams byte-level tokens to stdout as UTF-8 (``generate``'s streamer protocol)."""
+
+    def __init__(self) -> None:
+        import codecs
+
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.prompt_done = False
+
+    def put(self, value) -> None:
+        if not self.prompt_done:  # the first call carries the prompt
+            self.prompt_done = True
+            return
+        sys.stdout.write(self.decoder.decode(bytes(int(v) for v in value.reshape(-1).tolist())))
+        sys.stdout.flush()
+
+    def end(self) -> None:
+        sys.stdout.write(self.decoder.decode(b"", final=True) + "\n")
+        sys.stdout.flush()
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    """Generate from a prompt, streaming to stdout, with a KV-cache policy for CLEX models."""
+    import torch
+    from transformers import TextStreamer
+
+    from .cache import generate
+    from .chat import check_sampling
+    from .data import ByteTokenizer, encode, load_tokenizer
+    from .models import from_pretrained
+
+    check_sampling(args.temperature, args.top_p)
+    if args.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens must be an integer >= 1, got {args.max_new_tokens}")
+    text = sys.stdin.read() if args.prompt_file == "-" else open(args.prompt_file, encoding="utf-8").read()
+    tok = load_tokenizer(args.tokenizer or args.model)
+    model = from_pretrained(args.model).eval()
+    ids = torch.tensor([encode(tok, text)], dtype=torch.long)
+    if ids.shape[1] == 0:
+        raise ValueError(f"prompt file {args.prompt_file} is empty")
+    vocab = model.config.get_text_config().vocab_size
+    if int(ids.max()) >= vocab:
+        raise ValueError(f"the tokenizer gives id {int(ids.max())}, beyond the model's vocabulary of {vocab}")
+    streamer = _ByteStreamer() if isinstance(tok, ByteTokenizer) else TextStreamer(tok, skip_prompt=True)
+    sampling = args.temperature > 0
+    extra = {"temperature": args.temperature, "top_p": args.top_p} if sampling else {}
+    pad = getattr(tok, "pad_token_id", None) or getattr(tok, "eos_token_id", None) or 0
+    torch.manual_seed(args.seed)
+    generate(model, ids, policy=args.policy, max_new_tokens=args.max_new_tokens, do_sample=sampling,
+             streamer=streamer, pad_token_id=pad, **extra)  # fmt: skip
+    return 0
+
+
+def _escape(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("\n", "\\n").replace("\r", "\\r")
+
+
+def _read_message(interactive: bool) -> str | None:
+    """One message: a line, or in a terminal several lines joined while they end with a backslash."""
+    lines = []
+    while True:
+        try:
+            line = input("you> " if interactive and not lines else "...> " if interactive else "")
+        except EOFError:
+            return "\n".join(lines) if lines else None
+        if interactive and line.endswith("\\"):
+            lines.append(line[:-1])
+            continue
+        lines.append(line)
+        return "\n".join(lines)
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    """Chat with a model in the terminal (streamed answers, kept history, /reset, /exit). Without a terminal
+    on stdin it reads one message per line and writes one answer per line (newlines escaped as \\n)."""
+    from transformers.utils import logging as hf_logging
+
+    from .chat import ChatSession, check_sampling
+    from .data import DataError, load_tokenizer
+    from .models import from_pretrained, use_method
+
+    check_sampling(args.temperature)
+    hf_logging.disable_progress_bar()  # no loading bars in a conversation
+    tok = load_tokenizer(args.tokenizer or args.model)
+    model = from_pretrained(args.model).eval()
+    if args.method:
+        model = use_method(model, args.method)
+    interactive = sys.stdin.isatty()
+    notice = lambda text: print(f"[{text}]", file=sys.stderr)  # noqa: E731
+    session = ChatSession(model, tok, args.system, args.max_context, args.max_new_tokens, args.policy,
+                          args.temperature, notice)  # fmt: skip
+    if interactive:
+        print("clex chat: /reset clears the history, /exit leaves; end a line with \\ to continue it", file=sys.stderr)
+    while (text := _read_message(interactive)) is not None:
+        command = text.strip()
+        if command in ("/exit", "/quit"):
+            break
+        if command == "/reset":
+            session.reset()
+            notice("history cleared")
+            continue
+        if not command:
+            if not interactive:  # one output line per input line, always: scripts read them in step
+                notice("empty message: no answer")
+                print(flush=True)
+            continue
+        try:
+            if interactive:
+                print("model> ", end="", flush=True)
+                session.reply(text, write=lambda piece: print(piece, end="", flush=True))
+                print()
+            else:
+                print(_escape(session.reply(text)), flush=True)
+        except DataError as err:
+            notice(str(err))
+            if not interactive:
+                print(flush=True)  # the message's line: empty, the reason on stderr
+    return 0
+
+
+def add_chat_parsers(sub) -> None:
+    """The ``chat`` and ``generate`` subcommands."""
+    ch = sub.add_parser("chat", help=cmd_chat.__doc__.split(".")[0], description=cmd_chat.__doc__)
+    ch.add_argument("--model", required=True, help="model directory (a chat-tuned one: clex train --format chat)")
+    ch.add_argument("--method", default=None, help="switch the model to this method first (default: its own)")
+    ch.add_argument("--system", default=None, help="a system message at the start of the conversation")
+    ch.add_argument("--max-context", type=int, default=None, help="tokens of history + answer kept; the oldest "
+                    "exchanges are dropped beyond it (default: the config's max_position_embeddings)")  # fmt: skip
+    ch.add_argument("--max-new-tokens", type=int, default=256)
+    ch.add_argument("--policy", default="rerotate", choices=["rerotate", "recompute", "frozen", "off"],
+                    help="CLEX KV-cache policy as the conversation grows (default: %(default)s)")  # fmt: skip
+    ch.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
+    ch.add_argument("--tokenizer", default=None, help="tokenizer directory or `bytes` (default: the model's)")
+    ch.set_defaults(func=cmd_chat)
+
+    ge = sub.add_parser("generate", help=cmd_generate.__doc__, description=cmd_generate.__doc__)
+    ge.add_argument("--model", required=True)
+    ge.add_argument("--prompt-file", required=True, help="text file with the prompt (- for stdin)")
+    ge.add_argument("--max-new-tokens", type=int, default=256)
+    ge.add_argument("--policy", default="rerotate", choices=["rerotate", "recompute", "frozen", "off"],
+                    help="KV cache when CLEX's t changes: rerotate cached keys once (default), recompute the "
+                    "prefix, freeze t from the final length, or off (stock behaviour)")  # fmt: skip
+    ge.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
+    ge.add_argument("--top-p", type=float, default=1.0)
+    ge.add_argument("--seed", type=int, default=0)
+    ge.add_argument("--tokenizer", default=None, help="tokenizer directory or `bytes` (default: the model's)")
+    ge.set_defaults(func=cmd_generate)
