@@ -17,7 +17,6 @@ import contextlib
 import functools
 import json
 import math
-import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -28,6 +27,7 @@ import torch
 from . import data as D
 from . import outdir
 from .checkpoint import full_model_state
+from .distributed import FSDP_MODES, PRECISIONS, fresh_precision, fsdp_plugin, require_fsdp
 from .methods import parse_method
 from .models import check_model_path, clex_modules, from_pretrained, training_length, use_method
 from .rotary import LAYOUTS, T_SAMPLINGS
@@ -51,7 +51,6 @@ from .training import (  # noqa: F401 - re-exported: the step's pieces live in c
     clip_gradients,
     cosine_schedule,
     fixed_t,
-    fsdp_on_cpu,
     packed_clex_positions,
     param_groups,
     save_method_beside_adapter,
@@ -202,11 +201,11 @@ def train(cfg: TrainConfig) -> Path:
     model, L, length = prepare_model(cfg)
     # At t' = 1 the CLEX matrices take no part in the loss: DDP must not wait for their gradients.
     ddp = DistributedDataParallelKwargs(find_unused_parameters=bool(clex_modules(model)))
-    plugin = _fsdp_plugin(cfg, model)
-    accelerator = Accelerator(mixed_precision=_fresh_precision(cfg.precision), kwargs_handlers=[ddp],
+    plugin = fsdp_plugin(cfg, model)
+    accelerator = Accelerator(mixed_precision=fresh_precision(cfg.precision), kwargs_handlers=[ddp],
                               fsdp_plugin=plugin)  # fmt: skip
     if plugin is not None:
-        _fsdp_on_cpu(accelerator, plugin)
+        require_fsdp(accelerator, plugin)
     tok = D.load_tokenizer(cfg.tokenizer or cfg.model)
     chat = None
     if cfg.format == "chat":
@@ -414,59 +413,6 @@ def _validate(cfg: TrainConfig) -> None:
         raise TrainError(f"--on-bad-record must be error or skip, got {cfg.on_bad_record!r}")
     if cfg.lora:
         parse_lora(cfg.lora)
-
-
-PRECISIONS = ("auto", "fp32", "bf16")
-
-
-FSDP_MODES = ("full_shard",)
-
-
-def _fsdp_plugin(cfg: TrainConfig, model):
-    """FSDP2 (``fully_shard``) for ``--fsdp full_shard`` or an accelerate FSDP config (its other settings are
-    read from the environment). CLEX's rotary module is its own unit beside the decoder layers, so the CLEX
-    matrices stay fp32 whatever the layers' dtype and take no part in the layers' reductions."""
-    from_config = os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true")
-    if not (cfg.fsdp or from_config):
-        return None
-    from accelerate import FullyShardedDataParallelPlugin
-
-    layers = list(getattr(model, "_no_split_modules", None) or [])
-    if not layers:
-        raise TrainError(f"--fsdp: {type(model).__name__} names no decoder-layer class to shard by")
-    wrap = layers + (["ClexRotary"] if clex_modules(model) else [])
-    return FullyShardedDataParallelPlugin(fsdp_version=2, reshard_after_forward=True, state_dict_type="FULL_STATE_DICT",
-                                          auto_wrap_policy="transformer_based_wrap", cpu_ram_efficient_loading=False,
-                                          transformer_cls_names_to_wrap=wrap)  # fmt: skip
-
-
-def _fsdp_on_cpu(accelerator, plugin) -> None:
-    from accelerate.utils import DistributedType
-
-    if accelerator.distributed_type == DistributedType.FSDP:
-        return
-    if accelerator.distributed_type != DistributedType.MULTI_CPU:
-        raise TrainError("--fsdp shards a model over several processes: launch with `accelerate launch` or "
-                         "`python -m torch.distributed.run --nproc_per_node N -m clex train …`")  # fmt: skip
-    fsdp_on_cpu(accelerator, plugin)
-
-
-def _fresh_precision(precision: str) -> str:
-    """accelerate keeps one process-wide state and refuses a second Accelerator with another precision: an
-    in-process run (a notebook, the tests) that changes it starts from a fresh state."""
-    from accelerate.state import AcceleratorState
-
-    wanted = _mixed_precision(precision)
-    if AcceleratorState._shared_state and str(AcceleratorState._shared_state.get("_mixed_precision", wanted)) != wanted:
-        AcceleratorState._reset_state()
-    return wanted
-
-
-def _mixed_precision(precision: str = "auto") -> str:
-    """accelerate's mixed precision: bf16 autocast (weights, optimizer and the CLEX ODE stay fp32) or none."""
-    if precision == "bf16" or (precision == "auto" and torch.cuda.is_available() and torch.cuda.is_bf16_supported()):
-        return "bf16"
-    return "no"
 
 
 def _bar(cfg: TrainConfig, accelerator, start: int):

@@ -146,18 +146,6 @@ def cosine_schedule(steps: int, warmup: float, clex_warmup: float | None = None)
     return base, clex
 
 
-def fsdp_on_cpu(accelerator, plugin) -> None:
-    """accelerate (1.15) switches FSDP on only for accelerator devices: on CPU processes (gloo) it trains DDP
-    without a word. FSDP2 shards CPU processes, so clex sets it explicitly."""
-    from accelerate.state import PartialState
-    from accelerate.utils import DistributedType
-
-    accelerator.state.distributed_type = DistributedType.FSDP
-    PartialState._shared_state["distributed_type"] = DistributedType.FSDP
-    accelerator.state.fsdp_plugin = plugin
-    accelerator.state.device = torch.device("cpu")
-
-
 # --- CLEX weights beside a LoRA adapter -------------------------------------------------------------
 def save_method_beside_adapter(model, method: str, path: Path) -> None:
     """A LoRA adapter holds only LoRA weights: keep the method and the trained CLEX matrices beside it
@@ -305,6 +293,8 @@ class CLEXTrainerMixin:
         super().create_accelerator_and_postprocess()
         if self.args.fsdp and not self.is_fsdp_enabled and self.accelerator.distributed_type == "MULTI_CPU":
             from accelerate import FullyShardedDataParallelPlugin
+
+            from .distributed import fsdp_on_cpu
 
             fsdp_on_cpu(self.accelerator, FullyShardedDataParallelPlugin(**self.args.fsdp_plugin_args))
             self.is_fsdp_enabled = True
