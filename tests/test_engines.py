@@ -30,16 +30,25 @@ def test_vllm_serves_the_longrope_export_like_the_clex_model(tmp_path):
         pytest.skip("vLLM is not installed (`make test-engines` builds it in .engines/vllm)")
     if os.environ.get("CLEX_ENGINE_TESTS") != "1":
         pytest.skip("vLLM takes minutes to start on a CPU: set CLEX_ENGINE_TESTS=1 to run this test")
+    pytest.importorskip("gguf")
+    from clex.fetch import gguf_to_safetensors
+    from test_fetch import write_tiny_llama_gguf
+
     torch.manual_seed(0)
-    config = tf.LlamaConfig(vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                            num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=L)  # fmt: skip
-    model = tf.LlamaForCausalLM(config).eval()
+    config = tf.LlamaConfig(vocab_size=257, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                            num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=L,
+                            tie_word_embeddings=False)  # fmt: skip
+    write_tiny_llama_gguf(tmp_path / "tiny.gguf", tf.LlamaForCausalLM(config))  # a model with a tokenizer (vLLM's)
+    base = gguf_to_safetensors(tmp_path / "tiny.gguf", tmp_path / "base")
+    model = clex.from_pretrained(base).eval()
     clex.apply(model, "clex", max_factor=4)
     randomize_clex(model, scale=0.3)
     model.save_pretrained(tmp_path / "clex")
+    for item in base.glob("tokenizer*"):
+        (tmp_path / "clex" / item.name).write_bytes(item.read_bytes())
     T = 2
     export(tmp_path / "clex", tmp_path / "stock", factor=T)
-    ids = torch.randint(0, 256, (T * L,), generator=torch.Generator().manual_seed(0)).tolist()
+    ids = torch.randint(0, 257, (T * L,), generator=torch.Generator().manual_seed(0)).tolist()
     n = T * L - 1  # vLLM needs room for one output token
     job = {"model": str(tmp_path / "stock"), "ids": ids,
            "runs": [{"name": "fp32", "max_model_len": T * L, "dtype": "float32", "lengths": [n]}]}  # fmt: skip
