@@ -235,3 +235,32 @@ def test_llama_cpp_runs_the_gguf_like_the_clex_model(clex_dir, tmp_path):
             ours = model(ids[:, :n]).logits[0].double()
         lp = torch.log_softmax(theirs, -1) - torch.log_softmax(ours, -1)
         assert lp.abs().max() < 1e-3, (n, lp.abs().max())
+
+
+@pytest.mark.parametrize("family", ["mistral", "mixtral", "phi3"])
+def test_llama_cpp_runs_other_families(family, fetched, tmp_path):
+    python = _llama_cpp_python()
+    if python is None:
+        pytest.skip("llama-cpp-python is not installed (`make test-engines` builds it in .engines/llamacpp)")
+    common = dict(vocab_size=257, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=L)  # fmt: skip
+    config = {"phi3": lambda: tf.Phi3Config(**common, pad_token_id=0),
+              "mixtral": lambda: tf.MixtralConfig(**common, num_local_experts=2, num_experts_per_tok=1),
+              "mistral": lambda: tf.MistralConfig(**common, sliding_window=None)}[family]()  # fmt: skip
+    torch.manual_seed(0)
+    model = tf.AutoModelForCausalLM.from_config(config).eval()
+    clex.apply(model, "clex", max_factor=4)
+    randomize_clex(model, scale=0.3)
+    model.save_pretrained(tmp_path / family)  # a directory named phi3: llama.cpp special-cases such names
+    for item in fetched.glob("tokenizer*"):
+        (tmp_path / family / item.name).write_bytes(item.read_bytes())
+    T = 2
+    path = export(tmp_path / family, tmp_path / f"{family}.gguf", to="gguf", factor=T)
+    ids = torch.randint(0, 257, (1, T * L), generator=torch.Generator().manual_seed(0))
+    args = [python, "-c", LLAMA_CPP, str(path), json.dumps(ids[0].tolist()), str(T * L)]
+    proc = subprocess.run(args, capture_output=True, text=True, check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    theirs = torch.tensor(json.loads(proc.stdout.strip().splitlines()[-1]))
+    with torch.no_grad():
+        ours = model(ids).logits[0].double()
+    assert (torch.log_softmax(theirs, -1) - torch.log_softmax(ours, -1)).abs().max() < 1e-3

@@ -22,6 +22,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -140,7 +141,20 @@ def _vocab(writer, model_dir: Path, vocab_size: int) -> None:
     writer.add_tokenizer_pre(pre_tokenizer(tokenizer))
     writer.add_token_list(tokens)
     writer.add_token_types(types)
-    gguf.SpecialVocab(model_dir, load_merges=True).add_to_gguf(writer, quiet=True)
+    gguf.SpecialVocab(model_dir, load_merges=True, n_vocab=vocab_size).add_to_gguf(writer, quiet=True)  # ids < vocab
+
+
+def _model_name(model_dir: Path) -> str:
+    """``general.name``: the directory's name. llama.cpp special-cases names containing "phi3"/"phi-3" and then
+    looks up Phi-3's own tokens (``</s>``, ``<unk>``, ``<s>``, ``<|endoftext|>``), failing to load a model whose
+    vocabulary lacks them; such a name is written without the marker."""
+    name = model_dir.resolve().name
+    file = model_dir / "tokenizer.json"
+    vocab = json.loads(file.read_text(encoding="utf-8")) if file.is_file() else {}
+    tokens = set((vocab.get("model") or {}).get("vocab") or {}) | {t["content"] for t in vocab.get("added_tokens", [])}
+    if re.search(r"phi-?3", name, re.I) and not {"</s>", "<unk>", "<s>", "<|endoftext|>"} <= tokens:
+        name = re.sub(r"phi-?3", "phi_3", name, flags=re.I)
+    return name
 
 
 def pre_tokenizer(tokenizer) -> str:
@@ -173,7 +187,7 @@ def write_gguf(model, model_dir: str | Path, out: str | Path, rope: dict, outtyp
     tmp = out.with_name(f".tmp-{out.name}")
     writer = gguf.GGUFWriter(str(tmp), arch)
     try:
-        writer.add_name(model_dir.name)
+        writer.add_name(_model_name(model_dir))
         writer.add_block_count(config.num_hidden_layers)
         writer.add_context_length(factor * L)
         writer.add_embedding_length(config.hidden_size)
