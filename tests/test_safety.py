@@ -257,16 +257,28 @@ def test_a_live_lock_refuses_a_second_run_and_a_stale_one_is_taken_over(world, t
 
 
 def test_two_runs_at_once_on_one_directory(world, tmp_path):
+    import signal
+    import time
+
     out = tmp_path / "twice"
-    cmd = [sys.executable, "-m", "clex", *train_args(world, out, "--steps", "40")]
+    cmd = [sys.executable, "-m", "clex", *train_args(world, out, "--steps", "5000")]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    procs = [subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=env) for _ in range(2)]
-    results = [(p.wait(), p.stderr.read()) for p in procs]
-    codes = sorted(code for code, _ in results)
-    assert codes == [0, 2], results
-    assert "in use by another clex job" in next(err for code, err in results if code == 2)
-    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert steps == list(range(1, 41))
+    first = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    try:
+        deadline = time.time() + 180
+        while not (out / "metrics.jsonl").exists() or not (out / "metrics.jsonl").read_text():
+            assert first.poll() is None and time.time() < deadline, "the first run did not start training"
+            time.sleep(0.05)
+        second = subprocess.run(cmd, capture_output=True, text=True, env=env)  # the same command, while it runs
+        assert second.returncode == 2
+        assert "in use by another clex job (pid" in second.stderr.strip().splitlines()[-1]
+        assert first.poll() is None  # the first run was not disturbed
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    steps = [json.loads(line)["step"] for line in lines if line.endswith("}")]
+    assert steps == list(range(1, len(steps) + 1))  # one writer: every step once
 
 
 # --- 6. one line for every failure ------------------------------------------------------------------
