@@ -15,7 +15,9 @@ are written.
 
 from __future__ import annotations
 
+import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import torch
@@ -93,9 +95,12 @@ def export(model_dir: str | Path, out: str | Path, to: str = "longrope", factor:
             return write_gguf(model, model_dir, out, model.config.rope_parameters, outtype)
         except GGUFExportError as exc:
             raise ExportError(str(exc)) from None
-    tmp = out.with_name(f".tmp-{out.name}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # a fresh temporary directory of clex's own beside --out (never a name someone else may own)
+    tmp = Path(tempfile.mkdtemp(prefix=f".clex-tmp-{out.name}-", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)  # mkdtemp's 0700 would become the output's mode
     model.save_pretrained(tmp)
     for pattern in TOKENIZER_FILES:
         for item in Path(model_dir).glob(pattern):

@@ -10,7 +10,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -79,9 +78,12 @@ def gguf_to_safetensors(gguf_path: str | Path, out: str | Path, dtype: torch.dty
     if missing or unexpected:
         raise FetchError(f"GGUF weights do not fit the model: missing {missing[:4]}, unexpected {unexpected[:4]}")
     fresh.tie_weights()
-    tmp = out.with_name(f".tmp-{out.name}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # a fresh temporary directory of clex's own beside --out (never a name someone else may own)
+    tmp = Path(tempfile.mkdtemp(prefix=f".clex-tmp-{out.name}-", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)  # mkdtemp's 0700 would become the output's mode
     fresh.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     if out.exists() and not any(out.iterdir()):
