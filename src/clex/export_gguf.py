@@ -184,7 +184,7 @@ def write_gguf(model, model_dir: str | Path, out: str | Path, rope: dict, outtyp
         raise GGUFExportError(f"{len(long_factor)} rope factors for a rotary width of {rope_dims}; cannot export")
     ftype = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
              "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[outtype]  # fmt: skip
-    tmp = out.with_name(f".tmp-{out.name}")
+    tmp = out.with_name(f".clex-tmp-{os.getpid()}-{out.name}")  # clex's own name: never someone else's file
     writer = gguf.GGUFWriter(str(tmp), arch)
     try:
         writer.add_name(_model_name(model_dir))
