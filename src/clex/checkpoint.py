@@ -63,10 +63,11 @@ def _options(model, **kw):
     """Full (unsharded) state dicts, gathered to CPU under FSDP; the same call for one process and DDP."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions
 
-    return StateDictOptions(full_state_dict=True, cpu_offload=_sharded(model), **kw)
+    return StateDictOptions(full_state_dict=True, cpu_offload=is_sharded(model), **kw)
 
 
-def _sharded(model) -> bool:
+def is_sharded(model) -> bool:
+    """True for a model whose parameters FSDP2 has sharded (DTensors)."""
     return any(type(p).__name__ == "DTensor" for p in model.parameters())
 
 
@@ -144,26 +145,22 @@ def step_of(path: Path) -> int:
     return step
 
 
-def verify(path: Path, rank: int = 0) -> int:
-    """Parse every file of the checkpoint (without loading it into anything); returns its step."""
+def _read(path: Path, rank: int):
+    """Every file of the checkpoint, each read once and checked before anything is loaded into the run."""
     step = step_of(path)
-    for name in (MODEL, OPTIM, _rng_file(rank)):
-        _read_tensors(path / name)
+    weights, tensors, rng = (_read_tensors(path / name) for name in (MODEL, OPTIM, _rng_file(rank)))
     meta = _read_json(path / OPTIM_META)
     if not isinstance(meta.get("param_groups"), list) or not isinstance(meta.get("state"), dict):
         raise CheckpointError(f"{path / OPTIM_META} lacks the optimizer's param groups")
-    _read_json(path / SCHED)
-    return step
+    return step, weights, tensors, meta, _read_json(path / SCHED), rng
 
 
 def load(path: Path, model, optimizer, scheduler, rank: int = 0) -> int:
     """Restore a checkpoint written by :func:`save` into the same (prepared) objects; returns its step."""
     from torch.distributed.checkpoint.state_dict import set_state_dict
 
-    step = verify(path, rank)
+    step, weights, tensors, meta, sched, rng = _read(path, rank)
     optimizer = getattr(optimizer, "optimizer", optimizer)
-    weights = _read_tensors(path / MODEL)
-    tensors, meta = _read_tensors(path / OPTIM), _read_json(path / OPTIM_META)
     state: dict[str, dict] = {}
     for key, value in [*tensors.items(), *_unjson(meta["state"]).items()]:
         name, _, entry = key.rpartition("//")
@@ -175,8 +172,7 @@ def load(path: Path, model, optimizer, scheduler, rank: int = 0) -> int:
     except (ValueError, KeyError, RuntimeError, TypeError) as err:
         raise CheckpointError(f"{path} does not fit the model and optimizer being trained "
                               f"({str(err).splitlines()[0][:160]}); it belongs to another run") from None  # fmt: skip
-    scheduler.load_state_dict({**scheduler.state_dict(), **_unjson(_read_json(path / SCHED))})
-    rng = _read_tensors(path / _rng_file(rank))
+    scheduler.load_state_dict({**scheduler.state_dict(), **_unjson(sched)})
     torch.set_rng_state(rng["cpu"])
     if torch.cuda.is_available():
         torch.cuda.set_rng_state_all([rng[k] for k in sorted(rng) if k.startswith("cuda")] or

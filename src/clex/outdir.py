@@ -111,6 +111,19 @@ class OutDir:
         self._save()
 
 
+def fresh_temp_dir(beside: Path) -> Path:
+    """A new directory of clex's own next to ``beside`` (to fill, then rename onto it), with the mode a plain
+    ``mkdir`` would give (``mkdtemp``'s 0700 would become the output's)."""
+    import tempfile
+
+    beside.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{beside.name}-", dir=beside.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)
+    return tmp
+
+
 def remove(path: Path) -> None:
     """Remove a file or a directory clex wrote; a directory with a manifest of its own loses only what that
     manifest lists (and is removed only if that leaves it empty)."""

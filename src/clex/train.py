@@ -26,7 +26,7 @@ import torch
 
 from . import data as D
 from . import outdir
-from .checkpoint import full_model_state
+from .checkpoint import full_model_state, is_sharded
 from .distributed import FSDP_MODES, PRECISIONS, fresh_precision, fsdp_plugin, require_fsdp
 from .methods import parse_method
 from .models import check_model_path, clex_modules, from_pretrained, training_length, use_method
@@ -427,7 +427,7 @@ def _save_final(accelerator, model, run: Run, cfg: TrainConfig, tok) -> None:
     """The final model, written beside the run under a temporary name and moved in file by file (never over a
     file clex did not write); the checkpoints go once the model is in place."""
     accelerator.wait_for_everyone()
-    state = full_model_state(model) if cfg.fsdp or accelerator.distributed_type == "FSDP" else None  # all processes
+    state = full_model_state(model) if is_sharded(model) else None  # gathered on every process
     if not accelerator.is_main_process:
         return
     model = accelerator.unwrap_model(model)

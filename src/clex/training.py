@@ -286,7 +286,7 @@ class CLEXTrainerMixin:
                 collator.training = None
 
         self.add_callback(_SyncStep())
-        self._clex_groups = None
+        self._clex_optimizer = False  # the optimizer was built here, with CLEX's group second
 
     def create_accelerator_and_postprocess(self):
         """On CPU processes accelerate trains DDP even when ``args.fsdp`` asks for FSDP: set it (FSDP2)."""
@@ -301,12 +301,11 @@ class CLEXTrainerMixin:
 
     def create_optimizer(self, model=None):
         if self.optimizer is None:
-            groups, base, clex = param_groups(self.model, self.args.learning_rate, self.clex_lr,
-                                              self.args.weight_decay)  # fmt: skip
+            groups, _, _ = param_groups(self.model, self.args.learning_rate, self.clex_lr, self.args.weight_decay)
             optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, self.model)
             optimizer_kwargs.pop("lr", None)
             self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
-            self._clex_groups = (base, clex)
+            self._clex_optimizer = True
         return self.optimizer
 
     def create_scheduler(self, num_training_steps: int, optimizer=None):
@@ -324,7 +323,7 @@ class CLEXTrainerMixin:
 
     def _clip_grad_norm(self, model):
         groups = self.optimizer.param_groups  # FSDP swaps the parameters after the optimizer is built: read them here
-        if self._clex_groups is None or len(groups) < 2 or self.clex_max_grad_norm is None:
+        if not self._clex_optimizer or len(groups) < 2 or self.clex_max_grad_norm is None:
             return super()._clip_grad_norm(model)
         base, clex = groups[0]["params"], groups[1]["params"]
         return clip_gradients(self.accelerator.clip_grad_norm_, base, clex, self.args.max_grad_norm,
