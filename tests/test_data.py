@@ -24,6 +24,51 @@ def test_builtin_splits_are_disjoint_complete_and_pinned():
     assert [D.split_of(i) for i in ("1790-Washington-2", "Zephaniah", "Psalms")] == ["test", "test", "validation"]
 
 
+def _fake_package(root):
+    files = {"sympy/__init__.py": "x = 1\n", "sympy/core/expr.py": "class Expr:\n    pass\n",
+             "sympy/core/tests/test_expr.py": "def test(): pass\n", "sympy/test_runner.py": "t = 0\n",
+             "sympy/data.txt": "not code", "other/mod.py": "y = 2\n"}  # fmt: skip
+    for name, text in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(text)
+    return files
+
+
+def test_code_corpus_reads_an_installed_package_and_its_wheel_alike(tmp_path):
+    import zipfile
+
+    from clex import corpora
+
+    files = _fake_package(tmp_path / "site")
+    wheel = tmp_path / "sympy.whl"
+    with zipfile.ZipFile(wheel, "w") as z:
+        for name, text in files.items():
+            z.writestr(name, text)
+    from_dir = corpora.code_from_directory(tmp_path / "site")
+    # non-test modules of the package only, id = path in the wheel; the same documents either way
+    assert [d.id for d in from_dir] == ["sympy/__init__.py", "sympy/core/expr.py"]
+    assert from_dir == corpora.code_from_wheel(wheel)
+    (tmp_path / "broken.whl").write_bytes(b"PK\x03\x04 not a zip")
+    with pytest.raises(D.DataError, match="not a readable sympy wheel"):
+        corpora.code_from_wheel(tmp_path / "broken.whl")
+
+
+def test_code_corpus_is_the_pinned_release_split_by_path():
+    import importlib.metadata
+
+    from clex import corpora
+
+    if importlib.metadata.version("sympy") != corpora.CODE_VERSION:  # constraints.txt pins it for `make`
+        pytest.skip(f"sympy {corpora.CODE_VERSION} is not installed (the corpus would be downloaded)")
+    docs = D.load_documents("code")
+    assert len(docs) == 839 and docs[0].id == "sympy/__init__.py"
+    assert all(corpora.is_code_module(d.id) for d in docs)
+    parts = {s: {d.id for d in D.load_documents(f"code:{s}")} for s in ("train", "validation", "test")}
+    assert sum(map(len, parts.values())) == len(docs) and len(parts["test"]) == 44
+    assert "sympy/core/expr.py" in parts["test"] and "sympy/core/basic.py" in parts["train"]
+    assert D.split_of("sympy/__init__.py") == "validation"
+
+
 def test_local_sources(tmp_path):
     folder = tmp_path / "docs"
     folder.mkdir()

