@@ -7,9 +7,10 @@ Every run is ``clex train`` (resumable: re-running continues) and every evaluati
 of another variant's models with a different evaluation (e.g. continuous t at inference). ``factors``
 may be fractional (lengths round(k·L), between the integer t's where the ``ceil`` and ``continuous``
 policies differ). A study with a ``"bpe": {"vocab": V}`` key builds its own base model: a byte-level
-BPE tokenizer trained on ``sotu:train`` with ``tokenizers``, and the demo's Llama pre-trained on it at
+BPE tokenizer trained on the study's ``train_data`` with ``tokenizers``, and the demo's Llama pre-trained on it at
 L0 tokens. ``"base_config"`` overrides the demo's model and pre-training settings of the base model
-(bytes or BPE), e.g. ``{"L0": 256, "batch_size": 8}``.
+(bytes or BPE), e.g. ``{"L0": 256, "batch_size": 8}``. ``"train_data"`` (default ``sotu:train``) is the
+text of pre-training, of the BPE tokenizer and of fine-tuning; ``"data"`` the evaluation text.
 
     python experiments/study.py experiments/study.json
 """
@@ -32,10 +33,11 @@ def main(path: str) -> None:
     study = json.loads(Path(path).read_text())
     out, base = Path(study["out"]), Path(study["base"])
     tokenizer = None if "bpe" in study else "bytes"
-    base_cfg = DemoConfig(out=str(base.parent), **study.get("base_config", {}))
+    train_data = study.get("train_data", "sotu:train")
+    base_cfg = DemoConfig(out=str(base.parent), train_data=train_data, **study.get("base_config", {}))
     if "bpe" in study:
         bpe_base(base, study["bpe"]["vocab"], base_cfg)
-    elif not (base / "config.json").exists():  # the demo's base model, pre-trained on sotu:train
+    elif not (base / "config.json").exists():  # the demo's base model, pre-trained on train_data
         pretrain(base_cfg, base.parent)
     by_name = {v["name"]: v for v in study["variants"]}
     rows, began = [], time.perf_counter()
@@ -47,7 +49,7 @@ def main(path: str) -> None:
         for seed in study["seeds"]:
             run = out / f"{slug(trained['name'])}-seed{seed}"
             options = {**study["train"], **trained.get("train", {})}
-            train_run(run, model=str(base), method=spec, data="sotu:train", seed=seed, tokenizer=tokenizer, **options)
+            train_run(run, model=str(base), method=spec, data=train_data, seed=seed, tokenizer=tokenizer, **options)
             results.append(_evaluate(run, eval_spec, study, tokenizer))
         rows.append((variant["name"], results))
         print(f"{variant['name']}: done ({time.perf_counter() - began:.0f} s so far)", flush=True)
@@ -68,12 +70,12 @@ def _evaluate(run: Path, spec: str, study: dict, tokenizer: str | None) -> dict[
 
 
 def bpe_base(base: Path, vocab: int, cfg: DemoConfig) -> None:
-    """A BPE base model in ``base``: tokenizer trained on sotu:train, then the demo's pre-training."""
+    """A BPE base model in ``base``: tokenizer trained on the pre-training text, then the demo's pre-training."""
     from transformers import LlamaForCausalLM
 
     init = base.parent / "init"
     if not (init / "config.json").exists():
-        tok = train_bpe(vocab)
+        tok = train_bpe(vocab, cfg.train_data)
         torch.manual_seed(cfg.seed)
         config = _model_config(cfg)
         config.vocab_size, config.eos_token_id = len(tok), tok.eos_token_id
@@ -82,8 +84,8 @@ def bpe_base(base: Path, vocab: int, cfg: DemoConfig) -> None:
     pretrain(cfg, base.parent, tokenizer=None)
 
 
-def train_bpe(vocab: int):
-    """A byte-level BPE (GPT-2 style, ``<|endoftext|>`` between documents) trained on sotu:train."""
+def train_bpe(vocab: int, data: str = "sotu:train"):
+    """A byte-level BPE (GPT-2 style, ``<|endoftext|>`` between documents) trained on ``data``."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -94,7 +96,7 @@ def train_bpe(vocab: int):
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=["<|endoftext|>"],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())  # fmt: skip
-    tok.train_from_iterator((d.text for d in load_documents("sotu:train")), trainer)
+    tok.train_from_iterator((d.text for d in load_documents(data)), trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>")
 
 

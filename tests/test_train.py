@@ -120,6 +120,23 @@ def test_clex_lr_zero_freezes_the_ode_and_trains_the_rest(model_dir, corpus, tmp
     assert not torch.equal(model.model.layers[0].self_attn.q_proj.weight, base.model.layers[0].self_attn.q_proj.weight)
 
 
+def test_lr_zero_freezes_the_model_and_trains_only_the_ode(model_dir, corpus, tmp_path):
+    out = train(cfg(model_dir, corpus, tmp_path / "ode-only", lr=0.0, clex_lr=1e-2, steps=6))
+    model = clex.from_pretrained(out)
+    assert clex.clex_modules(model)[0].clex_ode.down_proj.abs().sum() > 0  # the ODE learned
+    base = tf.AutoModelForCausalLM.from_pretrained(model_dir)
+    trained = dict(model.named_parameters())
+    for name, p in base.named_parameters():  # every weight of the model is bit for bit the base's
+        assert torch.equal(trained[name], p), name
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["grad_norm_base"] == 0 for r in records)
+    assert all(r["grad_norm_clex"] > 0 for r in records if r["t"] > 1) and any(r["t"] > 1 for r in records)
+    for bad in (dict(clex_lr=None), dict(clex_lr=0.0), dict(method="yarn:factor=4", clex_lr=None)):
+        with pytest.raises(TrainError, match="--lr 0 freezes the base model"):
+            train(cfg(model_dir, corpus, tmp_path / "refused", lr=0.0, **bad))
+        assert not (tmp_path / "refused").exists()
+
+
 def test_lora_freezes_base_trains_clex_saves_reloads_merges(model_dir, corpus, tmp_path):
     base = tf.AutoModelForCausalLM.from_pretrained(model_dir)
     out = train(cfg(model_dir, corpus, tmp_path / "lora", lora="4,8,q_proj,v_proj", steps=10))

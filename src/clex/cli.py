@@ -143,7 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--steps", type=int, default=100)
     tr.add_argument("--batch-size", type=int, default=1, help="samples per process and micro-step")
     tr.add_argument("--grad-accum", type=int, default=1)
-    tr.add_argument("--lr", type=float, default=2e-5)
+    tr.add_argument("--lr", type=float, default=2e-5,
+                    help="learning rate of the model (0 freezes it: only the CLEX ODE learns, at --clex-lr)")
     tr.add_argument("--clex-lr", type=float, default=None,
                     help="learning rate of the CLEX matrices (default: --lr; 0 freezes them)")
     tr.add_argument("--weight-decay", type=float, default=0.0)

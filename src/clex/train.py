@@ -293,10 +293,12 @@ def _loop(cfg, accelerator, model, optimizer, scheduler, run, samples, chat, L, 
                 with contextlib.nullcontext() if sync else accelerator.no_sync(model), accelerator.autocast(), \
                         fixed_t(model, t_fixed):
                     loss = model(**batch).loss
-                    accelerator.backward(loss / cfg.grad_accum)
+                    if loss.requires_grad:  # not at t' = 1 with the base frozen (--lr 0): the ODE is not used there
+                        accelerator.backward(loss / cfg.grad_accum)
                 loss_sum += loss.detach().float()
+            parts: dict[str, float] = {}
             grad_norm = clip_gradients(accelerator.clip_grad_norm_, base_params, clex_params, cfg.max_grad_norm,
-                                       cfg.clex_max_grad_norm)  # fmt: skip
+                                       cfg.clex_max_grad_norm, parts)  # fmt: skip
             loss_mean = accelerator.reduce(torch.as_tensor(loss_sum / cfg.grad_accum, device=accelerator.device),
                                            "mean").item()  # fmt: skip
             if not math.isfinite(loss_mean):
@@ -309,7 +311,8 @@ def _loop(cfg, accelerator, model, optimizer, scheduler, run, samples, chat, L, 
             optimizer.zero_grad(set_to_none=True)
             elapsed = time.perf_counter() - began
             record = {"step": step + 1, "loss": loss_mean, "t": t, "lr": scheduler.get_last_lr()[0],
-                      "grad_norm": float(grad_norm), "tokens_per_s": per_step * length / elapsed}  # fmt: skip
+                      "grad_norm": float(grad_norm), "tokens_per_s": per_step * length / elapsed,
+                      **{f"grad_norm_{k}": v for k, v in parts.items()}}  # fmt: skip
             if metrics is not None:
                 metrics.write(json.dumps(record) + "\n")
             if bar is not None:
@@ -366,8 +369,11 @@ def _validate(cfg: TrainConfig) -> None:
             raise TrainError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
     if cfg.train_length is not None and cfg.train_length < 2:
         raise TrainError(f"--train-length must be at least 2, got {cfg.train_length}")
-    if not (cfg.lr > 0 and math.isfinite(cfg.lr)) or (cfg.clex_lr is not None and not cfg.clex_lr >= 0):
-        raise TrainError(f"learning rates must be positive and finite, got lr={cfg.lr}, clex_lr={cfg.clex_lr}")
+    if not (cfg.lr >= 0 and math.isfinite(cfg.lr)) or (cfg.clex_lr is not None and not cfg.clex_lr >= 0):
+        raise TrainError(f"learning rates must be finite and >= 0, got lr={cfg.lr}, clex_lr={cfg.clex_lr}")
+    if cfg.lr == 0 and (parse_method(cfg.method)[0] != "clex" or cfg.clex_lr in (None, 0) or cfg.lora):
+        raise TrainError("--lr 0 freezes the base model, so only the CLEX ODE can learn: it needs --method clex, "
+                         "--clex-lr above 0, and no --lora")  # fmt: skip
     if cfg.layout not in LAYOUTS:
         raise TrainError(f"--layout must be one of {LAYOUTS}, got {cfg.layout!r}")
     if cfg.t_sampling not in T_SAMPLINGS:

@@ -103,7 +103,8 @@ def fixed_t(model, t: int | None):
 def param_groups(model, lr: float, clex_lr: float | None = None, weight_decay: float = 0.0):
     """(groups, base params, CLEX params): the trainable base parameters at ``lr`` with ``weight_decay``,
     the CLEX matrices in their own group at ``clex_lr`` (default ``lr``) without decay. ``clex_lr = 0``
-    freezes the ODE (no gradients through the solve: NTK α = 2t − 1 with position extrapolation)."""
+    freezes the ODE (no gradients through the solve: NTK α = 2t − 1 with position extrapolation);
+    ``lr = 0`` freezes the base model (only the ODE learns; its group stays second, empty)."""
     clex_params = [p for m in clex_modules(model) for p in m.clex_ode.parameters() if p.requires_grad]
     if clex_lr == 0:
         for p in clex_params:
@@ -111,18 +112,30 @@ def param_groups(model, lr: float, clex_lr: float | None = None, weight_decay: f
         clex_params = []
     clex_ids = {id(p) for p in clex_params}
     base_params = [p for p in model.parameters() if p.requires_grad and id(p) not in clex_ids]
+    if lr == 0:
+        if not clex_params:
+            raise ValueError("lr 0 freezes the base model and leaves nothing to train: it needs a CLEX method "
+                             "with a clex_lr above 0")  # fmt: skip
+        for p in base_params:
+            p.requires_grad_(False)
+        base_params = []
     groups = [{"params": base_params, "lr": lr, "weight_decay": weight_decay}]
     if clex_params:
         groups.append({"params": clex_params, "lr": lr if clex_lr is None else clex_lr, "weight_decay": 0.0})
     return groups, base_params, clex_params
 
 
-def clip_gradients(clip, base_params, clex_params, max_norm: float, clex_max_norm: float | None):
+def clip_gradients(clip, base_params, clex_params, max_norm: float, clex_max_norm: float | None, parts=None):
     """Clip with ``clip(params, norm)`` (accelerate's ``clip_grad_norm_``): the CLEX matrices on their own
-    (``clex_max_norm``; None: one joint norm, the reference). Returns the norm of all gradients before."""
+    (``clex_max_norm``; None: one joint norm, the reference). Returns the norm of all gradients before;
+    with a dict ``parts``, also stores the base model's and the ODE's norms there (``base``, ``clex``)."""
     if clex_params and clex_max_norm is not None:
-        a, b = clip(base_params, max_norm), clip(clex_params, clex_max_norm)
-        return torch.sqrt(torch.as_tensor(a, dtype=torch.float32) ** 2 + torch.as_tensor(b, dtype=torch.float32) ** 2)
+        a = clip(base_params, max_norm) if base_params else torch.zeros(())
+        b = clip(clex_params, clex_max_norm)
+        a, b = torch.as_tensor(a, dtype=torch.float32), torch.as_tensor(b, dtype=torch.float32)
+        if parts is not None:
+            parts.update(base=float(a), clex=float(b))
+        return torch.sqrt(a**2 + b**2)
     return clip(base_params + clex_params, max_norm)
 
 
@@ -301,6 +314,9 @@ class CLEXTrainerMixin:
 
     def create_optimizer(self, model=None):
         if self.optimizer is None:
+            if self.args.learning_rate == 0:
+                raise ValueError("learning_rate 0 (only the CLEX ODE learns) is a `clex train` option (--lr 0); "
+                                 "here, freeze the model's parameters with requires_grad_(False) instead")
             groups, _, _ = param_groups(self.model, self.args.learning_rate, self.clex_lr, self.args.weight_decay)
             optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, self.model)
             optimizer_kwargs.pop("lr", None)
