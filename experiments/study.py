@@ -4,11 +4,13 @@ seeds each, and tabulate perplexity against length on held-out data (median and 
 Every run is ``clex train`` (resumable: re-running continues) and every evaluation ``clex eval ppl``
 (cached as JSON), through the same helpers as ``clex demo``. Variants are plain JSON (see
 ``experiments/study.json``): a method spec, ``clex train`` options, an evaluation spec, or ``reuse``
-of another variant's models with a different evaluation (e.g. continuous t at inference). ``factors``
+of another variant's models with a different evaluation (e.g. continuous t at inference);
+``"untrained": true`` evaluates the base model itself under the method (one row, no seeds), and
+``"from": NAME`` fine-tunes from that variant's model of the same seed instead of the base. ``factors``
 may be fractional (lengths round(k·L), between the integer t's where the ``ceil`` and ``continuous``
 policies differ). A study with a ``"bpe": {"vocab": V}`` key builds its own base model: a byte-level
-BPE tokenizer trained on the study's ``train_data`` with ``tokenizers``, and the demo's Llama pre-trained on it at
-L0 tokens. ``"base_config"`` overrides the demo's model and pre-training settings of the base model
+BPE tokenizer trained on the study's ``train_data`` with ``tokenizers``, and the demo's Llama pre-trained
+on it at L0 tokens. ``"base_config"`` overrides the demo's model and pre-training settings of the base model
 (bytes or BPE), e.g. ``{"L0": 256, "batch_size": 8}``. ``"train_data"`` (default ``sotu:train``) is the
 text of pre-training, of the BPE tokenizer and of fine-tuning; ``"data"`` the evaluation text.
 
@@ -44,12 +46,16 @@ def main(path: str) -> None:
     for variant in study["variants"]:
         trained = by_name[variant.get("reuse", variant["name"])]
         spec = trained["method"]
-        eval_spec = variant.get("eval") or ("clex" if spec.startswith("clex") else spec)
+        eval_spec = variant.get("eval") or ("clex" if spec.startswith("clex") and "untrained" not in trained else spec)
         results = []
         for seed in study["seeds"]:
+            if "untrained" in trained:  # the base model itself under the method: one row, no seeds
+                results.append(_evaluate(base, eval_spec, study, tokenizer, out / slug(trained["name"])))
+                break
             run = out / f"{slug(trained['name'])}-seed{seed}"
+            start = out / f"{slug(trained['from'])}-seed{seed}" if "from" in trained else base
             options = {**study["train"], **trained.get("train", {})}
-            train_run(run, model=str(base), method=spec, data=train_data, seed=seed, tokenizer=tokenizer, **options)
+            train_run(run, model=str(start), method=spec, data=train_data, seed=seed, tokenizer=tokenizer, **options)
             results.append(_evaluate(run, eval_spec, study, tokenizer))
         rows.append((variant["name"], results))
         print(f"{variant['name']}: done ({time.perf_counter() - began:.0f} s so far)", flush=True)
@@ -58,13 +64,15 @@ def main(path: str) -> None:
     print(table)
 
 
-def _evaluate(run: Path, spec: str, study: dict, tokenizer: str | None) -> dict[float, float]:
-    """Perplexity by length factor k (lengths round(k·L)) of one run under ``spec``, cached beside the run."""
+def _evaluate(run: Path, spec: str, study: dict, tokenizer: str | None,
+              cache: Path | None = None) -> dict[float, float]:  # fmt: skip
+    """Perplexity by length factor k (lengths round(k·L)) of one run under ``spec``, cached beside the run
+    (or in ``cache``: for the base model, which is not the study's to write into)."""
     from transformers import AutoConfig
 
     L = training_length(AutoConfig.from_pretrained(run))
     lengths = [round(k * L) for k in study["factors"]]
-    path = run / f"ppl-{slug(study['data'])}-{slug(spec)}.json"
+    path = (cache or run) / f"ppl-{slug(study['data'])}-{slug(spec)}.json"
     result = cached_ppl(str(run), spec, lengths, study["data"], study["samples"], path, tokenizer)
     return {k: result["ppl"][str(n)] for k, n in zip(study["factors"], lengths, strict=True)}
 
