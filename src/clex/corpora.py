@@ -87,11 +87,12 @@ def code() -> list[Document]:
         return code_from_directory(_package_dir(CODE_PACKAGE, CODE_PACKAGE).parent)
     wheel = code_wheel_path()
     if not wheel.exists():
-        _download_wheel(wheel)
+        download_code_wheel(wheel)
     return code_from_wheel(wheel)
 
 
-def _download_wheel(wheel: Path) -> None:
+def download_code_wheel(wheel: Path) -> None:
+    """``pip download`` the pinned release's wheel to ``wheel`` (its name must be the wheel's own)."""
     wheel.parent.mkdir(parents=True, exist_ok=True)
     spec = f"{CODE_PACKAGE}=={CODE_VERSION}"
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:", "-q", spec, "-d",
