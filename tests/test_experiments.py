@@ -62,6 +62,20 @@ def test_gpu_sweep_runs_end_to_end_resumes_and_keeps_to_its_budget(corpus, tmp_p
     assert not (tmp_path / "none" / "s").exists()
 
 
+def test_gpu_sweep_prepare_leaves_the_gpu_run_nothing_to_tokenize(corpus, tmp_path, monkeypatch):
+    sweep = _module("gpu_sweep")
+    plan = dataclasses.replace(sweep.TINY, data=str(corpus), sizes=sweep.TINY.sizes[:1], seeds=())
+    cache = tmp_path / "carried"
+    monkeypatch.setenv("CLEX_CACHE", str(cache))
+    sweep.prepare(plan, cache)
+    caches = sorted((cache / "tokens").glob("*.npz"))
+    assert len(caches) == 2  # train and validation, tokenized with the prepared BPE
+    sweep.run(plan, tmp_path / "out", budget_s=1e9, tiny=True, given_tokenizer=cache / "tokenizer")
+    assert (tmp_path / "out" / "tokenizer" / "tokenizer.json").read_bytes() == (
+        cache / "tokenizer" / "tokenizer.json").read_bytes()
+    assert sorted((cache / "tokens").glob("*.npz")) == caches  # pre-training read the prepared token ids
+
+
 def test_gpu_sweep_plan_fits_its_budget_at_its_own_assumptions():
     sweep = _module("gpu_sweep")
     rows = sweep.estimate(sweep.GPU)
