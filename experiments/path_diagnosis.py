@@ -12,7 +12,8 @@ Per CLEX run (a glob of seed directories gives median (range) over seeds):
   sign (nothing consistent to learn);
 * the median gradient norms of the model and of the ODE before clipping (``metrics.jsonl``), and
   the share of steps whose ODE gradient was clipped;
-* the path's largest departure from NTK, |log θ_learned(t) − log θ_ntk(t)| over pairs, at t = 8, 16.
+* the path's largest departure from NTK, |log θ_learned(t) − log θ_ntk(t)| over pairs, at t = 8, 16;
+* the mean training loss over the first and the last 50 steps with t' > 1 (where the ODE is used).
 
     python experiments/path_diagnosis.py 'runs/study-code/CLEX--lr-3e-4--max-factor-16-seed*' …
 """
@@ -47,11 +48,13 @@ def diagnose(run: Path) -> dict:
     base = [r["grad_norm_base"] for r in records if "grad_norm_base" in r]
     ode_norms = [r["grad_norm_clex"] for r in used if "grad_norm_clex" in r]
     dev = deviation(str(run), [8, 16])
+    first, last = [statistics.mean(r["loss"] for r in part) for part in (used[:50], used[-50:])]
     return {"reach": reach, "moved": moved, "ratio": moved / reach if reach else float("nan"),
             "grad_base": statistics.median(base) if base else float("nan"),
             "grad_ode": statistics.median(ode_norms) if ode_norms else float("nan"),
             "clipped": sum(g > args["clex_max_grad_norm"] for g in ode_norms) / max(1, len(ode_norms)),
-            **{f"dev{t}": float(d.abs().max()) for t, d in dev.items()}}  # fmt: skip
+            **{f"dev{t}": float(d.abs().max()) for t, d in dev.items()},
+            "loss_first": first, "loss_last": last}  # fmt: skip
 
 
 def _cell(values: list[float], fmt: str) -> str:
@@ -64,9 +67,10 @@ def main(patterns: list[str]) -> None:
     torch.set_grad_enabled(False)
     transformers.utils.logging.disable_progress_bar()
     cols = [("reach", ".2e"), ("moved", ".2e"), ("ratio", ".2f"), ("grad_base", ".3f"), ("grad_ode", ".2e"),
-            ("clipped", ".0%"), ("dev8", ".3f"), ("dev16", ".3f")]  # fmt: skip
+            ("clipped", ".0%"), ("dev8", ".3f"), ("dev16", ".3f"), ("loss_first", ".3f"),
+            ("loss_last", ".3f")]  # fmt: skip
     print("| runs (seeds) | Adam's reach | max |W_down| | moved / reach | model grad norm | ODE grad norm "
-          "| ODE clipped | max |Δ log θ| t=8 | t=16 |")
+          "| ODE clipped | max |Δ log θ| t=8 | t=16 | train loss, first 50 | last 50 |")
     print("| --- |" + " --- |" * len(cols))
     for pattern in patterns:
         runs = sorted(Path(p) for p in glob.glob(pattern))
