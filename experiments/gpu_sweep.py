@@ -24,7 +24,6 @@ import argparse
 import json
 import os
 import shutil
-import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -185,19 +184,15 @@ def tokenizer(plan: Plan, out: Path, timings: dict, given: Path | None = None) -
 
 def _init(size: Size, plan: Plan, path: Path, tok_dir: Path) -> Path:
     """A fresh Llama of this size with plain RoPE at L0 and the sweep's tokenizer (seed 0)."""
-    if (path / "config.json").exists():
-        return path
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    if not (path / "config.json").exists():
+        from study import bpe_init
+        from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(tok_dir)
-    config = LlamaConfig(vocab_size=len(tok), hidden_size=size.hidden, intermediate_size=size.intermediate,
-                         num_hidden_layers=size.layers, num_attention_heads=size.heads,
-                         num_key_value_heads=size.heads, max_position_embeddings=plan.L0, rope_theta=10000.0,
-                         bos_token_id=None, eos_token_id=tok.eos_token_id, pad_token_id=None)  # fmt: skip
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(path)
-    tok.save_pretrained(path)
+        from clex.demo import DemoConfig
+
+        shape = DemoConfig(L0=plan.L0, layers=size.layers, hidden=size.hidden, heads=size.heads,
+                           intermediate=size.intermediate, seed=0)  # fmt: skip
+        bpe_init(path, AutoTokenizer.from_pretrained(tok_dir), shape)
     return path
 
 
@@ -217,6 +212,8 @@ def _device() -> str:
 
 
 def markdown(results: dict) -> str:
+    from study import median_range
+
     plan = results["plan"]
     L0, factors = plan["L0"], plan["factors"]
     lines = [f"PPL per token on `{plan['data']}:validation`, {plan['samples']} windows per length, L0 = {L0} tokens; "
@@ -225,10 +222,7 @@ def markdown(results: dict) -> str:
         lines += [f"**{size}**", "", "| method | " + " | ".join(f"{k}×" for k in factors) + " |",
                   "| --- |" + " --- |" * len(factors)]  # fmt: skip
         for name, runs in table.items():
-            cells = []
-            for k in factors:
-                values = [r[str(k * L0)] for r in runs]
-                cells.append(f"{statistics.median(values):.3f} ({min(values):.3f}–{max(values):.3f})")
+            cells = [median_range([r[str(k * L0)] for r in runs]) for k in factors]
             lines.append(f"| {METHODS[name]} | " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines)

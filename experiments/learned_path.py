@@ -26,7 +26,11 @@ import clex
 
 def deviation(run: str, times: list[int]) -> dict[int, torch.Tensor]:
     """``log θ_learned(t) − log θ_ntk(t)`` per pair (fastest first) for each t up to the run's max_factor."""
-    rot = clex.clex_modules(clex.from_pretrained(run))[0]
+    return rotary_deviation(clex.clex_modules(clex.from_pretrained(run))[0], times)
+
+
+def rotary_deviation(rot, times: list[int]) -> dict[int, torch.Tensor]:
+    """``deviation`` of one CLEX rotary module."""
     times = [t for t in times if t <= rot.config.max_factor]
     ntk = copy.deepcopy(rot)
     with torch.no_grad():

@@ -30,7 +30,7 @@ import torch
 import transformers
 
 sys.path.insert(0, str(Path(__file__).parent))
-from learned_path import deviation  # noqa: E402
+from learned_path import rotary_deviation  # noqa: E402
 
 import clex  # noqa: E402
 from clex.training import cosine_schedule  # noqa: E402
@@ -41,13 +41,14 @@ def diagnose(run: Path) -> dict:
     clex_lr = args["lr"] if args["clex_lr"] is None else args["clex_lr"]
     _, multiplier = cosine_schedule(args["steps"], args["warmup"], args["clex_warmup"])
     reach = clex_lr * sum(multiplier(s) for s in range(args["steps"]))
-    ode = clex.clex_modules(clex.from_pretrained(run))[0].clex_ode
+    rot = clex.clex_modules(clex.from_pretrained(run))[0]
+    ode = rot.clex_ode
     moved = float(ode.down_proj.detach().abs().max())
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     used = [r for r in records if r.get("t", 1) > 1]  # at t' = 1 the ODE is not in the graph
     base = [r["grad_norm_base"] for r in records if "grad_norm_base" in r]
     ode_norms = [r["grad_norm_clex"] for r in used if "grad_norm_clex" in r]
-    dev = deviation(str(run), [8, 16])
+    dev = rotary_deviation(rot, [8, 16])
     first, last = [statistics.mean(r["loss"] for r in part) for part in (used[:50], used[-50:])]
     return {"reach": reach, "moved": moved, "ratio": moved / reach if reach else float("nan"),
             "grad_base": statistics.median(base) if base else float("nan"),

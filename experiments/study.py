@@ -47,11 +47,12 @@ def main(path: str) -> None:
         trained = by_name[variant.get("reuse", variant["name"])]
         spec = trained["method"]
         eval_spec = variant.get("eval") or ("clex" if spec.startswith("clex") and "untrained" not in trained else spec)
-        results = []
-        for seed in study["seeds"]:
-            if "untrained" in trained:  # the base model itself under the method: one row, no seeds
-                results.append(_evaluate(base, eval_spec, study, tokenizer, out / slug(trained["name"])))
-                break
+        if "untrained" in trained:  # the base model itself under the method: one row, no seeds
+            results = [_evaluate(base, eval_spec, study, tokenizer, out / slug(trained["name"]))]
+            seeds = []
+        else:
+            results, seeds = [], study["seeds"]
+        for seed in seeds:
             run = out / f"{slug(trained['name'])}-seed{seed}"
             start = out / f"{slug(trained['from'])}-seed{seed}" if "from" in trained else base
             options = {**study["train"], **trained.get("train", {})}
@@ -79,17 +80,21 @@ def _evaluate(run: Path, spec: str, study: dict, tokenizer: str | None,
 
 def bpe_base(base: Path, vocab: int, cfg: DemoConfig) -> None:
     """A BPE base model in ``base``: tokenizer trained on the pre-training text, then the demo's pre-training."""
-    from transformers import LlamaForCausalLM
-
     init = base.parent / "init"
     if not (init / "config.json").exists():
-        tok = train_bpe(vocab, cfg.train_data)
-        torch.manual_seed(cfg.seed)
-        config = _model_config(cfg)
-        config.vocab_size, config.eos_token_id = len(tok), tok.eos_token_id
-        LlamaForCausalLM(config).save_pretrained(init)
-        tok.save_pretrained(init)
+        bpe_init(init, train_bpe(vocab, cfg.train_data), cfg)
     pretrain(cfg, base.parent, tokenizer=None)
+
+
+def bpe_init(init: Path, tok, cfg: DemoConfig) -> None:
+    """A fresh demo Llama shaped by ``cfg`` (seed ``cfg.seed``) with the BPE tokenizer ``tok``, saved in ``init``."""
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(cfg.seed)
+    config = _model_config(cfg)
+    config.vocab_size, config.eos_token_id = len(tok), tok.eos_token_id
+    LlamaForCausalLM(config).save_pretrained(init)
+    tok.save_pretrained(init)
 
 
 def train_bpe(vocab: int, data: str = "sotu:train"):
@@ -115,12 +120,13 @@ def _markdown(study: dict, rows: list) -> str:
     lines = [f"PPL per {unit} on `{study['data']}`, {study['samples']} windows per length; median (range) over "
              f"seeds {study['seeds']}.", "", head, "| --- |" + " --- |" * len(factors)]  # fmt: skip
     for name, results in rows:
-        cells = []
-        for k in factors:
-            values = [r[k] for r in results]
-            cells.append(f"{statistics.median(values):.3f} ({min(values):.3f}–{max(values):.3f})")
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        lines.append(f"| {name} | " + " | ".join(median_range([r[k] for r in results]) for k in factors) + " |")
     return "\n".join(lines) + "\n"
+
+
+def median_range(values: list[float]) -> str:
+    """A table cell: median (range) over seeds."""
+    return f"{statistics.median(values):.3f} ({min(values):.3f}–{max(values):.3f})"
 
 
 if __name__ == "__main__":
