@@ -442,6 +442,9 @@ def test_an_unexpected_failure_is_one_line_and_debug_shows_the_traceback(world, 
     (("--max-grad-norm", "0"), "--max-grad-norm must be positive"),
     (("--lora", "8,16,nothing_proj"), "name no module of the model"),
     (("--resume", "--overwrite"), "pass one of them"),
+    (("--lr", "0"), "--lr 0 freezes the base model, so only the CLEX ODE can learn"),
+    (("--lr", "0", "--clex-lr", "0"), "--lr 0 freezes the base model, so only the CLEX ODE can learn"),
+    (("--lr", "-1"), "learning rates must be finite and >= 0"),
 ])  # fmt: skip
 def test_bad_training_arguments_write_nothing(world, tmp_path, capsys, extra, message):
     out = tmp_path / "never"
