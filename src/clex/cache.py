@@ -24,7 +24,7 @@ import warnings
 import torch
 from torch import nn
 
-from .rotary import ClexRotary
+from .rotary import ClexRotary, clex_modules
 
 POLICIES = ("rerotate", "recompute", "frozen", "off")
 
@@ -215,8 +215,6 @@ def generate(model, input_ids: torch.Tensor, policy: str = "rerotate", **generat
     Returns what ``model.generate`` returns. Models without CLEX generate as usual.
     """
     from transformers import LogitsProcessorList
-
-    from .models import clex_modules
 
     if policy not in POLICIES:
         raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")

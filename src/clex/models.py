@@ -28,7 +28,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 from .cache import install_cache_hook
 from .dynamics import CLEXDynamics
 from .methods import get_method, parse_method, register_with_transformers
-from .rotary import CLEXConfig, ClexRotary
+from .rotary import CLEXConfig, ClexRotary, clex_modules
 
 # Families whose rotary module is tested (tests/test_models.py); others with a standard rotary
 # module work through the same seam.
@@ -226,11 +226,6 @@ def _wrap(rotary: nn.Module, config: CLEXConfig, layer_type: str | None, previou
                 stacklevel=3,
             )
     return wrapped
-
-
-def clex_modules(model: nn.Module) -> list[ClexRotary]:
-    """The CLEX rotary modules of ``model`` (empty if it does not use CLEX)."""
-    return [m for m in model.modules() if isinstance(m, ClexRotary)]
 
 
 # --- construction hook: configs that say "clex" get their module at model init ----------------------

@@ -253,6 +253,11 @@ class ClexRotary(nn.Module):
             )
 
 
+def clex_modules(model: nn.Module) -> list[ClexRotary]:
+    """The CLEX rotary modules of ``model`` (empty if it does not use CLEX)."""
+    return [m for m in model.modules() if isinstance(m, ClexRotary)]
+
+
 # --- training-time sampling ------------------------------------------------------------------------
 def sample_scale_factor(max_factor: int, generator: torch.Generator | None = None, sampling: str = "uniform") -> int:
     """The training step's t' in the integers 1 … max_factor (1 included, as the reference).
