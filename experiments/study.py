@@ -6,7 +6,8 @@ Every run is ``clex train`` (resumable: re-running continues) and every evaluati
 ``experiments/study.json``): a method spec, ``clex train`` options, an evaluation spec, or ``reuse``
 of another variant's models with a different evaluation (e.g. continuous t at inference);
 ``"untrained": true`` evaluates the base model itself under the method (one row, no seeds), and
-``"from": NAME`` fine-tunes from that variant's model of the same seed instead of the base. ``factors``
+``"from": NAME`` fine-tunes from that variant's model of the same seed instead of the base. A variant's own
+``"seeds"`` overrides the study's (to split one variant's seeds between two processes). ``factors``
 may be fractional (lengths round(k·L), between the integer t's where the ``ceil`` and ``continuous``
 policies differ). A study with a ``"bpe": {"vocab": V}`` key builds its own base model: a byte-level
 BPE tokenizer trained on the study's ``train_data`` with ``tokenizers``, and the demo's Llama pre-trained
@@ -51,7 +52,7 @@ def main(path: str) -> None:
             results = [_evaluate(base, eval_spec, study, tokenizer, out / slug(trained["name"]))]
             seeds = []
         else:
-            results, seeds = [], study["seeds"]
+            results, seeds = [], variant.get("seeds", study["seeds"])
         for seed in seeds:
             run = out / f"{slug(trained['name'])}-seed{seed}"
             start = out / f"{slug(trained['from'])}-seed{seed}" if "from" in trained else base

@@ -97,3 +97,26 @@ def test_context_value_is_zero_at_L0_and_scores_the_same_tokens(corpus, tmp_path
     out = cv.context_value(str(tmp_path / "m"), "clex:max_factor=4", f"{corpus}:all", [1, 4], samples=3, stride=4)
     assert out[1]["worth"] == 0 and out[1]["full"] == out[1]["last_L0"]
     assert out[4]["tokens"] == 3 * (4 * 16 - 1) and out[4]["full"] != out[4]["last_L0"]
+
+
+def test_study_trains_each_variants_own_seeds_and_tabulates_them(tmp_path, monkeypatch):
+    """A variant's ``seeds`` overrides the study's (one variant's seeds split between two processes)."""
+    study = _module("study")
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "config.json").write_text("{}")  # a base is there: nothing to pre-train
+    trained = []
+    monkeypatch.setattr(study, "train_run", lambda run, seed, **kw: trained.append((run.name, seed)))
+    monkeypatch.setattr(study, "_evaluate", lambda run, spec, s, tok, cache=None: {1: 2.0 + len(trained), 4: 3.0})
+    config = {"base": str(base), "out": str(tmp_path / "out"), "data": "code:validation", "factors": [1, 4],
+              "samples": 2, "seeds": [0, 1, 2], "train": {"steps": 1},
+              "variants": [{"name": "A", "method": "pi:factor=2"},
+                           {"name": "B", "method": "ntk:factor=2", "seeds": [2]}]}  # fmt: skip
+    (tmp_path / "out").mkdir()
+    path = tmp_path / "study.json"
+    path.write_text(json.dumps(config))
+    study.main(str(path))
+    assert trained == [("A-seed0", 0), ("A-seed1", 1), ("A-seed2", 2), ("B-seed2", 2)]
+    table = (tmp_path / "out" / "results.md").read_text()
+    assert "| A | 4.000 (3.000–5.000) | 3.000 (3.000–3.000) |" in table
+    assert "| B | 6.000 (6.000–6.000) |" in table
