@@ -59,7 +59,8 @@ def main(path: str) -> None:
             options = {**study["train"], **trained.get("train", {})}
             train_run(run, model=str(start), method=spec, data=train_data, seed=seed, tokenizer=tokenizer, **options)
             results.append(_evaluate(run, eval_spec, study, tokenizer))
-        rows.append((variant["name"], results))
+        own = seeds and seeds != study["seeds"]  # the header names the study's seeds; a row with others says so
+        rows.append((f"{variant['name']} (seeds {seeds})" if own else variant["name"], results))
         print(f"{variant['name']}: done ({time.perf_counter() - began:.0f} s so far)", flush=True)
     table = _markdown(study, rows)
     (out / "results.md").write_text(table)

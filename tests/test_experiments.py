@@ -119,4 +119,4 @@ def test_study_trains_each_variants_own_seeds_and_tabulates_them(tmp_path, monke
     assert trained == [("A-seed0", 0), ("A-seed1", 1), ("A-seed2", 2), ("B-seed2", 2)]
     table = (tmp_path / "out" / "results.md").read_text()
     assert "| A | 4.000 (3.000–5.000) | 3.000 (3.000–3.000) |" in table
-    assert "| B | 6.000 (6.000–6.000) |" in table
+    assert "| B (seeds [2]) | 6.000 (6.000–6.000) |" in table  # not the header's seeds [0, 1, 2]
