@@ -21,7 +21,7 @@ import transformers as tf
 from safetensors.torch import load_file, save_file
 
 import clex
-from clex import outdir
+from clex import outdir, records
 from clex.cli import main
 
 L = 32
@@ -118,12 +118,14 @@ def test_no_checkpoint_file_is_unpickled(world, tmp_path, capsys):
         code, err = run_cli(capsys, train_args(world, out, "--save-every", "2", "--keep", "3", "--resume"))
         assert not marker.exists(), f"{target} was executed"
         name = target.split("/")[-1]
-        if target.endswith((".pkl", ".bin")) or name == "metrics.jsonl":
-            assert code == 0, err  # not read (pickles), or a torn line dropped with a warning
+        if target.endswith((".pkl", ".bin")):
+            assert code == 0, err  # never read (the checkpoint they were put in is not as clex wrote it)
+        elif name == "metrics.jsonl":  # not clex's any more: kept, and the run refused before any work
+            assert code == 2 and "metrics.jsonl was changed since clex wrote it" in last_line(err)
         elif name == "train_args.json":
-            assert code == 2 and "train_args.json is missing or damaged" in last_line(err)
+            assert code == 2 and "train_args.json was changed since clex wrote it" in last_line(err)
         else:  # the checkpoint is named as damaged; the run starts again from step 0, the same steps
-            assert code == 0 and f"{name} is" in err and "damaged" in err, err
+            assert code == 0 and f"{name} " in err and "damaged" in err, err
 
 
 # --- 2. user files are never deleted or replaced ----------------------------------------------------
@@ -145,7 +147,12 @@ def test_overwrite_removes_only_what_clex_wrote(world, tmp_path, capsys):
             "model-backup-before-finetune.safetensors": "weights"}  # fmt: skip
     for name, text in user.items():
         (out / name).write_text(text)
-    (out / "checkpoint-0000002" / "mine.txt").write_text("inside a checkpoint")  # clex's directory: goes with it
+    (out / "checkpoint-0000002" / "mine.txt").write_text("inside a checkpoint")  # no longer as clex wrote it
+    before = snapshot(out)
+    code, err = run_cli(capsys, train_args(world, out, "--overwrite", "--steps", "2"))
+    assert code == 2 and "checkpoint-0000002" in last_line(err) and "nothing was removed" in last_line(err)
+    assert snapshot(out) == before
+    (out / "checkpoint-0000002" / "mine.txt").rename(tmp_path / "mine.txt")
     code, err = run_cli(capsys, train_args(world, out, "--overwrite", "--steps", "2"))
     assert code == 0, err
     assert {name: (out / name).read_text() for name in user} == user
@@ -172,8 +179,7 @@ def test_demo_overwrite_keeps_the_users_files(tmp_path):
     cfg = quick_config(out=str(out))
     demo = _check_config(cfg, out, overwrite=False)
     demo.write_text("report.md", "old report")
-    (out / "eval").mkdir()
-    (out / "eval" / "cached.json").write_text("{}")
+    outdir.write_in(outdir.nest(out, "eval", "demo") / "cached.json", lambda tmp: tmp.write_text("{}"))
     (out / "thesis.tex").write_text("my thesis")
     with pytest.raises(ValueError, match="other settings"):
         _check_config(quick_config(out=str(out), seed=5), out, overwrite=False)
@@ -226,6 +232,9 @@ def test_resume_with_other_data_content_is_refused(world, tmp_path, capsys):
     train_args_file = json.loads((out / "train_args.json").read_text())
     train_args_file["identity"]["data"] = str(corpus)  # same name, other content
     (out / "train_args.json").write_text(json.dumps(train_args_file))
+    manifest = outdir.read(out)  # as if clex had written it so: the run started on this path
+    manifest.entries["train_args.json"] = records.record_of(out / "train_args.json")
+    manifest._save()
     code, err = run_cli(capsys, args)
     assert code == 2 and "the data's content" in last_line(err)
 
@@ -350,35 +359,47 @@ CHECKPOINT_CASES = [
     ("truncated optimizer", "optimizer.safetensors", lambda p: p.write_bytes(p.read_bytes()[:-10]),
      "is not a readable"),
     ("garbage state", "trainer_state.json", lambda p: p.write_text("{step"), "is not valid JSON"),
-    ("bad state", "trainer_state.json", lambda p: p.write_text('{"step": "two"}'), "does not name a step"),
+    ("bad state", "trainer_state.json", lambda p: p.write_text('{"step": "two"}'),
+     "names step 'two', not a step of this run"),
     ("missing rng", "rng-0.safetensors", lambda p: p.unlink(), "is missing"),
 ]  # fmt: skip
 
 
+@pytest.mark.parametrize("recorded", ["before the damage", "after the damage"])
 @pytest.mark.parametrize("case, name, damage, message", CHECKPOINT_CASES, ids=[c[0] for c in CHECKPOINT_CASES])
 def test_a_damaged_latest_checkpoint_is_named_and_an_earlier_one_used(world, tmp_path, capsys, case, name, damage,
-                                                                      message):  # fmt: skip
+                                                                      message, recorded):  # fmt: skip
+    """Damage after clex recorded the checkpoint is seen by its record; a checkpoint recorded as it is (a
+    manifest rewritten to match) is still checked file by file before it is believed."""
     out = unfinished_copy(world, tmp_path, "run")  # its checkpoint at step 2; one at step 3 is added
-    manifest = outdir.read(out)
     later = out / "checkpoint-0000003"
-    manifest.add(later.name)
     shutil.copytree(out / "checkpoint-0000002", later)
     (later / "trainer_state.json").write_text('{"step": 3}')
-    damage(later / name)
+    if recorded == "after the damage":
+        damage(later / name)
+    manifest = outdir.read(out)
+    manifest.entries[later.name] = records.record_of(later)
+    manifest._save()
+    if recorded == "before the damage":
+        damage(later / name)
+        message = "was changed since clex wrote it"
     code, err = run_cli(capsys, train_args(world, out, "--save-every", "2", "--keep", "3", "--resume"))
-    assert code == 0
+    assert code == 0, err
     warning = next(line for line in err.splitlines() if "warning" in line)
     assert str(later / name) in warning and message in warning and "trying an earlier checkpoint" in warning
     a, b = load_file(world / "run" / "model.safetensors"), load_file(out / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)  # resumed from step 2: the same run
 
 
-def test_a_checkpoint_without_its_state_file_does_not_block_the_run(world, tmp_path, capsys):
+def test_a_checkpoint_without_its_state_file_is_kept_and_does_not_block_the_run(world, tmp_path, capsys):
     out = unfinished_copy(world, tmp_path)
-    (out / "checkpoint-0000002" / "trainer_state.json").unlink()  # incomplete: ignored, then written again
+    (out / "checkpoint-0000002" / "trainer_state.json").unlink()  # no longer what clex wrote: never resumed
+    left = snapshot(out / "checkpoint-0000002")
     code, err = run_cli(capsys, train_args(world, out, "--save-every", "2", "--keep", "3", "--resume"))
     assert code == 0, err
-    assert json.loads((out / "checkpoint-0000002" / "trainer_state.json").read_text()) == {"step": 2}
+    assert "checkpoint-0000002" in err and snapshot(out / "checkpoint-0000002") == left  # named, kept as it is
+    a, b = load_file(world / "run" / "model.safetensors"), load_file(out / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)  # trained again from the start: the same model
 
 
 def test_a_torn_metrics_line_is_dropped_with_its_line_number(world, tmp_path, capsys):
@@ -435,7 +456,8 @@ def test_an_unexpected_failure_is_one_line_and_debug_shows_the_traceback(world, 
 
 # --- 7. nonsense is refused before anything is written ----------------------------------------------
 @pytest.mark.parametrize("extra, message", [
-    (("--keep", "-1"), "--keep must be an integer >= 0"),
+    (("--keep", "-1"), "--keep must be an integer >= 1"),
+    (("--keep", "0"), "--keep must be an integer >= 1, got 0 (the checkpoints a run keeps to resume from)"),
     (("--save-every", "-1"), "--save-every must be an integer >= 0"),
     (("--layout", "chunks", "--chunks", "0"), "--chunks must be an integer from 2"),
     (("--max-factor", "8"), "max_factor given twice"),

@@ -92,10 +92,18 @@ def fake_results(path: Path, kind: str, extra: dict | None = None) -> Path:
     path.mkdir(parents=True)
     (path / "results.json").write_text('{"old": "results"}')
     (path / "results.md").write_text("old table")
-    (path / MANIFEST).write_text(json.dumps({"kind": kind, "files": ["results.json", "results.md"]}))
+    write_manifest(path, kind, ["results.json", "results.md"])
     for name, text in (extra or {}).items():
         (path / name).write_text(text)
     return path
+
+
+def write_manifest(path: Path, kind: str, names: list[str], log: tuple[str, ...] = ()) -> None:
+    """The manifest clex would have written for ``names`` as they are now."""
+    from clex.records import record_of
+
+    entries = {name: record_of(path / name, log=name in log) for name in names}
+    (path / MANIFEST).write_text(json.dumps({"clex_manifest": 2, "kind": kind, "entries": entries}))
 
 
 # --- the table: refusals ------------------------------------------------------------------------------------
@@ -191,8 +199,8 @@ def _locked(path: Path) -> Path:
     import socket
 
     path.mkdir(parents=True)
-    (path / MANIFEST).write_text(json.dumps({"kind": "eval-passkey", "files": ["partial.jsonl"]}))
     (path / "partial.jsonl").write_text("")
+    write_manifest(path, "eval-passkey", ["partial.jsonl"], log=("partial.jsonl",))
     (path / ".clex-lock").write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": 0}))
     return path
 
@@ -227,11 +235,16 @@ def test_overwrite_removes_only_what_clex_listed(shared, tmp_path, capsys):
     first = snapshot(out)
     code, _, err = cli(capsys, ppl_argv(shared, out))
     assert code == 2 and "already holds results" in one_line(err) and snapshot(out) == first
-    (out / "ppl.png").write_bytes(b"stale")  # a listed file: replaced by the new run
+    (out / "ppl.png").write_bytes(b"edited")  # a listed file, changed since: kept, and named
+    edited = snapshot(out)
+    code, _, err = cli(capsys, ppl_argv(shared, out, "--overwrite", "--samples", "1"))
+    assert code == 2 and "ppl.png" in one_line(err) and "nothing was removed" in one_line(err)
+    assert snapshot(out) == edited
+    (out / "ppl.png").rename(tmp_path / "kept.png")
     assert cli(capsys, ppl_argv(shared, out, "--overwrite", "--samples", "1"))[0] == 0
-    assert (out / "notes.txt").read_text() == "the user's"
+    assert (out / "notes.txt").read_text() == "the user's" and (tmp_path / "kept.png").read_bytes() == b"edited"
     assert json.loads((out / "results.json").read_text())["settings"]["samples"] == 1
-    assert (out / "ppl.png").read_bytes() != b"stale"
+    assert (out / "ppl.png").read_bytes() != b"edited"
 
 
 def test_every_file_an_eval_writes_is_in_the_manifest(shared, tmp_path, capsys):
@@ -241,8 +254,8 @@ def test_every_file_an_eval_writes_is_in_the_manifest(shared, tmp_path, capsys):
     for out, kind in ((ppl, "eval-ppl"), (passkey, "eval-passkey")):
         record = json.loads((out / MANIFEST).read_text())
         present = sorted(p.name for p in out.iterdir() if p.name != MANIFEST)
-        assert record["kind"] == kind and sorted(record["files"]) == present
-    assert "partial.jsonl" not in json.loads((passkey / MANIFEST).read_text())["files"]  # removed once complete
+        assert record["kind"] == kind and sorted(record["entries"]) == present
+    assert "partial.jsonl" not in json.loads((passkey / MANIFEST).read_text())["entries"]  # removed once complete
     assert sorted(p.name for p in passkey.iterdir()) == sorted(
         [MANIFEST, "results.json", "results.md", "predictions.jsonl", "passkey.png", "passkey_heatmap.png"])
 

@@ -19,9 +19,12 @@ back is parsed as safetensors or JSON only; a damaged one raises :class:`Checkpo
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import torch
+
+from .jsonfile import JSONFileError, read_json
 
 STATE_FILE = "trainer_state.json"
 MODEL, OPTIM, OPTIM_META, SCHED = "model.safetensors", "optimizer.safetensors", "optimizer.json", "scheduler.json"
@@ -116,14 +119,11 @@ def save(path: Path, model, optimizer, scheduler, step: int, rank: int = 0, main
 
 def _read_json(file: Path) -> dict:
     try:
-        value = json.loads(file.read_text())
+        return read_json(file)
     except FileNotFoundError:
         raise CheckpointError(f"{file} is missing") from None
-    except (OSError, UnicodeDecodeError, ValueError) as err:
-        raise CheckpointError(f"{file} is not valid JSON ({err})") from None
-    if not isinstance(value, dict):
-        raise CheckpointError(f"{file} does not hold a JSON object")
-    return value
+    except JSONFileError as err:
+        raise CheckpointError(str(err)) from None
 
 
 def _read_tensors(file: Path) -> dict[str, torch.Tensor]:
@@ -137,29 +137,107 @@ def _read_tensors(file: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{file} is not a readable safetensors file ({str(err).splitlines()[0][:120]})") from None
 
 
-def step_of(path: Path) -> int:
-    """The step a checkpoint was written at (its state file, checked)."""
-    step = _read_json(path / STATE_FILE).get("step")
-    if not isinstance(step, int) or step < 0:
-        raise CheckpointError(f"{path / STATE_FILE} does not name a step")
+def step_of(path: Path, expected: int | None = None, steps: int | None = None) -> int:
+    """The step a checkpoint was written at (its state file), checked: an integer from 1 to the run's
+    ``steps``, equal to ``expected`` (the number in the checkpoint's name) when given."""
+    file = path / STATE_FILE
+    step = _read_json(file).get("step")
+    if type(step) is not int or step < 1 or (steps is not None and step > steps):
+        raise CheckpointError(f"{file} names step {step!r}, not a step of this run"
+                              + (f" (1 to {steps})" if steps is not None else ""))  # fmt: skip
+    if expected is not None and step != expected:
+        raise CheckpointError(f"{file} names step {step} in a checkpoint named for step {expected}")
     return step
 
 
-def _read(path: Path, rank: int):
+def _finite_numbers(value, file: Path, where: str) -> None:
+    """Every number in a JSON state is finite (an absurd value is a damaged file, not a training setting)."""
+    stack = [(value, where)]
+    while stack:
+        item, at = stack.pop()
+        if isinstance(item, dict):
+            stack.extend((v, f"{at}.{k}") for k, v in item.items())
+        elif isinstance(item, list):
+            stack.extend((v, f"{at}[{i}]") for i, v in enumerate(item))
+        elif isinstance(item, float) and not math.isfinite(item):
+            raise CheckpointError(f"{file} holds {item} at {at}")
+
+
+def _check_optimizer(path: Path, meta: dict, tensors: dict[str, torch.Tensor], weights: dict) -> None:
+    """AdamW's hyper-parameters in range, its moments finite and shaped like the weights they belong to."""
+    file = path / OPTIM_META
+    _finite_numbers(meta, file, "")
+    ranges = {"lr": (0, math.inf), "eps": (1e-30, 1.0), "weight_decay": (0, math.inf), "initial_lr": (0, math.inf)}
+    for i, group in enumerate(meta["param_groups"]):
+        if not isinstance(group, dict):
+            raise CheckpointError(f"{file}: param group {i} is not an object")
+        for key, (low, high) in ranges.items():
+            value = group.get(key, low)
+            if isinstance(value, bool) or not isinstance(value, int | float) or not low <= value <= high:
+                raise CheckpointError(f"{file}: param group {i} has {key} = {value!r}")
+        betas = _unjson(group.get("betas", (0.9, 0.999)))
+        if not (isinstance(betas, tuple | list) and len(betas) == 2 and
+                all(isinstance(b, int | float) and not isinstance(b, bool) and 0 <= b < 1 for b in betas)):
+            raise CheckpointError(f"{file}: param group {i} has betas = {betas!r}")  # fmt: skip
+    for key, value in tensors.items():
+        name, _, entry = key.rpartition("//")
+        if not torch.isfinite(value.float()).all():
+            raise CheckpointError(f"{path / OPTIM} holds non-finite values in {key}")
+        if entry in ("exp_avg", "exp_avg_sq") and name in weights and value.shape != weights[name].shape:
+            raise CheckpointError(f"{path / OPTIM}: {key} has shape {tuple(value.shape)}, its weight "
+                                  f"{tuple(weights[name].shape)}")  # fmt: skip
+
+
+def _check_scheduler(path: Path, sched: dict, step: int) -> None:
+    """The LR scheduler's counters agree with the checkpoint's step and its rates are plain numbers."""
+    file = path / SCHED
+    _finite_numbers(sched, file, "")
+    if sched.get("last_epoch") != step or type(sched.get("last_epoch")) is not int:
+        raise CheckpointError(f"{file} is at step {sched.get('last_epoch')!r}, the checkpoint at {step}")
+    for key in ("base_lrs", "_last_lr"):
+        rates = sched.get(key, [])
+        if not (isinstance(rates, list) and all(isinstance(r, int | float) and not isinstance(r, bool) and r >= 0
+                                                for r in rates)):  # fmt: skip
+            raise CheckpointError(f"{file}: {key} = {rates!r} is not a list of learning rates")
+
+
+def _check_rng(file: Path, rng: dict[str, torch.Tensor]) -> None:
+    """Generator states of the size and dtype torch's own have (a wrong one is refused by torch mid-resume)."""
+    expected = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        expected.update({f"cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    if "cpu" not in rng:
+        raise CheckpointError(f"{file} holds no CPU generator state")
+    for key, value in rng.items():
+        like = expected.get(key, expected["cpu"] if not key.startswith("cuda") else None)
+        if key != "cpu" and not key.startswith("cuda"):
+            raise CheckpointError(f"{file} holds an unknown state {key!r}")
+        if like is not None and (value.dtype != like.dtype or value.shape != like.shape):
+            raise CheckpointError(f"{file}: the {key} generator state is {value.dtype} {tuple(value.shape)}, torch's "
+                                  f"is {like.dtype} {tuple(like.shape)}")  # fmt: skip
+
+
+def _read(path: Path, rank: int, expected: int | None = None, steps: int | None = None):
     """Every file of the checkpoint, each read once and checked before anything is loaded into the run."""
-    step = step_of(path)
+    step = step_of(path, expected, steps)
     weights, tensors, rng = (_read_tensors(path / name) for name in (MODEL, OPTIM, _rng_file(rank)))
     meta = _read_json(path / OPTIM_META)
     if not isinstance(meta.get("param_groups"), list) or not isinstance(meta.get("state"), dict):
         raise CheckpointError(f"{path / OPTIM_META} lacks the optimizer's param groups")
-    return step, weights, tensors, meta, _read_json(path / SCHED), rng
+    sched = _read_json(path / SCHED)
+    _check_optimizer(path, meta, tensors, weights)
+    _check_scheduler(path, sched, step)
+    _check_rng(path / _rng_file(rank), rng)
+    return step, weights, tensors, meta, sched, rng
 
 
-def load(path: Path, model, optimizer, scheduler, rank: int = 0) -> int:
-    """Restore a checkpoint written by :func:`save` into the same (prepared) objects; returns its step."""
+def load(path: Path, model, optimizer, scheduler, rank: int = 0, step: int | None = None,
+         steps: int | None = None) -> int:  # fmt: skip
+    """Restore a checkpoint written by :func:`save` into the same (prepared) objects; returns its step (checked
+    against ``step``, the number in its name, and ``steps``, the run's length, when given)."""
     from torch.distributed.checkpoint.state_dict import set_state_dict
 
-    step, weights, tensors, meta, sched, rng = _read(path, rank)
+    step, weights, tensors, meta, sched, rng = _read(path, rank, step, steps)
     optimizer = getattr(optimizer, "optimizer", optimizer)
     state: dict[str, dict] = {}
     for key, value in [*tensors.items(), *_unjson(meta["state"]).items()]:
@@ -172,7 +250,10 @@ def load(path: Path, model, optimizer, scheduler, rank: int = 0) -> int:
     except (ValueError, KeyError, RuntimeError, TypeError) as err:
         raise CheckpointError(f"{path} does not fit the model and optimizer being trained "
                               f"({str(err).splitlines()[0][:160]}); it belongs to another run") from None  # fmt: skip
-    scheduler.load_state_dict({**scheduler.state_dict(), **_unjson(sched)})
+    try:
+        scheduler.load_state_dict({**scheduler.state_dict(), **_unjson(sched)})
+    except (ValueError, KeyError, TypeError) as err:
+        raise CheckpointError(f"{path / SCHED} does not fit the scheduler ({str(err).splitlines()[0][:120]})") from None
     torch.set_rng_state(rng["cpu"])
     if torch.cuda.is_available():
         torch.cuda.set_rng_state_all([rng[k] for k in sorted(rng) if k.startswith("cuda")] or

@@ -83,8 +83,11 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     """Write a CLEX model's frequencies at t = T as a stock `longrope` checkpoint (no clex needed to load it)
     or a GGUF file for llama.cpp."""
-    from .export import export, serving_hint
+    from .export import ExportError, export, serving_hint
 
+    if args.outtype is not None and args.to != "gguf":
+        raise ExportError(f"--outtype applies only to --to gguf (a {args.to} export keeps the model's weights as "
+                          "they are)")  # fmt: skip
     out = export(args.model, args.out, to=args.to, factor=args.factor, outtype=args.outtype)
     where = "llama.cpp loads it" if args.to == "gguf" else "stock transformers and vLLM load it"
     print(f"wrote {out}: {where}; {serving_hint(args.model, args.factor, args.to)}")
@@ -171,7 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--gradient-checkpointing", default="auto", choices=["auto", "on", "off"],
                     help="auto: on from 2048 tokens (non-reentrant)")  # fmt: skip
     tr.add_argument("--save-every", type=int, default=0, help="checkpoint every K steps (0: only the final model)")
-    tr.add_argument("--keep", type=int, default=2, help="checkpoints to keep")
+    tr.add_argument("--keep", type=int, default=2, help="checkpoints to keep (at least 1: the run resumes from them)")
     tr.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint, with "
                     "the same settings (refused otherwise; a finished run is left as it is)")  # fmt: skip
     tr.add_argument("--overwrite", action="store_true", help="replace the run in --out (removes only what clex "
@@ -185,8 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--to", default="longrope", choices=["longrope", "gguf"],
                     help="longrope: a transformers/vLLM checkpoint directory; gguf: one llama.cpp file (default: "
                          "%(default)s)")  # fmt: skip
-    ex.add_argument("--outtype", default="f32", choices=["f32", "f16", "q8_0"],
-                    help="with --to gguf: weight type (default: %(default)s)")
+    ex.add_argument("--outtype", default=None, choices=["f32", "f16", "q8_0"],
+                    help="with --to gguf only: weight type (default: f32)")
     ex.add_argument("--factor", type=int, required=True, help="t = T whose frequencies are exported (1 … max_factor)")
     ex.add_argument("--out", required=True, help="new output directory (gguf: a new FILE.gguf)")
     ex.set_defaults(func=cmd_export)

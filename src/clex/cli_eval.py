@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 
 PARTIAL_FILE = "partial.jsonl"  # finished cells of a task evaluation, read back by a re-run
 OVERWRITE_HELP = ("replace the results clex wrote in --out (only files its manifest lists are removed; an --out "
@@ -23,12 +24,27 @@ def _check_counts(args: argparse.Namespace) -> None:
             check_positive("--" + name.replace("_", "-"), value)
 
 
+@contextlib.contextmanager
 def _eval_out(args: argparse.Namespace, kind: str, files: tuple[str, ...] = ()):
-    """The command's --out, checked now (nothing written) and claimed once its arguments are valid."""
+    """The command's --out, checked now (nothing written) and claimed once its arguments are valid. The
+    evaluations name their arguments as Python does (``batch_size``); here the error names the flag."""
     from .eval.output import EvalOut
 
     _check_counts(args)
-    return EvalOut(args.out, f"eval-{kind}", overwrite=args.overwrite, model=args.model, files=files)
+    try:
+        with EvalOut(args.out, f"eval-{kind}", overwrite=args.overwrite, model=args.model, files=files) as dest:
+            yield dest
+    except ValueError as err:
+        _name_the_flag(err)
+        raise
+
+
+def _name_the_flag(err: ValueError) -> None:
+    """``stride 33 is larger …`` → ``--stride 33 is larger …`` for an error about one argument (its
+    ``argument``), in place."""
+    name, text = getattr(err, "argument", None), str(err)
+    if isinstance(name, str) and len(err.args) == 1 and text.startswith(name + " "):
+        err.args = ("--" + name.replace("_", "-") + text[len(name) :],)
 
 
 def cmd_eval_ppl(args: argparse.Namespace) -> int:
@@ -60,7 +76,8 @@ def cmd_eval_ppl(args: argparse.Namespace) -> int:
             partial = getattr(err, "partial_report", None)
             if partial is None or not partial.results or dest.out is None:
                 raise
-            path = write_report(partial, dest.out, error=str(err))  # the lengths that finished are kept
+            path = write_report(partial, dest.out, error=str(err) or type(err).__name__,
+                                interrupted=isinstance(err, KeyboardInterrupt))  # the lengths that finished are kept
             if isinstance(err, KeyboardInterrupt):
                 raise
             k = len(partial.results)

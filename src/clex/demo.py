@@ -27,8 +27,10 @@ import torch
 
 from . import outdir
 from .eval.ppl import PPLReport, PPLResult, evaluate_ppl
+from .jsonfile import read_json
 from .methods import parse_method
-from .train import ARGS_FILE, STATE_FILE, Interrupted, TrainConfig, train
+from .runs import checkpoints, finished
+from .train import ARGS_FILE, Interrupted, TrainConfig, train
 
 CONFIG_FILE = "demo_config.json"
 BASELINE_NAMES = {"pi": "PI", "yarn": "YaRN", "ntk": "NTK"}
@@ -133,21 +135,16 @@ def _model_config(cfg: DemoConfig):
     )  # fmt: skip
 
 
-def _finished(run_dir: Path) -> bool:
-    state = run_dir / STATE_FILE
-    return state.exists() and json.loads(state.read_text()).get("final", False)
-
-
 def train_run(run_dir: Path, tokenizer: str | None = "bytes", **kwargs) -> None:
     """One ``clex train`` run; continues a half-done run in ``run_dir`` from its last checkpoint.
     ``tokenizer=None`` uses the model directory's own (a study's BPE base)."""
-    if _finished(run_dir):
+    if finished(run_dir):
         return
     resume = (run_dir / ARGS_FILE).exists()
     train(TrainConfig(out=str(run_dir), tokenizer=tokenizer, resume=resume, keep=1, **kwargs))
     run = outdir.read(run_dir)
-    for checkpoint in run_dir.glob("checkpoint-*"):  # the final model is saved: free the optimizer states
-        if checkpoint.name in run.files:
+    for checkpoint in checkpoints(run_dir):  # the final model is saved: free the optimizer states
+        if run.holds(checkpoint.name):
             run.remove(checkpoint.name)
 
 
@@ -159,7 +156,8 @@ def pretrain(cfg: DemoConfig, out: Path, tokenizer: str | None = "bytes") -> Non
     init = out / "init"
     if not (init / "config.json").exists():
         torch.manual_seed(cfg.seed)
-        LlamaForCausalLM(_model_config(cfg)).save_pretrained(init)
+        outdir.place_dir(init, LlamaForCausalLM(_model_config(cfg)).save_pretrained)
+    outdir.nest(out, "base", "train")
     train_run(out / "base", model=str(init), method="vanilla", data=cfg.train_data, steps=cfg.pretrain_steps,
               batch_size=cfg.batch_size, lr=cfg.pretrain_lr, seed=cfg.seed, save_every=cfg.save_every,
               tokenizer=tokenizer)  # fmt: skip
@@ -169,8 +167,7 @@ def finetune(cfg: DemoConfig, out: Path, name: str, seed: int) -> None:
     spec = finetune_methods(cfg)[name]
     extra = dict(clex_lr=cfg.clex_lr, layout=cfg.layout, chunks=cfg.chunks) if name == "clex" else {}
     runs = out / "finetuned"
-    if (runs / outdir.MANIFEST).exists():  # record the run before it is written, as the demo's
-        outdir.read(runs).add(f"{name}-seed{seed}")
+    outdir.nest(runs, f"{name}-seed{seed}", "train")  # recorded before it is written, as the demo's
     train_run(runs / f"{name}-seed{seed}", model=str(out / "base"), method=spec, data=cfg.train_data,
            steps=cfg.finetune_steps, batch_size=cfg.batch_size, lr=cfg.lr, seed=seed, save_every=cfg.save_every,
            **extra)  # fmt: skip
@@ -202,24 +199,25 @@ def cached_ppl(model: str, method: str, lengths: list[int], data: str, samples: 
     """``{"ppl": {length: perplexity}, "seconds": …}`` of one (model, method), cached as JSON at ``path``
     (written atomically: an interrupted run never leaves half a file). Lengths missing from the cache are
     evaluated and added; every length's windows are independent of the others."""
-    result = json.loads(path.read_text()) if path.exists() else {"ppl": {}, "seconds": 0.0}
+    result = read_json(path) if path.exists() else {"ppl": {}, "seconds": 0.0}
+    if not (isinstance(result.get("ppl"), dict) and isinstance(result.get("seconds"), int | float)
+            and all(isinstance(v, int | float) for v in result["ppl"].values())):  # fmt: skip
+        raise ValueError(f"{path} is not a perplexity cache of clex's (it lacks 'ppl' or 'seconds'); move it away")
     missing = [n for n in lengths if str(n) not in result["ppl"]]
     if missing:
         report = evaluate_ppl(model, [method], missing, data=data, samples=samples, tokenizer=tokenizer,
                               show_progress=False)  # fmt: skip
         result["ppl"].update({str(r.length): r.ppl for r in report.results})
         result["seconds"] += sum(r.seconds for r in report.results)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(result, indent=2))
-        os.replace(tmp, path)
+        text = json.dumps(result, indent=2)
+        outdir.write_in(path, lambda tmp: tmp.write_text(text))
     return {"ppl": {str(n): result["ppl"][str(n)] for n in lengths}, "seconds": result["seconds"]}
 
 
 def evaluate_row(cfg: DemoConfig, out: Path, data: str, row) -> dict:
     """Perplexity of one row (label, model, method, seed) at every length of the demo."""
     label, model, method, seed = row
-    path = out / "eval" / slug(data) / f"{Path(model).name}-{slug(method)}.json"
+    path = outdir.nest(outdir.nest(out, "eval", "demo"), slug(data), "demo") / f"{Path(model).name}-{slug(method)}.json"
     lengths = [k * cfg.L0 for k in cfg.eval_factors]
     result = cached_ppl(model, method, lengths, data, cfg.eval_samples, path)
     return {"label": label, "model": model, "method": method, "seed": seed, "data": data,
@@ -231,7 +229,8 @@ def run_demo(cfg: DemoConfig, overwrite: bool = False, log=print) -> Path:
     """Run (or continue) every phase; returns the output directory holding report.md."""
     out = Path(cfg.out)
     demo_dir = _check_config(cfg, out, overwrite)
-    timings = json.loads((out / TIMINGS_FILE).read_text()) if (out / TIMINGS_FILE).exists() else {}
+    timings = read_json(out / TIMINGS_FILE) if demo_dir.holds(TIMINGS_FILE) else {}
+    timings = {k: v for k, v in timings.items() if isinstance(v, int | float) and not isinstance(v, bool)}
     ft_units = cfg.finetune_steps * 1.05  # a CLEX step costs about 5% more (benchmarks/train_step.py)
     eval_units = sum(cfg.eval_factors) * cfg.eval_samples / 48 + 5  # forward only, plus loading the model
     phases = [Phase("pretrain", f"pre-train the base model ({cfg.pretrain_steps} steps at L0 = {cfg.L0})",
@@ -281,7 +280,7 @@ def _check_config(cfg: DemoConfig, out: Path, overwrite: bool) -> outdir.OutDir:
     existing = outdir.claim(out, "demo", dry_run=True)
     if existing is not None and existing.holds(CONFIG_FILE):
         try:
-            previous = json.loads((out / CONFIG_FILE).read_text())
+            previous = read_json(out / CONFIG_FILE)
         except (OSError, ValueError):
             previous = None
         training = lambda c: {k: v for k, v in (c or {}).items() if k != "eval_data"}  # noqa: E731
@@ -290,9 +289,8 @@ def _check_config(cfg: DemoConfig, out: Path, overwrite: bool) -> outdir.OutDir:
                              "(removes only what the demo wrote there)")  # fmt: skip
         overwrite = overwrite and training(previous) != training(wanted)
     demo_dir = outdir.claim(out, "demo", overwrite=overwrite)
-    demo_dir.add(*DEMO_FILES)
-    for sub in ("finetuned",):  # a directory of runs: each cleaned through its own manifest on --overwrite
-        outdir.claim(out / sub, "demo")
+    demo_dir.check_free(*DEMO_FILES)
+    demo_dir.sub("finetuned", "demo")  # a directory of runs, each cleaned through its own manifest on --overwrite
     demo_dir.write_text(CONFIG_FILE, json.dumps(wanted, indent=2))
     return demo_dir
 
@@ -396,14 +394,15 @@ def write_demo_report(cfg: DemoConfig, out: Path, records: list[dict], timings: 
         f"({torch.get_num_threads()} threads).",
         "",
     ]
-    (out / "report.md").write_text("\n".join(lines))
+    demo = outdir.read(out)
+    demo.write_text("report.md", "\n".join(lines))
     t = summarise(cfg, records, cfg.eval_data[0])
     plot = PPLReport(model="clex demo", data=cfg.eval_data[0], training_length=cfg.L0,
                      lengths=[k * cfg.L0 for k in cfg.eval_factors], methods=labels, settings={})  # fmt: skip
     plot.results = [PPLResult(label, k * cfg.L0, stats[0], 0.0, 0, 0, 0.0, 0)
                     for label, by in t.items() for k, stats in by.items()]  # fmt: skip
-    R.plot_ppl(plot, out / "ppl.png")
-    (out / "results.json").write_text(json.dumps({"config": cfg.budget(), "records": records}, indent=2))
+    demo.write("ppl.png", lambda tmp: R.plot_ppl(plot, tmp))
+    demo.write_text("results.json", json.dumps({"config": cfg.budget(), "records": records}, indent=2))
     return out / "report.md"
 
 

@@ -21,6 +21,8 @@ import numpy as np
 
 from . import checkpoint as C
 from . import outdir
+from . import records as R
+from .jsonfile import JSONFileError, read_json
 
 STATE_FILE = C.STATE_FILE
 ARGS_FILE = "train_args.json"
@@ -67,12 +69,11 @@ def run_identity(cfg, samples: np.ndarray, processes: int) -> dict:
 
 def _previous(out: Path) -> dict:
     try:
-        record = json.loads((out / ARGS_FILE).read_text())
-        ident = record["identity"]
+        ident = read_json(out / ARGS_FILE).get("identity")
         if not isinstance(ident, dict):
-            raise TypeError
+            raise JSONFileError("no identity")
         return ident
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, JSONFileError):
         raise RunError(f"{out / ARGS_FILE} is missing or damaged, so the run cannot be resumed as the same run; "
                        "start a new --out (or --overwrite)") from None  # fmt: skip
 
@@ -93,11 +94,25 @@ def _describe(previous: dict, current: dict, keys: list[str]) -> str:
     return ", ".join(shown)
 
 
-def finished(out: Path) -> bool:
+def _manifest(out: Path) -> outdir.OutDir | None:
     try:
-        return bool(json.loads((out / STATE_FILE).read_text()).get("final", False))
-    except (OSError, ValueError, AttributeError):
+        return outdir.read(out)
+    except outdir.OutDirError:
+        return None
+
+
+def finished(out: Path, steps: int | None = None) -> bool:
+    """True only for a run whose final state and final model clex wrote and that are still as written: the
+    state says ``"final": true`` at its last step (``steps`` when given)."""
+    run = _manifest(out)
+    if run is None or not run.holds(STATE_FILE) or not run.holds("config.json"):
         return False
+    try:
+        state = read_json(out / STATE_FILE)
+    except (OSError, JSONFileError):
+        return False
+    step = state.get("step")
+    return state.get("final") is True and type(step) is int and step >= 1 and steps in (None, step)
 
 
 def preflight(out: Path, cfg) -> bool:
@@ -111,13 +126,19 @@ def preflight(out: Path, cfg) -> bool:
                        "which clex no longer reads); move it aside or choose a new --out")  # fmt: skip
     existing = outdir.claim(out, KIND, overwrite=cfg.overwrite and not cfg.resume, source=cfg.model, dry_run=True)
     holds_run = existing is not None and existing.kind == KIND and existing.holds(ARGS_FILE)
+    if existing is not None and ARGS_FILE in existing.entries and not holds_run and not cfg.overwrite:
+        raise RunError(f"{out / ARGS_FILE} was changed since clex wrote it, so {out} cannot be continued as the "
+                       "same run; it is left alone: start a new --out")  # fmt: skip
     if cfg.resume:
         if not holds_run:
             raise RunError(f"--resume: {out} holds no run to resume")
         previous = _previous(out)
         current = {k: v for k, v in asdict(cfg).items() if k not in NOT_IDENTITY}
         _refuse_changes(out, previous, current)
-        return finished(out)
+        if finished(out, cfg.steps):
+            return True
+        existing.check_free(STATE_FILE, METRICS_FILE)  # written again by the run: never over a file of the user's
+        return False
     if holds_run and not cfg.overwrite:
         what = "a finished training run" if finished(out) else "a training run"
         raise RunError(f"{out} already holds {what}; pass --resume to continue it or --overwrite to replace it")
@@ -137,8 +158,16 @@ def _refuse_changes(out: Path, previous: dict, current: dict) -> None:
 
 
 def checkpoints(out: Path) -> list[Path]:
-    """The complete checkpoints in ``out`` (those with a state file), oldest first."""
-    return sorted(p for p in out.glob("checkpoint-*") if p.is_dir() and (p / STATE_FILE).exists())
+    """The checkpoints clex recorded in ``out``'s manifest and that are there, oldest first (a directory named
+    like one that clex did not record is not believed)."""
+    run = _manifest(out)
+    names = [n for n, r in run.entries.items() if r["type"] == "dir"] if run is not None else []
+    return sorted(out / n for n in names if n.startswith("checkpoint-") and (out / n).is_dir())
+
+
+def _checkpoint_step(path: Path) -> int:
+    digits = path.name.removeprefix("checkpoint-")
+    return int(digits) if digits.isdigit() else -1
 
 
 def warn(text: str) -> None:
@@ -169,15 +198,24 @@ class Run:
             self.accelerator.wait_for_everyone()
             yield self
 
-    def resume(self) -> int:
-        """Load the latest intact checkpoint (an earlier one when the latest is damaged); its step, or 0."""
+    def resume(self, steps: int) -> int:
+        """Load the latest intact checkpoint (an earlier one when the latest is damaged); its step, or 0. A
+        checkpoint is intact when it is as clex recorded it, its step is its name's, and every state in it
+        passes :mod:`clex.checkpoint`'s checks."""
         rank = self.accelerator.process_index
+        run = outdir.read(self.path)
         for path in reversed(checkpoints(self.path)):
             try:
-                return C.load(path, self.model, self.optimizer, self.scheduler, rank)
+                changed = R.first_difference(path, run.entries[path.name])
+                if changed is not None:
+                    raise C.CheckpointError(f"{changed} was changed since clex wrote it")
+                return C.load(path, self.model, self.optimizer, self.scheduler, rank,
+                              step=_checkpoint_step(path), steps=steps)  # fmt: skip
             except C.CheckpointError as err:
                 if self.main:
-                    warn(f"{err}; {path.name} is damaged and left as it is, trying an earlier checkpoint")
+                    warn(f"{err}; {path.name} is damaged and left as it is (no longer counted as clex's), trying an "
+                         "earlier checkpoint")  # fmt: skip
+                    self.dir.forget(path.name)
         damaged = [p for p in self.path.glob("checkpoint-*") if p.is_dir()]
         if damaged and self.main:
             warn("no intact checkpoint: the run starts again from step 0 (the same steps)")
@@ -187,35 +225,40 @@ class Run:
         """Written under a temporary name, then renamed: a kill leaves the previous checkpoint intact."""
         name = f"checkpoint-{step:07d}"
         tmp = self.path / f"{outdir.TMP_PREFIX}{name}"
+        if R.present(self.path / name) and not outdir.read(self.path).holds(name):
+            if self.main:
+                warn(f"{self.path / name} is not as clex wrote it; it is kept, and step {step}'s checkpoint is not "
+                     "written")  # fmt: skip
+            return
         if self.main:
-            outdir.remove(tmp) if tmp.exists() else None
-            tmp.mkdir()
+            self.dir.temp(name, directory=True)
         self.accelerator.wait_for_everyone()
         C.save(tmp, self.model, self.optimizer, self.scheduler, step, self.accelerator.process_index, self.main)
         self.accelerator.wait_for_everyone()
         if self.main:
             self.dir.place(tmp, name)
-            for old in checkpoints(self.path)[:-keep] if keep > 0 else []:
-                self.dir.remove(old.name)
+            self.dir.note(METRICS_FILE)
+            for old in checkpoints(self.path)[:-keep]:
+                if self.dir.holds(old.name):
+                    self.dir.remove(old.name)
+                else:
+                    warn(f"{old} was changed since clex wrote it; it is kept")
         self.accelerator.wait_for_everyone()
 
 
 def trim_metrics(run: outdir.OutDir, step: int) -> None:
     """Drop metric lines past the checkpoint being resumed (steps that will run again) and any torn line."""
-    path = run.path / METRICS_FILE
-    if not path.exists():
-        run.add(METRICS_FILE)
-        return
+    path = run.open_log(METRICS_FILE)
     kept = []
     for number, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
         if not line.strip():
             continue
         try:
             record = json.loads(line)
-            keep = int(record["step"]) <= step
-        except (ValueError, KeyError, TypeError):
+            keep = type(record["step"]) is int and record["step"] <= step
+        except (ValueError, KeyError, TypeError, RecursionError):
             warn(f"{path}:{number} is not a metrics record (a line torn by a kill?); dropped")
             continue
         if keep:
             kept.append(line)
-    run.write_text(METRICS_FILE, "".join(line + "\n" for line in kept))
+    run.write_text(METRICS_FILE, "".join(line + "\n" for line in kept), log=True)

@@ -25,7 +25,6 @@ import numpy as np
 import torch
 
 from . import data as D
-from . import outdir
 from .checkpoint import full_model_state, is_sharded
 from .distributed import FSDP_MODES, PRECISIONS, fresh_precision, fsdp_plugin, require_fsdp
 from .methods import parse_method
@@ -246,7 +245,7 @@ def train(cfg: TrainConfig) -> Path:
 
     run = Run(out, accelerator, model, optimizer, scheduler)
     with run.claimed(cfg):
-        start_step = run.resume() if cfg.resume else 0
+        start_step = run.resume(cfg.steps) if cfg.resume else 0
         if accelerator.is_main_process:
             if not cfg.resume or not (out / ARGS_FILE).exists():
                 run.dir.write_text(ARGS_FILE, json.dumps({**asdict(cfg), "identity": identity}, indent=2))
@@ -390,10 +389,11 @@ def _validate(cfg: TrainConfig) -> None:
         raise TrainError(f"--format must be one of {FORMATS}, got {cfg.format!r}")
     if cfg.pack and cfg.format != "chat":
         raise TrainError("--pack applies to --format chat (text is always packed)")
-    for name in ("save_every", "keep"):
+    for name, least in (("save_every", 0), ("keep", 1)):
         value = getattr(cfg, name)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise TrainError(f"--{name.replace('_', '-')} must be an integer >= 0, got {value!r}")
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise TrainError(f"--{name.replace('_', '-')} must be an integer >= {least}, got {value!r}"
+                             + (" (the checkpoints a run keeps to resume from)" if name == "keep" else ""))
     if cfg.layout == "chunks" and (isinstance(cfg.chunks, bool) or not isinstance(cfg.chunks, int) or cfg.chunks < 2
                                    or (cfg.train_length is not None and cfg.chunks > cfg.train_length)):  # fmt: skip
         raise TrainError(f"--chunks must be an integer from 2 to the train length (one run cannot span L·t'), "
@@ -437,9 +437,7 @@ def _save_final(accelerator, model, run: Run, cfg: TrainConfig, tok) -> None:
     if not accelerator.is_main_process:
         return
     model = accelerator.unwrap_model(model)
-    tmp = run.path / f"{outdir.TMP_PREFIX}final"
-    if tmp.exists():
-        outdir.remove(tmp)
+    tmp = run.dir.temp("final", directory=True)
     if cfg.lora and cfg.merge:
         model = model.merge_and_unload()
     model.save_pretrained(tmp, **({"state_dict": state} if state is not None else {}))
@@ -447,8 +445,9 @@ def _save_final(accelerator, model, run: Run, cfg: TrainConfig, tok) -> None:
         save_method_beside_adapter(model, cfg.method, tmp)
     if not isinstance(tok, D.ByteTokenizer):
         tok.save_pretrained(tmp)
-    run.dir.add(*sorted(item.name for item in tmp.iterdir() if item.name not in run.dir.files))
+    run.dir.check_free(*(item.name for item in tmp.iterdir()))
     for item in sorted(tmp.iterdir()):
         run.dir.place(item)
-    tmp.rmdir()
+    run.dir.remove(tmp.name)
+    run.dir.note(METRICS_FILE)
     run.dir.write_text(STATE_FILE, json.dumps({"step": cfg.steps, "final": True}))

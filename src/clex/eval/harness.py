@@ -9,14 +9,24 @@ Generation tasks go through ``model.generate``, where CLEX's cache hook keeps ke
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import torch
 
 from .. import data as D
-from ..methods import check_method, parse_method
-from .ppl import _dtype, check_positive, model_for_method, model_tokenizer_config, resolve_device
+from ..methods import parse_method
+from ..models import describe
+from .ppl import (
+    _dtype,
+    argument_error,
+    check_model_arg,
+    check_positive,
+    method_list,
+    model_for_method,
+    model_tokenizer_config,
+    resolve_device,
+)
 
 
 def _lm_eval():
@@ -27,6 +37,21 @@ def _lm_eval():
     except ImportError as err:
         raise ImportError("clex eval lm-eval needs lm-evaluation-harness: pip install 'clex-llm[lmeval]'") from err
     return lm_eval, HFLM, TaskManager
+
+
+def _task_list(tasks: str | Sequence[str]) -> list[str]:
+    """lm-eval task names; one string may name one task or several, comma-separated (as ``--tasks``)."""
+    if isinstance(tasks, str):
+        tasks = [t.strip() for t in tasks.split(",") if t.strip()]
+    elif not isinstance(tasks, Iterable) or isinstance(tasks, (bytes, dict)):
+        raise TypeError(f"tasks must be a list of lm-eval task names such as ['hellaswag'], got {describe(tasks)}")
+    tasks = list(tasks)
+    for task in tasks:
+        if not isinstance(task, str):
+            raise TypeError(f"tasks must hold lm-eval task names (str), got {describe(task)}")
+    if not tasks:
+        raise argument_error("tasks", "is empty; give at least one lm-eval task, e.g. hellaswag")
+    return tasks
 
 
 def evaluate_harness(
@@ -49,27 +74,41 @@ def evaluate_harness(
     lm-eval truncates prompts from the left to ``max_length``; by default that is the length the method
     is meant for (factor × L, CLEX's max_factor × L, or L for vanilla).
     """
-    check_positive("--batch-size", batch_size)
-    if limit is not None and not limit > 0:
-        raise D.DataError(f"--limit must be positive, got {limit!r}")
+    check_model_arg(model)
+    methods = method_list(methods)
+    tasks = _task_list(tasks)
+    check_positive("batch_size", batch_size)
+    if limit is not None:
+        if isinstance(limit, bool) or not isinstance(limit, (int, float)):
+            raise TypeError(f"limit must be a number of examples per task (or a fraction below 1), got "
+                            f"{describe(limit)}")  # fmt: skip
+        if not limit > 0:
+            raise argument_error("limit", f"must be positive, got {limit!r}")
+    for name, value in (("num_fewshot", num_fewshot), ("max_length", max_length)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+            raise TypeError(f"{name} must be an integer, got {describe(value)}")
+    if num_fewshot is not None and num_fewshot < 0:
+        raise argument_error("num_fewshot", f"must be 0 or more, got {num_fewshot}")
+    if max_length is not None:
+        check_positive("max_length", max_length)
+    if include_path is not None:
+        if not isinstance(include_path, (str, Path)):
+            raise TypeError(f"include_path must be a folder of lm-eval task YAMLs (str or Path), got "
+                            f"{describe(include_path)}")  # fmt: skip
+        include_path = str(include_path)
+        if not Path(include_path).exists():
+            raise argument_error("include_path", f"{include_path!r} does not exist (a folder of lm-eval task YAMLs)")
     device = resolve_device(device)
     torch_dtype = _dtype(dtype, device)
     lm_eval, HFLM, TaskManager = _lm_eval()
-    if not tasks:
-        raise D.DataError("no lm-eval tasks given")
-    if not methods:
-        raise D.DataError("no methods given")
-    for spec in methods:
-        check_method(spec)
-    if include_path is not None and not Path(include_path).exists():
-        raise D.DataError(f"--include-path {include_path!r} does not exist")
     tok, config = model_tokenizer_config(model, tokenizer)
     if isinstance(tok, D.ByteTokenizer):
         raise D.DataError("lm-eval needs a transformers tokenizer; byte-level models are not supported by the bridge")
     manager = TaskManager(include_path=include_path)
     unknown = [t for t in tasks if t not in manager.all_tasks]
     if unknown:
-        raise D.DataError(f"unknown lm-eval task(s) {unknown} (local YAML tasks need --include-path)")
+        raise argument_error("tasks", f"names unknown lm-eval task(s) {unknown} (a local YAML task needs the folder "
+                             "holding it given as the include path)")  # fmt: skip
     if ready is not None:
         ready()
     out: dict = {"model": str(model) if isinstance(model, (str, Path)) else type(model).__name__, "tasks": list(tasks),
@@ -118,6 +157,7 @@ def write_harness(result: dict, out) -> Path:
     from .output import as_outdir
 
     out = as_outdir(out, "eval-lm-eval")
-    out.write_text("results.json", json.dumps(result, indent=2, default=str))
+    text = json.dumps(result, indent=2, default=str)
     out.write_text("results.md", harness_markdown(result))
+    out.write_text("results.json", text)  # last: a directory with it is complete
     return out.path

@@ -13,11 +13,11 @@ before the first model is loaded (the ``ready`` callback of the evaluations).
 from __future__ import annotations
 
 import contextlib
-import os
 from collections.abc import Callable
 from pathlib import Path
 
 from .. import outdir as O
+from ..jsonfile import JSONFileError, read_json
 
 RESULTS = "results.json"
 PARTIAL = "partial.jsonl"  # finished cells of a task evaluation, read back by a re-run
@@ -34,10 +34,22 @@ def _refuse_results(path: Path, kind: str) -> O.OutDirError:
                          "--out")  # fmt: skip
 
 
+def _finished(out: O.OutDir) -> bool:
+    """``results.json`` is there as clex wrote it and is not the report of an interrupted run (which the
+    same command run again replaces)."""
+    if not out.holds(RESULTS):
+        return False
+    try:
+        results = read_json(out.path / RESULTS)
+        return not (results.get("complete") is False and results.get("interrupted") is True)
+    except JSONFileError:
+        return True  # clex wrote it (its hash matches), so it is refused rather than guessed at
+
+
 def claim_out(path: str | Path, kind: str, overwrite: bool = False, model=None) -> O.OutDir:
     """Claim ``path`` for an evaluation of ``kind`` (``--overwrite`` clears what clex wrote there)."""
     out = O.claim(path, kind, overwrite=overwrite, source=_source(model))
-    if out.holds(RESULTS):
+    if _finished(out):
         raise _refuse_results(Path(path), kind)
     return out
 
@@ -48,7 +60,7 @@ def precheck(path: str | Path, kind: str, overwrite: bool = False, model=None) -
     if path.is_dir():
         O.check_unlocked(path)  # another clex job writing there: refused at once
     existing = O.claim(path, kind, overwrite=overwrite, source=_source(model), dry_run=True)
-    if existing is not None and not overwrite and existing.kind == kind and existing.holds(RESULTS):
+    if existing is not None and not overwrite and existing.kind == kind and _finished(existing):
         raise _refuse_results(path, kind)
 
 
@@ -71,7 +83,7 @@ class EvalOut:
         if self.out is None:
             out = claim_out(self.path, self.kind, self.overwrite, self.model)
             self._stack.enter_context(O.locked(self.path))
-            out.add(*self.files)  # recorded before anything writes them
+            out.check_free(*self.files)  # refused now, not after the work, if one of them is the user's
             self.out = out
         return self.out
 
@@ -80,11 +92,11 @@ class EvalOut:
 
     def __exit__(self, *exc) -> None:
         self._stack.close()
-        if exc[0] is not None and self.created and self.path.is_dir():
-            if all(O._own(p.name) for p in self.path.iterdir()):  # nothing of ours beyond the record itself
-                for p in self.path.iterdir():
-                    O.remove(p) if p.name != O.MANIFEST else p.unlink()
-                with contextlib.suppress(OSError):
+        if exc[0] is not None and self.created and self.out is not None and not self.out.files:
+            with contextlib.suppress(O.OutDirError, OSError):  # nothing written: the directory goes again
+                self.out.clear()
+                if {p.name for p in self.path.iterdir()} <= {O.MANIFEST}:
+                    (self.path / O.MANIFEST).unlink()
                     self.path.rmdir()
 
 
@@ -100,12 +112,5 @@ def as_outdir(out: str | Path | O.OutDir, kind: str) -> O.OutDir:
 
 
 def write_file(out: O.OutDir, name: str, write: Callable[[Path], None]) -> Path:
-    """Record ``name``, let ``write`` write it under a temporary name, then rename it into place."""
-    out.add(name)
-    tmp = out.path / f"{O.TMP_PREFIX}{os.getpid()}-{name}"
-    try:
-        write(tmp)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return out.place(tmp, name)
+    """Let ``write`` write ``name`` under a recorded temporary name, then record it and rename it into place."""
+    return out.write(name, write)

@@ -14,10 +14,11 @@ from __future__ import annotations
 import copy
 import json
 import math
+import numbers
 import platform
 import resource
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -26,8 +27,8 @@ import torch
 from torch.nn import functional as F
 
 from .. import data as D
-from ..methods import check_method
-from ..models import check_model_path, from_pretrained, load_config, training_length, use_method
+from ..methods import check_method, split_methods
+from ..models import check_model_path, describe, from_pretrained, load_config, training_length, use_method
 
 LOGIT_CHUNK = 1024  # positions per LM-head chunk
 
@@ -169,6 +170,69 @@ def model_tokenizer_config(model, tokenizer: str | None):
     return D.load_tokenizer(tokenizer or "bytes"), model.config
 
 
+# --- the arguments the evaluations share ---------------------------------------------------------
+def argument_error(name: str, text: str) -> D.DataError:
+    """``DataError("<name> <text>")`` that remembers which argument it is about: the CLI names the flag
+    (``--batch-size``) where the Python API says ``batch_size``."""
+    err = D.DataError(f"{name} {text}")
+    err.argument = name
+    return err
+
+
+def check_model_arg(model) -> None:
+    """``model`` is a model directory, a hub name or a model object."""
+    if not isinstance(model, (str, Path, torch.nn.Module)):
+        raise TypeError(f"model must be a model directory or hub name (str or Path) or a model (torch.nn.Module), "
+                        f"got {describe(model)}")  # fmt: skip
+
+
+def method_list(methods: str | Sequence[str]) -> list[str]:
+    """``methods`` as a list of checked specs (unknown or malformed ones refused before any work). One string
+    is read as ``--methods`` is: one method (``"yarn:factor=8,beta_fast=32"``) or several (``"vanilla,clex"``)."""
+    if isinstance(methods, str):
+        specs = split_methods(methods)
+    elif isinstance(methods, Iterable) and not isinstance(methods, (bytes, dict)):
+        specs = list(methods)
+        for spec in specs:
+            if not isinstance(spec, str):
+                raise TypeError(f"methods must hold method names such as 'vanilla' or 'yarn:factor=8' (str), got "
+                                f"{describe(spec)}")  # fmt: skip
+            check_method(spec)
+    else:
+        raise TypeError(f"methods must be a list of method names such as ['vanilla', 'yarn:factor=8'], got "
+                        f"{describe(methods)}")  # fmt: skip
+    if not specs:
+        raise argument_error("methods", "is empty; give at least one method, e.g. vanilla or yarn:factor=8")
+    twice = sorted({s for s in specs if specs.count(s) > 1})
+    if twice:
+        raise argument_error("methods", f"lists {twice[0]!r} twice; give each method once")
+    return specs
+
+
+def length_list(lengths: int | str | Sequence[int | str]) -> list[int]:
+    """``lengths`` as sorted distinct token counts: integers or strings with a k suffix (``"4k"``); one
+    integer or string is read as ``--lengths`` is (``2048``, ``"1k,2k"``)."""
+    if isinstance(lengths, str):
+        items: list = [x for x in lengths.split(",") if x.strip()]
+    elif isinstance(lengths, numbers.Integral) and not isinstance(lengths, bool):
+        items = [lengths]
+    elif isinstance(lengths, Iterable) and not isinstance(lengths, (bytes, dict)):
+        items = list(lengths)
+    else:
+        raise TypeError(f"lengths must be a list of lengths in tokens such as [1024, '4k'], got {describe(lengths)}")
+    out = set()
+    for item in items:
+        if isinstance(item, bool) or not isinstance(item, (numbers.Integral, str)):
+            raise TypeError(f"lengths must hold lengths in tokens (int, or str such as '4k'), got {describe(item)}")
+        n = D.parse_length(item) if isinstance(item, str) else int(item)
+        if n < 2:
+            raise argument_error("lengths", f"holds {item!r}; a length must be at least 2 tokens")
+        out.add(n)
+    if not out:
+        raise argument_error("lengths", "is empty; give at least one length in tokens, e.g. 1024 or '4k'")
+    return sorted(out)
+
+
 # --- the evaluation -------------------------------------------------------------------------------
 def evaluate_ppl(
     model: str | Path | torch.nn.Module,
@@ -192,21 +256,29 @@ def evaluate_ppl(
     loaded (the CLI claims ``--out`` there). A failure at some (method, length) raises with the finished
     results attached as ``err.partial_report``; a non-finite loss is such a failure (never a NaN result).
     """
+    check_model_arg(model)
+    methods = method_list(methods)  # unknown or malformed methods fail before any work
+    lengths = length_list(lengths)
+    check_positive("samples", samples, allow_none=True)
+    if stride is not None:
+        check_positive("stride", stride)
+        if stride > lengths[0]:
+            raise argument_error("stride", f"{stride} is larger than the window (length {lengths[0]}): the "
+                                 "tokens between windows would never be scored; use a stride of at most "
+                                 f"{lengths[0]}")  # fmt: skip
+    data = str(data) if isinstance(data, Path) else data
+    tokenizer = str(tokenizer) if isinstance(tokenizer, Path) else tokenizer
+    if not isinstance(data, str):
+        raise TypeError(f"data must be a data source such as 'sotu:test' or a file path (str), got {describe(data)}")
+    if not isinstance(text_field, str):
+        raise TypeError(f"text_field must be a str, got {describe(text_field)}")
+    if tokenizer is not None and not isinstance(tokenizer, str):
+        raise TypeError(f"tokenizer must be a tokenizer directory, hub name or 'bytes' (a str), got "
+                        f"{describe(tokenizer)}")  # fmt: skip
+    if mode not in D.CONCAT_MODES:
+        raise argument_error("mode", f"must be one of {D.CONCAT_MODES}, got {mode!r}")
     device = resolve_device(device)
     torch_dtype = _dtype(dtype, device)
-    lengths = sorted({D.parse_length(x) for x in lengths})
-    if not lengths:
-        raise D.DataError("no lengths given (--lengths)")
-    if not methods:
-        raise D.DataError("no methods given")
-    for spec in methods:
-        check_method(spec)  # fail fast on unknown or malformed methods, before any work
-    check_positive("--samples", samples, allow_none=True)
-    if stride is not None:
-        check_positive("--stride", stride)
-        if stride > lengths[0]:
-            raise D.DataError(f"--stride {stride} is larger than the window (length {lengths[0]}): the tokens between "
-                              f"windows would never be scored; use a stride of at most {lengths[0]}")  # fmt: skip
     tok, config = model_tokenizer_config(model, tokenizer)
     docs = D.tokenize_documents(D.load_documents(data, text_field), tok)
     separator = getattr(tok, "eos_token_id", None)
@@ -288,48 +360,57 @@ def _sequences(docs: list[np.ndarray], n: int, mode: str, separator: int | None)
     return [d for d in docs if len(d) >= n]
 
 
-def resolve_device(device: str | None) -> str:
+def resolve_device(device: str | torch.device | None) -> str:
     """The device an evaluation runs on (default: cuda when available, else cpu); one clear error for a
     device that does not exist here."""
     if device in (None, "", "auto"):
         return "cuda" if torch.cuda.is_available() else "cpu"
+    if not isinstance(device, (str, torch.device)):
+        raise TypeError(f"device must be a str such as 'cpu', 'cuda' or 'cuda:1', got {describe(device)}")
     try:
         dev = torch.device(device)
     except (RuntimeError, ValueError, TypeError):
-        raise D.DataError(f"--device {device!r} is not supported; use cpu, cuda or cuda:N") from None
+        raise argument_error("device", f"{device!r} is not supported; use cpu, cuda or cuda:N") from None
     if dev.type == "cpu":
         return "cpu"
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            raise D.DataError(f"--device {device}: CUDA is not available here (torch {torch.__version__} sees no GPU); "
-                              "use --device cpu")  # fmt: skip
+            raise argument_error("device", f"{device}: CUDA is not available here (torch {torch.__version__} sees "
+                                 "no GPU); use cpu")  # fmt: skip
         if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise D.DataError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) here "
-                              f"(cuda:0 … cuda:{torch.cuda.device_count() - 1})")  # fmt: skip
+            raise argument_error("device", f"{device}: only {torch.cuda.device_count()} CUDA device(s) here "
+                                 f"(cuda:0 … cuda:{torch.cuda.device_count() - 1})")  # fmt: skip
         return str(dev)
     if dev.type == "mps":
         if not torch.backends.mps.is_available():
-            raise D.DataError(f"--device {device}: MPS is not available here; use --device cpu")
+            raise argument_error("device", f"{device}: MPS is not available here; use cpu")
         return "mps"
-    raise D.DataError(f"--device {device!r} is not supported; use cpu, cuda or cuda:N")
+    raise argument_error("device", f"{device!r} is not supported; use cpu, cuda or cuda:N")
 
 
-def check_positive(flag: str, value, allow_none: bool = False) -> None:
-    """``value`` must be an integer >= 1 (or None where ``allow_none``): refused before any work."""
+def check_positive(name: str, value, allow_none: bool = False) -> None:
+    """``value`` must be an integer >= 1 (or None where ``allow_none``): refused before any work. ``name`` is the
+    argument (``batch_size``; the CLI turns it into its flag) or a flag itself (``--trials``)."""
     if value is None and allow_none:
         return
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise D.DataError(f"{flag} must be an integer >= 1, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an integer >= 1, got {describe(value)}")
+    if value < 1:
+        raise argument_error(name, f"must be an integer >= 1, got {value!r}")
 
 
-def _dtype(name: str, device: str) -> torch.dtype:
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}  # fmt: skip
+
+
+def _dtype(name: str | torch.dtype, device: str) -> torch.dtype:
+    if isinstance(name, torch.dtype) and name in DTYPES.values():
+        return name
     if name == "auto":
         return torch.bfloat16 if device.startswith("cuda") else torch.float32
-    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-             "float16": torch.float16, "fp16": torch.float16}  # fmt: skip
-    if name not in table:
-        raise D.DataError(f"dtype must be auto or one of {sorted(table)}, got {name!r}")
-    return table[name]
+    if not isinstance(name, str) or name not in DTYPES:
+        raise argument_error("dtype", f"must be auto or one of {sorted(DTYPES)}, got {name!r}")
+    return DTYPES[name]
 
 
 def _progress(total: int, show: bool):
@@ -343,10 +424,11 @@ def _progress(total: int, show: bool):
 
 
 # --- output ---------------------------------------------------------------------------------------
-def write_report(report: PPLReport, out, error: str | None = None) -> Path:
+def write_report(report: PPLReport, out, error: str | None = None, interrupted: bool = False) -> Path:
     """``results.json``, ``results.md`` and ``ppl.png`` (and ``loss_by_position.png``) in ``out`` (a path, or
     an :class:`clex.outdir.OutDir` the CLI claimed). With ``error``, the report is what finished before it:
-    ``results.json`` says ``"complete": false`` and the error."""
+    ``results.json`` says ``"complete": false`` and the error; ``interrupted`` marks a run stopped by the user,
+    which the same command run again replaces (a failed run's results are kept unless ``--overwrite``)."""
     from .. import report as R
     from .output import as_outdir, write_file
 
@@ -357,11 +439,12 @@ def write_report(report: PPLReport, out, error: str | None = None) -> Path:
             r["per_position"] = [x if math.isfinite(x) else None for x in r["per_position"]]
     payload = {**{k: v for k, v in asdict(report).items() if k != "results"}, "results": results}
     if error is not None:
-        payload = {"complete": False, "error": error, **payload}
-    out.write_text("results.json", json.dumps(payload, indent=2, allow_nan=False))
+        payload = {"complete": False, "error": error, **({"interrupted": True} if interrupted else {}), **payload}
+    text = json.dumps(payload, indent=2, allow_nan=False)
     out.write_text("results.md", R.ppl_markdown(report))
     if report.results:
         write_file(out, "ppl.png", lambda path: R.plot_ppl(report, path))
     if any(r.per_position for r in report.results):
         write_file(out, "loss_by_position.png", lambda path: R.plot_per_position(report, path))
+    out.write_text("results.json", text)  # last: a directory with it is complete
     return out.path

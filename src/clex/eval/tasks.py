@@ -23,7 +23,6 @@ import torch
 
 from .. import data as D
 from ..cache import eos_ids, generate, until_eos
-from ..methods import check_method
 from ..models import training_length
 from .ppl import _dtype, check_positive, model_for_method, model_tokenizer_config, resolve_device
 
@@ -182,19 +181,18 @@ def run_task(
     refused, never mixed in. ``ready`` is called once everything is validated, before the first model is
     loaded (the CLI claims ``--out`` there).
     """
-    from .ppl import _progress
+    from ..cache import POLICIES
+    from .ppl import _progress, argument_error, check_model_arg, length_list, method_list
 
-    if not methods:
-        raise D.DataError("no methods given")
-    for spec in methods:
-        check_method(spec)  # unknown or malformed methods fail before any work
-    check_positive("--batch-size", batch_size)
-    if not lengths:
-        raise D.DataError("no lengths given (--lengths)")
+    check_model_arg(model)
+    methods = method_list(methods)  # unknown or malformed methods fail before any work
+    lengths = length_list(lengths)
+    check_positive("batch_size", batch_size)
+    if policy not in POLICIES:
+        raise argument_error("policy", f"must be one of {POLICIES}, got {policy!r}")
     device = resolve_device(device)
     torch_dtype = _dtype(dtype, device)
     tok, config = model_tokenizer_config(model, tokenizer)
-    lengths = sorted({int(n) for n in lengths})
     samples = [s for n in lengths for s in build(tok, n)]
     if not samples:
         raise D.DataError(f"{kind}: no samples to evaluate")
@@ -212,10 +210,9 @@ def run_task(
     cells: dict[tuple[str, int, float | None], list[int]] = {}
     for i, s in enumerate(samples):
         cells.setdefault((s.task, s.length, s.depth), []).append(i)
-    if ready is not None:
-        ready()
+    claimed = ready() if ready is not None else None
     key = run_key(kind, model, tok, samples, policy, batch_size, torch_dtype, device) if resume_file else {}
-    done = _Checkpoint(resume_file, key)
+    done = _Checkpoint(resume_file, key, claimed)
     bar = _progress(len(samples) * len(methods), show_progress)
     if bar is not None:
         bar.unit = "sample"
@@ -345,15 +342,22 @@ class _Checkpoint:
     """Finished cells in a JSONL file, each line stamped with the run's key (:func:`run_key`) and its hash.
     A file holding cells of another key is refused; a line cut by a kill is ignored."""
 
-    def __init__(self, path: str | Path | None, key: dict):
+    def __init__(self, path: str | Path | None, key: dict, claimed: object = None):
         import hashlib
 
+        from ..outdir import OutDir
+
         self.path = Path(path) if path is not None else None
+        # in a claimed --out the file is an append-only entry of its manifest (recorded as it grows)
+        inside = isinstance(claimed, OutDir) and self.path is not None and self.path.parent == claimed.path
+        self.out = claimed if inside else None
         self.key = key
         self.fingerprint = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
         self.cells: dict[tuple, tuple[TaskRow, list[dict]]] = {}
         if self.path is None or not self.path.exists():
             return
+        if self.out is not None:
+            self.out.check_free(self.path.name)  # a file clex did not write there is never read as cells
         for line in self.path.read_text(encoding="utf-8").splitlines():
             try:
                 entry = json.loads(line)
@@ -385,11 +389,15 @@ class _Checkpoint:
         if self.path is None:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self.out is not None:
+            self.out.open_log(self.path.name)
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps({"fingerprint": self.fingerprint, "key": self.key, "row": asdict(row),
                                 "predictions": predictions}, ensure_ascii=False) + "\n")  # fmt: skip
             f.flush()
             os.fsync(f.fileno())
+        if self.out is not None:
+            self.out.note(self.path.name)
 
 
 def write_task_report(report: TaskReport, out) -> Path:
@@ -404,10 +412,10 @@ def write_task_report(report: TaskReport, out) -> Path:
     payload["rows"] = [{**asdict(r), r.metric: r.score} for r in report.rows]
     payload["summary"] = {task: {m: {str(n): v for n, v in by.items()} for m, by in report.table(task).items()}
                           for task in report.tasks()}  # fmt: skip
-    out.write_text("results.json", json.dumps(payload, indent=2))
     out.write_text("predictions.jsonl", "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in report.predictions))
     out.write_text("results.md", R.task_markdown(report))
     write_file(out, f"{report.kind}.png", lambda path: R.plot_task(report, path))
     if report.depths():
         write_file(out, f"{report.kind}_heatmap.png", lambda path: R.plot_heatmap(report, path))
+    out.write_text("results.json", json.dumps(payload, indent=2))  # last: a directory with it is complete
     return out.path
