@@ -15,7 +15,6 @@ and an attention mask that keeps it to itself.
 
 from __future__ import annotations
 
-import json
 import os
 import warnings
 from collections.abc import Sequence
@@ -55,17 +54,23 @@ class ChatStats:
 
 # --- records -------------------------------------------------------------------------------------------
 def check_messages(messages, where: str) -> list[dict]:
-    """The messages of one record, or a ChatDataError naming it."""
+    """The messages of one record, or a ChatDataError naming it (and the message and field at fault)."""
     if not isinstance(messages, list) or not messages:
-        raise ChatDataError(f"{where}: 'messages' must be a non-empty list of {{role, content}}")
+        got = "an empty list" if isinstance(messages, list) else D.json_kind(messages)
+        raise ChatDataError(f"{where}: 'messages' must be a non-empty list of {{role, content}}, got {got}")
     out = []
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or "role" not in m or "content" not in m:
-            raise ChatDataError(f"{where}: message {i} must have 'role' and 'content'")
+            raise ChatDataError(f"{where}: message {i} must have 'role' and 'content'"
+                                + ("" if isinstance(m, dict) else f", got {D.json_kind(m)}"))  # fmt: skip
+        if not isinstance(m["role"], str):
+            raise ChatDataError(f"{where}: message {i} field 'role' must be a string ({', '.join(ROLES)}), got "
+                                f"{D.json_kind(m['role'])}")  # fmt: skip
         if m["role"] not in ROLES:
             raise ChatDataError(f"{where}: message {i} has unknown role {m['role']!r} (roles: {', '.join(ROLES)})")
         if not isinstance(m["content"], str):
-            raise ChatDataError(f"{where}: message {i} content must be a string")
+            raise ChatDataError(f"{where}: message {i} field 'content' must be a string, got "
+                                f"{D.json_kind(m['content'])}")  # fmt: skip
         out.append({"role": m["role"], "content": m["content"]})
     if not any(m["role"] == "assistant" for m in out):
         raise ChatDataError(f"{where}: the conversation has no assistant message to learn from")
@@ -82,7 +87,10 @@ def load_conversations(source: str, on_bad_record: str = "error", stats: ChatSta
         try:
             if isinstance(record, ChatDataError):
                 raise record
-            if not isinstance(record, dict) or "messages" not in record:
+            if not isinstance(record, dict):
+                raise ChatDataError(f"{where}: a record must be a JSON object with a 'messages' field, got "
+                                    f"{D.json_kind(record)}")  # fmt: skip
+            if "messages" not in record:
                 raise ChatDataError(f"{where}: record has no 'messages'")
             out.append(check_messages(record["messages"], where))
         except ChatDataError as err:
@@ -100,13 +108,11 @@ def _records(source: str):
     if name.endswith(".jsonl"):
         if not os.path.exists(name):
             raise D.DataError(f"chat data {name!r} not found")
-        with open(Path(name), encoding="utf-8") as f:
-            for no, line in enumerate(f, 1):
-                if line.strip():
-                    try:
-                        yield f"{name}:{no}", json.loads(line)
-                    except json.JSONDecodeError as err:
-                        yield f"{name}:{no}", ChatDataError(f"{name}:{no}: not JSON ({err.msg})")
+        for no, line in D.jsonl_lines(Path(name)):
+            try:
+                yield f"{name}:{no}", D.json_line(line, name, no)
+            except D.DataError as err:  # not UTF-8, not JSON, nested too deep: a bad record like any other
+                yield f"{name}:{no}", ChatDataError(str(err))
         return
     if name.endswith(".parquet"):
         import pandas as pd
@@ -122,7 +128,7 @@ def _records(source: str):
         rows = load_dataset(name, split=split or "train")
     for i, row in enumerate(rows):
         row = dict(row)
-        if "messages" in row and not isinstance(row["messages"], list):
+        if hasattr(row.get("messages"), "tolist"):  # parquet gives an array of messages, not a list
             row["messages"] = list(row["messages"])
         yield f"{name}[{i}]", row
 
@@ -143,12 +149,62 @@ def _template(tokenizer) -> str | None:
     return getattr(tokenizer, "chat_template", None) or None
 
 
+class ChatTemplateError(ValueError):
+    """A chat template that does not parse or fails as it renders. Every conversation would fail the same way,
+    so it ends the command (never a skipped record or a per-message notice); the message names its file."""
+
+
+def template_source(tokenizer, template: str | None = None) -> tuple[str, bool]:
+    """(where ``template`` — by default the tokenizer's — was read from, whether that is the template's own
+    file, so that its line numbers are the file's)."""
+    template = template or _template(tokenizer)
+    if template is None or template == DEFAULT_TEMPLATE:
+        return "clex's default chat template", True
+    name = getattr(tokenizer, "name_or_path", "") or ""
+    if name and os.path.isdir(name):
+        for file in ("chat_template.jinja", "tokenizer_config.json"):
+            if os.path.isfile(os.path.join(name, file)):
+                return os.path.join(name, file), file.endswith(".jinja")
+    return f"the chat template of tokenizer {name!r}" if name else "the tokenizer's chat template", True
+
+
+def _template_line(err: BaseException) -> int | None:
+    """The template line an error was raised at: a syntax error's own, else the last ``<template>`` frame
+    of the traceback (jinja2 rewrites its frames to the template's lines)."""
+    line = getattr(err, "lineno", None)
+    tb = err.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_code.co_filename == "<template>":
+            line = tb.tb_lineno
+        tb = tb.tb_next
+    return line
+
+
+def apply_template(tokenizer, messages: Sequence[dict], **kwargs):
+    """``tokenizer.apply_chat_template`` with the template's failures (a syntax error, ``raise_exception``, an
+    undefined name, any error raised inside it) as one :class:`ChatTemplateError` naming the template's file
+    and line."""
+    import jinja2
+
+    try:
+        return tokenizer.apply_chat_template(list(messages), **kwargs)
+    except Exception as err:  # noqa: BLE001 - only errors raised by or inside the template are reworded
+        line = _template_line(err)
+        if not isinstance(err, jinja2.TemplateError) and line is None:
+            raise
+        source, own_file = template_source(tokenizer, kwargs.get("chat_template"))
+        where = source if line is None else f"{source}:{line}" if own_file else f"{source} (chat_template line {line})"
+        what = {jinja2.TemplateSyntaxError: "does not parse", jinja2.UndefinedError: "uses an undefined name or field",
+                jinja2.TemplateError: "raised an error"}.get(type(err), f"failed ({type(err).__name__})")  # fmt: skip
+        message = " ".join(str(err).split()) or type(err).__name__
+        raise ChatTemplateError(f"{where}: the chat template {what}: {message}") from None
+
+
 def _render(tokenizer, messages: Sequence[dict], add_generation_prompt: bool) -> list[int]:
     if isinstance(tokenizer, D.ByteTokenizer):
         return tokenizer.encode(render_text(messages, add_generation_prompt))
-    out = tokenizer.apply_chat_template(list(messages), chat_template=_template(tokenizer) or DEFAULT_TEMPLATE,
-                                        add_generation_prompt=add_generation_prompt, tokenize=True,
-                                        return_dict=False)  # fmt: skip
+    out = apply_template(tokenizer, messages, chat_template=_template(tokenizer) or DEFAULT_TEMPLATE,
+                         add_generation_prompt=add_generation_prompt, tokenize=True, return_dict=False)  # fmt: skip
     return list(out)
 
 
@@ -157,8 +213,8 @@ def encode_conversation(tokenizer, messages: Sequence[dict], where: str = "conve
     after it) and IGNORE elsewhere."""
     template = None if isinstance(tokenizer, D.ByteTokenizer) else (_template(tokenizer) or DEFAULT_TEMPLATE)
     if template is not None and "{% generation %}" in template.replace("{%- generation %}", "{% generation %}"):
-        out = tokenizer.apply_chat_template(list(messages), chat_template=template, tokenize=True, return_dict=True,
-                                            return_assistant_tokens_mask=True)  # fmt: skip
+        out = apply_template(tokenizer, messages, chat_template=template, tokenize=True, return_dict=True,
+                             return_assistant_tokens_mask=True)  # fmt: skip
         ids = list(out["input_ids"])
         return ids, [i if m else IGNORE for i, m in zip(ids, out["assistant_masks"], strict=True)]
     ids = _render(tokenizer, messages, False)
@@ -342,6 +398,16 @@ def check_sampling(temperature: float, top_p: float | None = None) -> None:
         raise D.DataError(f"--top-p must be in (0, 1], got {top_p!r}")
 
 
+def check_token_counts(max_new_tokens: int, max_context: int | None = None) -> None:
+    """Token budgets ``clex chat`` / ``clex generate`` accept, each refused in the words of its own flag."""
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise D.DataError(f"--max-new-tokens must be an integer >= 1, got {max_new_tokens!r}")
+    if max_context is not None and (isinstance(max_context, bool) or not isinstance(max_context, int)
+                                    or max_context < 2):  # fmt: skip
+        raise D.DataError(f"--max-context must be an integer >= 2 (a prompt token and an answer token), got "
+                          f"{max_context!r}")  # fmt: skip
+
+
 class ChatSession:
     """A conversation with a model: the history is kept and re-rendered with the chat template at each turn;
     the oldest exchanges are dropped (``notice`` is called) when prompt + answer budget outgrow
@@ -351,8 +417,9 @@ class ChatSession:
     def __init__(self, model, tokenizer, system: str | None = None, max_context: int | None = None,
                  max_new_tokens: int = 256, policy: str = "rerotate", temperature: float = 0.0, notice=None):
         self.model, self.tokenizer, self.system = model, tokenizer, system
+        check_token_counts(max_new_tokens, max_context)
         self.max_context = max_context or model.config.get_text_config().max_position_embeddings
-        if max_new_tokens < 1 or self.max_context <= max_new_tokens:
+        if self.max_context <= max_new_tokens:
             raise D.DataError(f"--max-context ({self.max_context}) must exceed --max-new-tokens ({max_new_tokens})")
         check_sampling(temperature)
         self.max_new_tokens, self.policy, self.temperature = max_new_tokens, policy, temperature

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -33,14 +34,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from transformers import TextStreamer
 
     from .cache import generate
-    from .chat import check_sampling
+    from .chat import check_sampling, check_token_counts
     from .data import ByteTokenizer, encode, load_tokenizer
     from .models import from_pretrained
 
     check_sampling(args.temperature, args.top_p)
-    if args.max_new_tokens < 1:
-        raise ValueError(f"--max-new-tokens must be an integer >= 1, got {args.max_new_tokens}")
-    text = sys.stdin.read() if args.prompt_file == "-" else open(args.prompt_file, encoding="utf-8").read()
+    check_token_counts(args.max_new_tokens)
+    if not 0 <= args.seed < 2**64:
+        raise ValueError(f"--seed must be an integer in 0 … 2**64 - 1, got {args.seed}")
+    text = _read_prompt(args.prompt_file)
     tok = load_tokenizer(args.tokenizer or args.model)
     model = from_pretrained(args.model).eval()
     ids = torch.tensor([encode(tok, text)], dtype=torch.long)
@@ -59,23 +61,67 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _read_prompt(path: str) -> str:
+    """The prompt file's text (``-``: stdin), UTF-8; anything else is refused naming the file and line."""
+    from .data import decode_text, read_text
+
+    if path == "-":
+        return decode_text(_stdin_bytes(), "stdin", fix="send UTF-8 text")
+    if not os.path.exists(path):
+        raise ValueError(f"prompt file {path} not found")
+    if os.path.isdir(path):
+        raise ValueError(f"prompt file {path} is a folder; give a text file")
+    return read_text(path)
+
+
+def _stdin_bytes() -> bytes:
+    """All of stdin as bytes (a text stream without a byte buffer, as in tests, is encoded back)."""
+    buffer = getattr(sys.stdin, "buffer", None)
+    return buffer.read() if buffer is not None else sys.stdin.read().encode("utf-8")
+
+
 def _escape(text: str) -> str:
     return text.replace("\\", "\\\\").replace("\n", "\\n").replace("\r", "\\r")
 
 
-def _read_message(interactive: bool) -> str | None:
-    """One message: a line, or in a terminal several lines joined while they end with a backslash."""
-    lines = []
-    while True:
+class _Messages:
+    """Messages from stdin: a line, or in a terminal several lines joined while they end with a backslash.
+    A pipe is read as bytes and decoded line by line, so a line that is not UTF-8 is named by its number
+    (a text stream would fail on a whole buffered chunk, before the lines ahead of it were answered)."""
+
+    def __init__(self, interactive: bool) -> None:
+        self.interactive, self.line_no = interactive, 0
+        buffer = None if interactive else getattr(sys.stdin, "buffer", None)
+        self.raw = iter(buffer) if buffer is not None else None
+
+    def _line(self, prompt: str) -> str:
+        self.line_no += 1
+        if self.raw is not None:
+            from .data import decode_text
+
+            line = next(self.raw, None)
+            if line is None:
+                raise EOFError
+            return decode_text(line, "stdin", self.line_no, fix="send UTF-8 text").rstrip("\r\n")
         try:
-            line = input("you> " if interactive and not lines else "...> " if interactive else "")
-        except EOFError:
-            return "\n".join(lines) if lines else None
-        if interactive and line.endswith("\\"):
-            lines.append(line[:-1])
-            continue
-        lines.append(line)
-        return "\n".join(lines)
+            return input(prompt)
+        except UnicodeDecodeError as err:
+            raise ValueError(f"stdin:{self.line_no}: not UTF-8 text (byte 0x{err.object[err.start]:02x}); set the "
+                             "terminal to UTF-8") from None  # fmt: skip
+
+    def read(self) -> str | None:
+        """The next message, or None at the end of input."""
+        lines: list[str] = []
+        while True:
+            try:
+                line = self._line("you> " if self.interactive and not lines else "...> " if self.interactive else "")
+            except EOFError:
+                return "\n".join(lines) if lines else None
+            if self.interactive and line.endswith("\\"):
+                lines.append(line[:-1])
+                continue
+            lines.append(line)
+            return "\n".join(lines)
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
@@ -83,11 +129,12 @@ def cmd_chat(args: argparse.Namespace) -> int:
     on stdin it reads one message per line and writes one answer per line (newlines escaped as \\n)."""
     from transformers.utils import logging as hf_logging
 
-    from .chat import ChatSession, check_sampling
+    from .chat import ChatSession, check_sampling, check_token_counts
     from .data import DataError, load_tokenizer
     from .models import from_pretrained, use_method
 
     check_sampling(args.temperature)
+    check_token_counts(args.max_new_tokens, args.max_context)
     hf_logging.disable_progress_bar()  # no loading bars in a conversation
     tok = load_tokenizer(args.tokenizer or args.model)
     model = from_pretrained(args.model).eval()
@@ -99,7 +146,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
                           args.temperature, notice)  # fmt: skip
     if interactive:
         print("clex chat: /reset clears the history, /exit leaves; end a line with \\ to continue it", file=sys.stderr)
-    while (text := _read_message(interactive)) is not None:
+    messages = _Messages(interactive)
+    while (text := messages.read()) is not None:
         command = text.strip()
         if command in ("/exit", "/quit"):
             break

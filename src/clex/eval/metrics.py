@@ -103,6 +103,10 @@ def classification(prediction: str, reference: str, all_classes: Sequence[str] =
     return 1.0 / len(found) if reference in found else 0.0
 
 
+PARAGRAPH = {"passage_retrieval_en": (re.compile(r"Paragraph (\d+)"), "Paragraph 3"),
+             "passage_retrieval_zh": (re.compile(r"段落(\d+)"), "段落3")}  # fmt: skip
+
+
 def _share_equal(prediction: str, wanted: str) -> float:
     numbers = re.findall(r"\d+", prediction)
     return sum(n == wanted for n in numbers) / len(numbers) if numbers else 0.0
@@ -110,11 +114,11 @@ def _share_equal(prediction: str, wanted: str) -> float:
 
 def retrieval(prediction: str, reference: str, **_) -> float:
     """Share of the numbers in the prediction that are the paragraph id of ``Paragraph K``."""
-    return _share_equal(prediction, re.findall(r"Paragraph (\d+)", reference)[0])
+    return _share_equal(prediction, PARAGRAPH["passage_retrieval_en"][0].findall(reference)[0])
 
 
 def retrieval_zh(prediction: str, reference: str, **_) -> float:
-    return _share_equal(prediction, re.findall(r"段落(\d+)", reference)[0])
+    return _share_equal(prediction, PARAGRAPH["passage_retrieval_zh"][0].findall(reference)[0])
 
 
 def count(prediction: str, reference: str, **_) -> float:
@@ -142,6 +146,24 @@ METRIC_NAMES = {qa_f1: "qa_f1", qa_f1_zh: "qa_f1_zh", rouge_l: "rouge_l", rouge_
                 classification: "classification", retrieval: "retrieval", retrieval_zh: "retrieval_zh",
                 count: "count", code_similarity: "code_sim"}  # fmt: skip
 FIRST_LINE_ONLY = ("trec", "triviaqa", "samsum", "lsht")  # LongBench scores only the first line of these
+
+
+def unscorable(dataset: str, reference: str) -> str | None:
+    """Why ``reference`` cannot be scored under ``dataset``'s metric (None when it can), said before any
+    generation: the retrieval metrics read the paragraph number out of the reference."""
+    pattern, example = PARAGRAPH.get(dataset, (None, ""))
+    if pattern is not None and not pattern.search(reference):
+        return f"a {dataset} answer must name its paragraph, like {example!r}"
+    return None
+
+
+def missing_package(dataset: str) -> str | None:
+    """The package ``dataset``'s metric needs that is not installed, or None."""
+    import importlib.util
+
+    metric = LONGBENCH_METRICS[dataset]
+    needed = {qa_f1_zh: "jieba", rouge_l_zh: "jieba", rouge_l: "rouge_score"}.get(metric)
+    return needed if needed and importlib.util.find_spec(needed) is None else None
 
 
 def longbench_score(dataset: str, prediction: str, answers: Sequence[str], all_classes: Sequence[str] = ()) -> float:
