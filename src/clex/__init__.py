@@ -11,11 +11,12 @@ Public API::
 
 from .cache import generate
 from .methods import available_methods
-from .models import UnsupportedModelError, apply, clex_modules, from_pretrained
+from .models import ModelLoadError, UnsupportedModelError, apply, clex_modules, from_pretrained
 from .rotary import CLEXConfig, extrapolated_positions, sample_scale_factor, sample_training_positions
 
 __all__ = [
     "CLEXConfig",
+    "ModelLoadError",
     "UnsupportedModelError",
     "apply",
     "available_methods",

@@ -15,6 +15,7 @@ are written.
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -56,15 +57,24 @@ def longrope_parameters(model, factor: int) -> dict:
 
 
 def export(model_dir: str | Path, out: str | Path, to: str = "longrope", factor: int | None = None,
-           outtype: str = "f32") -> Path:  # fmt: skip
+           outtype: str | None = None) -> Path:  # fmt: skip
     """Write the CLEX model in ``model_dir`` at t = ``factor`` as a stock-transformers checkpoint (``longrope``:
-    a directory) or a llama.cpp file (``gguf``: ``out`` ends in .gguf; ``outtype`` f32, f16 or q8_0)."""
+    a directory) or a llama.cpp file (``gguf``: ``out`` ends in .gguf; ``outtype`` f32 (default), f16 or q8_0).
+
+    Every refusal comes before any work; a failure later leaves nothing behind (no temporary directory)."""
     if to not in EXPORT_FORMATS:
         raise ExportError(f"--to must be one of {EXPORT_FORMATS}, got {to!r}")
+    if outtype is not None and to != "gguf":
+        raise ExportError(f"outtype {outtype!r} applies only to a GGUF export (to gguf); a {to} export keeps the "
+                          "model's weights as they are")  # fmt: skip
     if factor is None:
         raise ExportError("--factor T is required: the exported model uses CLEX's frequencies at t = T")
     check_model_path(model_dir)
     out = Path(out)
+    if out.is_symlink():  # a link (dangling or not) would be written through, or fail only after the conversion
+        raise ExportError(f"{out} is a symbolic link (to {os.readlink(out)}); export writes a new path, never "
+                          "through a link: choose another output path")  # fmt: skip
+    outtype = outtype or "f32"
     source = Path(model_dir).resolve()
     if out.resolve() == source or source in out.resolve().parents:
         raise ExportError(f"--out {out} is inside --model {model_dir}; write the export somewhere else")
@@ -95,14 +105,18 @@ def export(model_dir: str | Path, out: str | Path, to: str = "longrope", factor:
         except GGUFExportError as exc:
             raise ExportError(str(exc)) from None
     tmp = fresh_temp_dir(out)  # clex's own name beside --out, never one someone else may own
-    model.save_pretrained(tmp)
-    for pattern in TOKENIZER_FILES:
-        for item in Path(model_dir).glob(pattern):
-            if item.is_file():
-                shutil.copy2(item, tmp / item.name)
-    if out.exists():
-        out.rmdir()
-    tmp.rename(out)
+    try:
+        model.save_pretrained(tmp)
+        for pattern in TOKENIZER_FILES:
+            for item in Path(model_dir).glob(pattern):
+                if item.is_file():
+                    shutil.copy2(item, tmp / item.name)
+        if out.exists():
+            out.rmdir()
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # our own fresh directory: nothing of anyone else's is in it
+        raise
     return out
 
 

@@ -187,41 +187,46 @@ def write_gguf(model, model_dir: str | Path, out: str | Path, rope: dict, outtyp
     tmp = out.with_name(f".clex-tmp-{os.getpid()}-{out.name}")  # clex's own name: never someone else's file
     writer = gguf.GGUFWriter(str(tmp), arch)
     try:
-        writer.add_name(_model_name(model_dir))
-        writer.add_block_count(config.num_hidden_layers)
-        writer.add_context_length(factor * L)
-        writer.add_embedding_length(config.hidden_size)
-        writer.add_feed_forward_length(config.intermediate_size)
-        writer.add_head_count(config.num_attention_heads)
-        writer.add_head_count_kv(getattr(config, "num_key_value_heads", None) or config.num_attention_heads)
-        writer.add_layer_norm_rms_eps(config.rms_norm_eps)
-        writer.add_rope_freq_base(float(config.rope_parameters["rope_theta"]))
-        writer.add_rope_dimension_count(rope_dims)
-        if getattr(config, "head_dim", None) and config.head_dim != config.hidden_size // config.num_attention_heads:
-            writer.add_key_length(config.head_dim)
-            writer.add_value_length(config.head_dim)
-        if getattr(config, "num_local_experts", None):
-            writer.add_expert_count(config.num_local_experts)
-            writer.add_expert_used_count(config.num_experts_per_tok)
-        if arch_name == "LLAMA":
-            writer.add_vocab_size(config.vocab_size)
-        if arch_name == "PHI3":
-            writer.add_sliding_window(0)  # Phi-3 mini/medium; llama.cpp disables Phi's SWA anyway
-        writer.add_rope_scaling_type(gguf.RopeScalingType.LONGROPE)
-        writer.add_rope_scaling_orig_ctx_len(L)
-        writer.add_rope_scaling_attn_factors(float(rope.get("attention_factor", 1.0)))
-        writer.add_file_type(ftype)
-        _vocab(writer, model_dir, config.vocab_size)
-        for name, data in _tensors(model, arch_name):
-            _add(writer, gguf, name, data, outtype)
-        writer.add_tensor("rope_factors_long.weight", long_factor)
-        writer.add_tensor("rope_factors_short.weight", np.ones_like(long_factor))
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-    finally:
-        writer.close()
-    os.replace(tmp, out)
+        try:
+            writer.add_name(_model_name(model_dir))
+            writer.add_block_count(config.num_hidden_layers)
+            writer.add_context_length(factor * L)
+            writer.add_embedding_length(config.hidden_size)
+            writer.add_feed_forward_length(config.intermediate_size)
+            writer.add_head_count(config.num_attention_heads)
+            writer.add_head_count_kv(getattr(config, "num_key_value_heads", None) or config.num_attention_heads)
+            writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+            writer.add_rope_freq_base(float(config.rope_parameters["rope_theta"]))
+            writer.add_rope_dimension_count(rope_dims)
+            own_head_dim = getattr(config, "head_dim", None)
+            if own_head_dim and own_head_dim != config.hidden_size // config.num_attention_heads:
+                writer.add_key_length(config.head_dim)
+                writer.add_value_length(config.head_dim)
+            if getattr(config, "num_local_experts", None):
+                writer.add_expert_count(config.num_local_experts)
+                writer.add_expert_used_count(config.num_experts_per_tok)
+            if arch_name == "LLAMA":
+                writer.add_vocab_size(config.vocab_size)
+            if arch_name == "PHI3":
+                writer.add_sliding_window(0)  # Phi-3 mini/medium; llama.cpp disables Phi's SWA anyway
+            writer.add_rope_scaling_type(gguf.RopeScalingType.LONGROPE)
+            writer.add_rope_scaling_orig_ctx_len(L)
+            writer.add_rope_scaling_attn_factors(float(rope.get("attention_factor", 1.0)))
+            writer.add_file_type(ftype)
+            _vocab(writer, model_dir, config.vocab_size)
+            for name, data in _tensors(model, arch_name):
+                _add(writer, gguf, name, data, outtype)
+            writer.add_tensor("rope_factors_long.weight", long_factor)
+            writer.add_tensor("rope_factors_short.weight", np.ones_like(long_factor))
+            writer.write_header_to_file()
+            writer.write_kv_data_to_file()
+            writer.write_tensors_to_file()
+        finally:
+            writer.close()
+        os.replace(tmp, out)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a failed export leaves no partial file behind
+        raise
     return out
 
 

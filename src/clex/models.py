@@ -16,6 +16,8 @@ from __future__ import annotations
 import copy
 import functools
 import json
+import math
+import numbers
 import os
 import warnings
 from collections.abc import Iterator
@@ -46,6 +48,32 @@ class UnsupportedModelError(ValueError):
 
 class ModelLoadError(ValueError):
     """A model directory whose config or weights cannot be read; the message names the file."""
+
+
+class ModelNotFoundError(ModelLoadError, FileNotFoundError):
+    """A local model path that does not exist (also a FileNotFoundError, so either ``except`` catches it)."""
+
+
+def describe(value) -> str:
+    """A value as an argument error shows it: its type, and short values themselves."""
+    if value is None:
+        return "None"
+    if isinstance(value, (str, bytes, int, float, bool)):
+        text = repr(value)
+        return f"{type(value).__name__} {text if len(text) <= 60 else text[:57] + '...'}"
+    return type(value).__name__
+
+
+def check_number(name: str, value, ok, rule: str, integer: bool = False, optional: bool = False) -> None:
+    """``value`` is a finite number (an integer where ``integer``; None where ``optional``) that ``ok`` accepts,
+    else one refusal in the argument's name saying ``rule``: TypeError for another kind of value, ValueError
+    for one out of range."""
+    if value is None and optional:
+        return
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral if integer else numbers.Real):
+        raise TypeError(f"{name} must be {rule}, got {describe(value)}")
+    if not math.isfinite(value) or not ok(value):
+        raise ValueError(f"{name} must be {rule}, got {value!r}")
 
 
 # --- finding the rotary modules ---------------------------------------------------------------------
@@ -107,6 +135,11 @@ def apply(model: PreTrainedModel, method: str, **params) -> PreTrainedModel:
     ``max_position_embeddings``); pass ``original_max_position_embeddings=`` to override it.
     Re-applying ``clex`` to a CLEX model keeps its learned weights. On bad input nothing changes.
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a transformers model (a torch.nn.Module), got {describe(model)}")
+    if not isinstance(method, str):
+        raise TypeError(f"method must be a method name such as 'clex' or 'yarn:factor=8' (a str), "
+                        f"got {describe(method)}")  # fmt: skip
     name, spec_params = parse_method(method)
     twice = sorted(set(spec_params) & set(params))
     if twice:
@@ -203,10 +236,14 @@ def training_length(model_or_config) -> int:
 
 
 def check_model_path(path) -> None:
-    """A clear error for a local model directory that does not exist (hub names pass: name or org/name)."""
+    """A clear error for a local model directory that does not exist, before the hub would read the path as a
+    malformed repo id. A path is local when it starts with ``.``, ``/`` or ``~``, or has more separators than a
+    hub name (``name`` or ``org/name``) has; hub names pass."""
     text = str(path)
-    if not os.path.exists(text) and (text.startswith((".", "/", "~")) or text.count("/") > 1):
-        raise FileNotFoundError(f"model directory {text} does not exist")
+    backslash = os.sep != "/" and os.sep in text  # Windows: hub names never hold one
+    local = text.startswith((".", "/", "~")) or text.count("/") > 1 or backslash
+    if local and not os.path.exists(os.path.expanduser(text)):
+        raise ModelNotFoundError(f"no model directory at {text}: the path does not exist")
 
 
 def _wrap(rotary: nn.Module, config: CLEXConfig, layer_type: str | None, previous=None) -> ClexRotary:
@@ -318,6 +355,15 @@ def from_pretrained(path: str | os.PathLike, **kwargs) -> PreTrainedModel:
     ``clex_ode`` and their top-level ``log_scale`` moves into the rope parameters.
     Never runs remote code; weights load from safetensors.
     """
+    if not isinstance(path, (str, os.PathLike)) or not isinstance(os.fspath(path), str):
+        raise TypeError(f"path must be a model directory or a hub name (str or os.PathLike), "
+                        f"got {describe(path)}")  # fmt: skip
+    if not str(path).strip():
+        raise ValueError("path is empty; give a model directory or a hub name")
+    check_model_path(path)
+    path = os.path.expanduser(os.fspath(path))
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ModelLoadError(f"{path} is a file, not a model directory (a folder with config.json and weights)")
     if kwargs.get("trust_remote_code"):
         raise ValueError("clex.from_pretrained never runs remote code (trust_remote_code=True refused)")
     if os.path.exists(os.path.join(path, "adapter_config.json")):
@@ -358,6 +404,8 @@ def load_config(path):
     """The model's config; invalid rope parameters (a CLEX ``max_factor`` of 0, say) name the file."""
     from huggingface_hub.errors import StrictDataclassClassValidationError
 
+    if os.path.isdir(path) and not os.path.exists(os.path.join(path, "config.json")):
+        raise ModelLoadError(f"{path} has no config.json: it is not a model directory")
     try:
         return AutoConfig.from_pretrained(path)
     except StrictDataclassClassValidationError as err:

@@ -23,12 +23,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .models import clex_modules, training_length
+from .models import check_number, clex_modules, describe, training_length
 from .rotary import extrapolated_positions, sample_training_positions
 
 ADAPTER_METHOD_FILE, ADAPTER_CLEX_FILE = "clex_method.json", "clex_ode.safetensors"
 # Keys of TRL's padding-free batches meant for varlen kernels; a CLEX batch carries an explicit mask instead.
 VARLEN_KEYS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "seq_idx")
+
+
+def _check_model(model) -> None:
+    """A model, not a path or a name: these helpers work on the model object a Trainer holds."""
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model must be a transformers model (a torch.nn.Module), got {describe(model)}")
 
 
 # --- the step's t' and positions ------------------------------------------------------------------
@@ -105,6 +111,10 @@ def param_groups(model, lr: float, clex_lr: float | None = None, weight_decay: f
     the CLEX matrices in their own group at ``clex_lr`` (default ``lr``) without decay. ``clex_lr = 0``
     freezes the ODE (no gradients through the solve: NTK α = 2t − 1 with position extrapolation);
     ``lr = 0`` freezes the base model (only the ODE learns; its group stays second, empty)."""
+    _check_model(model)
+    check_number("lr", lr, lambda x: x >= 0, "a finite number >= 0")
+    check_number("clex_lr", clex_lr, lambda x: x >= 0, "None or a finite number >= 0", optional=True)
+    check_number("weight_decay", weight_decay, lambda x: x >= 0, "a finite number >= 0")
     clex_params = [p for m in clex_modules(model) for p in m.clex_ode.parameters() if p.requires_grad]
     if clex_lr == 0:
         for p in clex_params:
@@ -144,6 +154,9 @@ def cosine_schedule(steps: int, warmup: float, clex_warmup: float | None = None)
     then cosine decay to 0 (transformers' cosine schedule). The CLEX group follows the same curve times
     its own linear ramp over ``clex_warmup·steps``, so the base model can adapt to extrapolated
     positions before the ODE moves."""
+    check_number("steps", steps, lambda x: x >= 1, "an integer >= 1", integer=True)
+    check_number("warmup", warmup, lambda x: x >= 0, "a fraction of the steps >= 0")
+    check_number("clex_warmup", clex_warmup, lambda x: x >= 0, "None or a fraction of the steps >= 0", optional=True)
     warm = int(warmup * steps)
 
     def base(step: int) -> float:
@@ -223,6 +236,13 @@ class CLEXDataCollator:
                  mask_dtype=torch.bool) -> None:  # fmt: skip
         from .rotary import LAYOUTS, T_SAMPLINGS
 
+        _check_model(model)
+        if collator is not None and not callable(collator):
+            raise TypeError(f"collator must be None or a callable (examples → batch), got {describe(collator)}")
+        check_number("seed", seed, lambda x: True, "an integer", integer=True)
+        for name, value in (("chunks", chunks), ("grad_accum", grad_accum)):
+            check_number(name, value, lambda x: x >= 1, "an integer >= 1", integer=True)
+        check_number("base_length", base_length, lambda x: x >= 1, "None or an integer >= 1", True, optional=True)
         if layout not in LAYOUTS:
             raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
         if t_sampling not in T_SAMPLINGS:
@@ -278,6 +298,16 @@ class CLEXTrainerMixin:
                  clex_warmup: float | None = None, clex_method: str = "clex", **kwargs) -> None:  # fmt: skip
         from transformers import TrainerCallback
 
+        from .methods import check_method
+
+        check_number("clex_lr", clex_lr, lambda x: x >= 0, "None (the learning rate) or a number >= 0", optional=True)
+        check_number("clex_max_grad_norm", clex_max_grad_norm, lambda x: x > 0,
+                     "None (one joint norm) or a number > 0", optional=True)  # fmt: skip
+        check_number("clex_warmup", clex_warmup, lambda x: 0 <= x <= 1, "None or a fraction of the steps in [0, 1]",
+                     optional=True)  # fmt: skip
+        if not isinstance(clex_method, str):
+            raise TypeError(f"clex_method must be a method such as 'clex' (a str), got {describe(clex_method)}")
+        check_method(clex_method)
         super().__init__(*args, **kwargs)
         self.clex_lr, self.clex_max_grad_norm, self.clex_warmup = clex_lr, clex_max_grad_norm, clex_warmup
         self.clex_method = clex_method
