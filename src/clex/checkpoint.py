@@ -167,7 +167,8 @@ def _check_optimizer(path: Path, meta: dict, tensors: dict[str, torch.Tensor], w
     """AdamW's hyper-parameters in range, its moments finite and shaped like the weights they belong to."""
     file = path / OPTIM_META
     _finite_numbers(meta, file, "")
-    ranges = {"lr": (0, math.inf), "eps": (1e-30, 1.0), "weight_decay": (0, math.inf), "initial_lr": (0, math.inf)}
+    # far beyond any rate a run uses, yet finite in float32 (where a larger one overflows mid-step)
+    ranges = {"lr": (0, 1e3), "eps": (1e-30, 1.0), "weight_decay": (0, 1e3), "initial_lr": (0, 1e3)}
     for i, group in enumerate(meta["param_groups"]):
         if not isinstance(group, dict):
             raise CheckpointError(f"{file}: param group {i} is not an object")

@@ -27,6 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .outdir import fresh_temp_file
+
 # model_type → llama.cpp architecture name (gguf.MODEL_ARCH member)
 GGUF_ARCHS = {"llama": "LLAMA", "mistral": "LLAMA", "mixtral": "LLAMA", "phi3": "PHI3"}
 GGUF_TYPES = ("f32", "f16", "q8_0")
@@ -184,7 +186,7 @@ def write_gguf(model, model_dir: str | Path, out: str | Path, rope: dict, outtyp
         raise GGUFExportError(f"{len(long_factor)} rope factors for a rotary width of {rope_dims}; cannot export")
     ftype = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
              "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[outtype]  # fmt: skip
-    tmp = out.with_name(f".clex-tmp-{os.getpid()}-{out.name}")  # clex's own name: never someone else's file
+    tmp = fresh_temp_file(out)  # created here, so never someone else's file
     writer = gguf.GGUFWriter(str(tmp), arch)
     try:
         try:

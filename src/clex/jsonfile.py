@@ -9,6 +9,8 @@ walking a parsed value recursively can hit it too), so every JSON file or line c
 from __future__ import annotations
 
 import json
+import os
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +62,8 @@ def read_json(path: str | Path, *, expect: type | tuple[type, ...] | None = dict
     passes through for the caller to word, every other failure is one :class:`JSONFileError`."""
     path = Path(path)
     try:
+        if not stat.S_ISREG(os.stat(path).st_mode):  # a pipe or a device would block or never end
+            raise JSONFileError(f"{path} is not a regular file")
         with open(path, "rb") as f:
             data = f.read(max_bytes + 1)
     except FileNotFoundError:

@@ -91,7 +91,7 @@ class OutDir:
                 self.entries = read(self.path).entries
 
     def _save(self) -> None:
-        tmp = self.path / f"{TMP_PREFIX}manifest-{os.getpid()}"
+        tmp = fresh_temp_file(self.path / MANIFEST)
         tmp.write_text(json.dumps({"clex_manifest": VERSION, "kind": self.kind, "entries": self.entries}, indent=1))
         os.replace(tmp, self.path / MANIFEST)
 
@@ -231,6 +231,19 @@ def fresh_temp_dir(beside: Path) -> Path:
     return tmp
 
 
+def fresh_temp_file(beside: Path) -> Path:
+    """A new, empty file of clex's own next to ``beside`` (created exclusively, so it is never a file someone
+    else put there under the same name), to fill and then rename onto ``beside``."""
+    import tempfile
+
+    fd, name = tempfile.mkstemp(prefix=f"{TMP_PREFIX}{beside.name}-", dir=beside.parent)
+    os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(name, 0o666 & ~umask)
+    return Path(name)
+
+
 def nest(parent: Path, name: str, kind: str) -> Path:
     """``parent/name`` as a nested output directory, recorded in ``parent``'s manifest when it has one (a
     directory of runs inside a demo; elsewhere it is simply claimed)."""
@@ -248,7 +261,7 @@ def write_in(path: Path, fill: Callable[[Path], None]) -> Path:
     if (path.parent / MANIFEST).exists():
         return read(path.parent).write(path.name, fill)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{TMP_PREFIX}{os.getpid()}-{path.name}")
+    tmp = fresh_temp_file(path)
     try:
         fill(tmp)
         os.replace(tmp, path)
@@ -287,6 +300,8 @@ def read(path: Path) -> OutDir:
     """The manifest of a directory clex wrote into, checked entry by entry."""
     file = Path(path) / MANIFEST
     try:
+        if file.is_symlink():
+            raise R.RecordError("it is a link; clex writes its manifest as a plain file")
         record = read_json(file, max_bytes=MAX_MANIFEST_BYTES)
         if record.get("clex_manifest") != VERSION:
             raise OutDirError(f"{file} was written by an older clex (it names files without recording their "
