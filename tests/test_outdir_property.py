@@ -89,9 +89,10 @@ def _forged(draw, path: Path, depth: int = 0):
 
 
 def _manifest(draw, directory: Path) -> dict:
-    present = sorted(p.name for p in directory.iterdir()) if directory.is_dir() and not directory.is_symlink() else []
-    names = draw(st.lists(st.sampled_from(present * 3 + NAMES + (BAD_NAMES if draw(st.sampled_from([False] * 5 + [True])) else [])),
-                          min_size=1, max_size=5, unique=True))  # fmt: skip
+    listable = directory.is_dir() and not directory.is_symlink()
+    present = sorted(p.name for p in directory.iterdir()) if listable else []
+    bad = BAD_NAMES if draw(st.sampled_from([False] * 5 + [True])) else []
+    names = draw(st.lists(st.sampled_from(present * 3 + NAMES + bad), min_size=1, max_size=5, unique=True))
     return {"clex_manifest": 2, "kind": "eval-ppl", "entries": {n: _forged(draw, directory / n) for n in names}}
 
 

@@ -5,20 +5,28 @@ write, and the moments between a command's last files (a kill there is finished 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from test_safety import last_line, run_cli, snapshot, train_args, unfinished_copy, world  # noqa: F401
-from test_safety_eval import passkey_argv, save_tiny
 
 from clex import checkpoint as C
 from clex import outdir, records
 from clex.fetch import FetchError, fetch, gguf_to_safetensors
+from test_safety import _build_world, last_line, run_cli, snapshot, train_args, unfinished_copy
+from test_safety_eval import passkey_argv, save_tiny
 
 MANIFEST = outdir.MANIFEST
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """A tiny Llama, a corpus, and a finished 4-step CLEX run with its checkpoint at step 2."""
+    root = tmp_path_factory.mktemp("untrusted")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("CLEX_CACHE", str(root / "cache"))
+        return _build_world(root)
 
 
 def _write_manifest(path, kind: str, entries: dict) -> None:
@@ -261,6 +269,7 @@ def test_a_lock_that_is_a_folder_is_named(world, tmp_path, capsys):
 @pytest.fixture(scope="module")
 def gguf(tmp_path_factory):
     import transformers as tf
+
     from test_fetch import write_tiny_llama_gguf
 
     torch.manual_seed(0)
