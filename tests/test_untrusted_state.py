@@ -4,6 +4,7 @@ write, and the moments between a command's last files (a kill there is finished 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 
@@ -348,3 +349,154 @@ def test_a_perplexity_run_killed_midway_finishes_on_the_same_command(tmp_path, c
     payload = json.loads((out / "results.json").read_text())
     assert "complete" not in payload and [r["length"] for r in payload["results"]] == [32, 64]
     assert main(argv) == 2 and "already holds results" in capsys.readouterr().err  # complete now: kept
+
+
+# --- forgeries that cost time or pass as clex's ---------------------------------------------------------------
+def test_nested_output_directories_deeper_than_clex_writes_are_kept_in_one_line(tmp_path):
+    import time
+
+    out = tmp_path / "out"
+    level = out
+    for _ in range(400):  # each level records the next as a nested output directory
+        level.mkdir()
+        _write_manifest(level, "demo", {"a": {"type": "outdir"}})
+        level = level / "a"
+    level.mkdir()
+    (level / "thesis.tex").write_text("mine")
+    start = time.perf_counter()
+    with pytest.raises(outdir.OutDirError, match="holds entries that were changed .* nothing was removed"):
+        outdir.claim(out, "demo", overwrite=True)
+    assert time.perf_counter() - start < 5 and (level / "thesis.tex").read_text() == "mine"
+
+
+def test_a_record_replacing_a_chain_of_records_is_refused(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "a").write_text("x")
+    true = records.record_of(out / "a")
+    _write_manifest(out, "eval-ppl", {"a": {**true, "was": {**true, "was": true}}})
+    with pytest.raises(outdir.OutDirError, match="replaces a record that replaces another"):
+        outdir.read(out)
+
+
+def test_a_name_no_file_can_have_is_refused_in_one_line(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / MANIFEST).write_text('{"clex_manifest": 2, "kind": "eval-ppl", "entries": {"\\udcff": {"type": "outdir"}}}')
+    with pytest.raises(outdir.OutDirError, match="is not a clex manifest .*is not a plain file name"):
+        outdir.read(out)
+
+
+def test_an_empty_log_record_does_not_pass_for_a_users_file(world, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "thesis.tex").write_text("years of work")
+    empty = {"type": "log", "size": 0, "sha256": hashlib.sha256(b"").hexdigest(), "ino": 1}
+    _write_manifest(out, "train", {"thesis.tex": empty})
+    code, err = run_cli(capsys, train_args(world, out, "--overwrite"))
+    assert code == 2 and "thesis.tex" in last_line(err) and (out / "thesis.tex").read_text() == "years of work"
+
+
+def test_a_kill_between_creating_a_temporary_and_recording_it_does_not_block_the_run(world, tmp_path, capsys):
+    out = unfinished_copy(world, tmp_path)
+    (out / ".clex-tmp-final").mkdir()  # created, never recorded: the kill came before the manifest was saved
+    (out / ".clex-tmp-checkpoint-0000004").mkdir()
+    code, err = run_cli(capsys, train_args(world, out, "--save-every", "2", "--keep", "3", "--resume"))
+    assert code == 0, err
+    a, b = load_file(world / "run" / "model.safetensors"), load_file(out / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    nested = tmp_path / "demo"
+    nested.mkdir()
+    _write_manifest(nested, "demo", {"finetuned": {"type": "outdir"}})
+    (nested / "finetuned").mkdir()  # recorded, then killed before its own manifest was written
+    assert outdir.claim(nested, "demo", overwrite=True).files == []
+
+
+def test_a_scheduler_state_with_fields_of_its_own_falls_back(world, tmp_path, capsys):
+    out = unfinished_copy(world, tmp_path)
+    only = out / "checkpoint-0000002"
+    sched = json.loads((only / C.SCHED).read_text())
+    (only / C.SCHED).write_text(json.dumps({**sched, "optimizer": 5}))
+    _rerecord(out, only.name)
+    code, err = run_cli(capsys, train_args(world, out, "--save-every", "2", "--keep", "3", "--resume"))
+    assert code == 0, err
+    assert f"{only / C.SCHED} holds fields the scheduler does not have (optimizer)" in err
+
+
+def test_a_model_config_nested_too_deep_is_named(world, tmp_path, capsys):
+    model = tmp_path / "model"
+    shutil.copytree(world / "base", model)
+    (model / "config.json").write_text("[" * 100_000 + "]" * 100_000)
+    code, err = run_cli(capsys, ["info", "--model", str(model)])
+    assert code == 2 and f"{model / 'config.json'} nests deeper than" in last_line(err)
+
+
+def test_task_cells_are_read_only_as_clex_recorded_them(tmp_path, capsys, monkeypatch):
+    """A cell appended after clex's recorded prefix (forged, or cut by a kill) is never believed."""
+    from clex.cli import main
+    from clex.eval import tasks as T
+    from test_safety_eval import GREEDY
+
+    model = save_tiny(tmp_path / "model", L=64)
+    out = tmp_path / "out"
+    calls = []
+
+    def stop_after_one(*args, **kwargs):
+        if calls:
+            raise KeyboardInterrupt
+        calls.append(1)
+        return GREEDY(*args, **kwargs)
+
+    monkeypatch.setattr(T, "greedy_answers", stop_after_one)
+    assert main([str(a) for a in passkey_argv(model, out)]) == 130
+    partial = out / "partial.jsonl"
+    first = json.loads(partial.read_text().splitlines()[0])
+    forged = {**first, "row": {**first["row"], "depth": 100.0, "score": 1.0}}
+    with open(partial, "a") as f:
+        f.write(json.dumps(forged) + "\n" + "[" * 100_000 + "\n")
+    monkeypatch.setattr(T, "greedy_answers", GREEDY)
+    assert main([str(a) for a in passkey_argv(model, out)]) == 0, capsys.readouterr().err
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    clean = tmp_path / "clean"
+    assert main([str(a) for a in passkey_argv(model, clean)]) == 0
+    assert [(r["method"], r["depth"], r["score"]) for r in rows] == \
+        [(r["method"], r["depth"], r["score"]) for r in json.loads((clean / "results.json").read_text())["rows"]]
+
+
+def test_a_perplexity_out_changed_since_is_refused_before_any_work(tmp_path, capsys, monkeypatch):
+    from clex.cli import main
+    from clex.eval import ppl as P
+
+    model = save_tiny(tmp_path / "model", L=32)
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("the quick brown fox jumps over the lazy dog. " * 200)
+    out = tmp_path / "out"
+    argv = ["eval", "ppl", "--model", str(model), "--methods", "vanilla", "--lengths", "32,64", "--data", str(corpus),
+            "--samples", "2", "--tokenizer", "bytes", "--no-progress", "--out", str(out)]  # fmt: skip
+    real = P.evaluate_windows
+
+    def killed_at_64(model, windows, stride, length, *rest):
+        if length == 64:
+            raise KeyboardInterrupt
+        return real(model, windows, stride, length, *rest)
+
+    monkeypatch.setattr(P, "evaluate_windows", killed_at_64)
+    assert main(argv) == 130
+    with open(out / "results.md", "a") as f:
+        f.write("my notes\n")
+    calls = []
+    monkeypatch.setattr(P, "evaluate_windows", lambda *a: calls.append(1) or real(*a))
+    assert main(argv) == 2 and "results.md was changed since clex wrote it" in capsys.readouterr().err
+    assert calls == []
+
+
+def test_a_name_that_is_neither_here_nor_on_the_hub_is_named(tmp_path, capsys, monkeypatch):
+    from clex import models
+
+    def offline(*args, **kwargs):
+        raise OSError("We couldn't connect to 'https://huggingface.co' to load the files.\nCheck your connection.")
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(models.AutoConfig, "from_pretrained", offline)
+    code, err = run_cli(capsys, ["info", "--model", "nowhere/model"])
+    assert code == 2 and "nowhere/model is no model directory here, and the hub could not give it" in last_line(err)

@@ -197,9 +197,34 @@ def _check_scheduler(path: Path, sched: dict, step: int) -> None:
         raise CheckpointError(f"{file} is at step {sched.get('last_epoch')!r}, the checkpoint at {step}")
     for key in ("base_lrs", "_last_lr"):
         rates = sched.get(key, [])
-        if not (isinstance(rates, list) and all(isinstance(r, int | float) and not isinstance(r, bool) and r >= 0
-                                                for r in rates)):  # fmt: skip
+        if not (isinstance(rates, list) and all(isinstance(r, int | float) and not isinstance(r, bool) and
+                                                0 <= r <= 1e3 for r in rates)):  # fmt: skip
             raise CheckpointError(f"{file}: {key} = {rates!r} is not a list of learning rates")
+
+
+def _same_shape(saved, live) -> bool:
+    """``saved`` (read back from JSON) has the JSON shape of ``live``: numbers for numbers, lists as long."""
+    if isinstance(live, bool) or live is None or isinstance(live, str):
+        return type(saved) is type(live)
+    if isinstance(live, int | float):
+        return isinstance(saved, int | float) and not isinstance(saved, bool)
+    if isinstance(live, list | tuple):
+        return isinstance(saved, list | tuple) and len(saved) == len(live) and \
+            all(_same_shape(a, b) for a, b in zip(saved, live, strict=True))  # fmt: skip
+    if isinstance(live, dict):
+        return isinstance(saved, dict) and set(saved) == set(live) and all(_same_shape(saved[k], live[k]) for k in live)
+    return False  # an object in the live state: never taken from a file
+
+
+def _check_scheduler_fits(file: Path, saved: dict, live: dict) -> None:
+    """Only the scheduler's own fields, each shaped as the scheduler being resumed has it (the scheduler copies
+    every key it is given onto itself)."""
+    extra = sorted(set(saved) - set(live))
+    if extra:
+        raise CheckpointError(f"{file} holds fields the scheduler does not have ({', '.join(map(str, extra[:4]))})")
+    wrong = [k for k in saved if not _same_shape(saved[k], live[k])]
+    if wrong:
+        raise CheckpointError(f"{file}: {wrong[0]} is not shaped like the scheduler's own")
 
 
 def _check_rng(file: Path, rng: dict[str, torch.Tensor]) -> None:
@@ -251,6 +276,7 @@ def load(path: Path, model, optimizer, scheduler, rank: int = 0, step: int | Non
     except (ValueError, KeyError, RuntimeError, TypeError) as err:
         raise CheckpointError(f"{path} does not fit the model and optimizer being trained "
                               f"({str(err).splitlines()[0][:160]}); it belongs to another run") from None  # fmt: skip
+    _check_scheduler_fits(path / SCHED, _unjson(sched), scheduler.state_dict())
     try:
         scheduler.load_state_dict({**scheduler.state_dict(), **_unjson(sched)})
     except (ValueError, KeyError, TypeError) as err:

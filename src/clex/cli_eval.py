@@ -54,7 +54,7 @@ def cmd_eval_ppl(args: argparse.Namespace) -> int:
     from .methods import split_methods
     from .report import ppl_markdown
 
-    with _eval_out(args, "ppl") as dest:
+    with _eval_out(args, "ppl", files=("results.json", "results.md", "ppl.png", "loss_by_position.png")) as dest:
         try:
             report = evaluate_ppl(
                 args.model,
@@ -99,7 +99,8 @@ def _task_run_args(args: argparse.Namespace, dest) -> dict:
 
 
 def _task_out(args: argparse.Namespace, kind: str):
-    return _eval_out(args, kind, files=(PARTIAL_FILE,))
+    report = ("results.json", "results.md", "predictions.jsonl", f"{kind}.png", f"{kind}_heatmap.png")
+    return _eval_out(args, kind, files=(PARTIAL_FILE, *report))
 
 
 def _finish_task(report, dest) -> int:
@@ -175,7 +176,7 @@ def cmd_eval_harness(args: argparse.Namespace) -> int:
     from .methods import split_methods
 
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
-    with _eval_out(args, "lm-eval") as dest:
+    with _eval_out(args, "lm-eval", files=("results.json", "results.md")) as dest:
         result = evaluate_harness(args.model, split_methods(args.methods), tasks, args.include_path, args.limit,
                                   args.num_fewshot, args.batch_size, args.max_length, args.tokenizer, args.dtype,
                                   args.device, ready=dest.ready)  # fmt: skip

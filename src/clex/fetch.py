@@ -79,6 +79,8 @@ def gguf_to_safetensors(gguf_path: str | Path, out: str | Path, dtype: torch.dty
     gguf_path, out = Path(gguf_path), Path(out)
     if not gguf_path.is_file():
         raise FetchError(f"GGUF file {gguf_path} does not exist")
+    if out.is_symlink():
+        raise FetchError(f"{out} is a link; fetch writes a new directory, never through a link: choose another --out")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise FetchError(f"{out} exists and is not empty; choose a new --out")
     if importlib.util.find_spec("gguf") is None:

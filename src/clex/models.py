@@ -29,6 +29,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from .cache import install_cache_hook
 from .dynamics import CLEXDynamics
+from .jsonfile import JSONFileError, read_json
 from .methods import get_method, parse_method, register_with_transformers
 from .rotary import CLEXConfig, ClexRotary, clex_modules
 
@@ -406,6 +407,8 @@ def load_config(path):
 
     if os.path.isdir(path) and not os.path.exists(os.path.join(path, "config.json")):
         raise ModelLoadError(f"{path} has no config.json: it is not a model directory")
+    if os.path.isdir(path):
+        _json_file(os.path.join(path, "config.json"))  # bounded first: transformers' own reader is not
     try:
         return AutoConfig.from_pretrained(path)
     except StrictDataclassClassValidationError as err:
@@ -413,6 +416,20 @@ def load_config(path):
         raise ModelLoadError(f"{os.path.join(path, 'config.json')}: invalid rope parameters: {cause}") from None
     except json.JSONDecodeError as err:
         raise ModelLoadError(f"{os.path.join(path, 'config.json')} is not valid JSON ({err})") from None
+    except OSError as err:
+        if os.path.exists(path):
+            raise
+        first = " ".join(str(err).split("\n")[0].split())
+        raise ModelNotFoundError(f"{path} is no model directory here, and the hub could not give it "
+                                 f"({first})") from None  # fmt: skip
+
+
+def _json_file(file: str) -> dict:
+    """A JSON object from the model directory, read with clex's size and depth limits (named when bad)."""
+    try:
+        return read_json(file)
+    except JSONFileError as err:
+        raise ModelLoadError(str(err)) from None
 
 
 def _weight_files(path) -> list[str]:
@@ -424,8 +441,7 @@ def _weight_files(path) -> list[str]:
     index = os.path.join(path, "model.safetensors.index.json")
     try:
         if os.path.exists(index):
-            with open(index) as f:
-                files = sorted(set(json.load(f)["weight_map"].values()))
+            files = sorted(set(_json_file(index)["weight_map"].values()))
         else:
             files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
     except (ValueError, KeyError, TypeError, AttributeError) as err:
@@ -465,14 +481,17 @@ def _from_adapter(path, **kwargs) -> PreTrainedModel:
     from peft import PeftModel
     from safetensors.torch import load_file
 
-    with open(os.path.join(path, "adapter_config.json")) as f:
-        base_path = json.load(f)["base_model_name_or_path"]
+    adapter_file = os.path.join(path, "adapter_config.json")
+    base_path = _json_file(adapter_file).get("base_model_name_or_path")
+    if not isinstance(base_path, str) or not base_path:
+        raise ModelLoadError(f"{adapter_file} names no base model (base_model_name_or_path)")
     model = from_pretrained(base_path, **kwargs)
     method_file = os.path.join(path, "clex_method.json")
     if os.path.exists(method_file):
-        with open(method_file) as f:
-            record = json.load(f)
+        record = _json_file(method_file)
         rope = record.get("rope_parameters")
+        if not isinstance(record.get("method"), str) or not isinstance(rope, dict | None):
+            raise ModelLoadError(f"{method_file} does not name a method and its rope parameters")
         skip = ("rope_type", "rope_theta", "partial_rotary_factor")
         params = {k: v for k, v in (rope or {}).items() if k not in skip}
         apply(model, record["method"].partition(":")[0] if rope else record["method"], **params)

@@ -24,6 +24,7 @@ import contextlib
 import json
 import os
 import socket
+import stat
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -101,9 +102,10 @@ class OutDir:
         may remove it; one left by a killed job under the same name is removed first)."""
         self._reload()
         tmp = self.path / f"{TMP_PREFIX}{name}"
-        if tmp.is_symlink() or tmp.exists():
-            self._drop_temp(tmp.name)
-        tmp.mkdir() if directory else tmp.touch()
+        if R.present(tmp) and not _empty_leftover(tmp, directory):
+            self._drop_temp(tmp.name)  # clex's own, left by a killed job; anything else is refused
+        if not R.present(tmp):
+            tmp.mkdir() if directory else tmp.touch()
         self.entries[tmp.name] = R.temp_record(tmp)
         self._save()
         return tmp
@@ -216,6 +218,15 @@ class OutDir:
                 kept[name] = record
         self.entries = kept
         self._save()
+
+
+def _empty_leftover(tmp: Path, directory: bool) -> bool:
+    """An empty directory (or file) under a temporary's name: what a kill between creating a temporary and
+    recording it leaves. It holds nothing to lose, so it is taken as the new temporary."""
+    info = os.lstat(tmp)
+    if directory:
+        return stat.S_ISDIR(info.st_mode) and not os.listdir(tmp)
+    return stat.S_ISREG(info.st_mode) and info.st_size == 0
 
 
 def fresh_temp_dir(beside: Path) -> Path:
@@ -456,8 +467,8 @@ def locked(path: str | Path) -> Iterator[None]:
     try:
         yield
     finally:
-        with contextlib.suppress(OSError, ValueError):
-            if json.loads(lock.read_text()).get("pid") == me["pid"]:
+        with contextlib.suppress(OSError, ValueError):  # a JSONFileError is a ValueError
+            if read_json(lock, max_bytes=4096).get("pid") == me["pid"]:
                 lock.unlink()
 
 

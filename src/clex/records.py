@@ -3,7 +3,9 @@
 A record is a small JSON object (the entries of an output directory's manifest):
 
     {"type": "file", "size": N, "sha256": H}      a file, byte for byte
-    {"type": "log", "size": N, "sha256": H}       an append-only file: its first N bytes hash to H
+    {"type": "log", "size": N, "sha256": H, "ino": I}
+                                                  an append-only file: its first N bytes hash to H (with
+                                                  nothing recorded yet, the same file: inode I)
     {"type": "dir", "entries": {name: record}}    a directory written whole (a checkpoint): exactly these
     {"type": "outdir"}                            a directory with a manifest of its own, checked through it
     {"type": "link", "target": T}                 a symbolic link, as a link (never followed)
@@ -31,8 +33,13 @@ class RecordError(ValueError):
 
 def check_name(name: object) -> str:
     """A single plain path component (so a record can never name anything outside its directory)."""
-    if not isinstance(name, str) or name in ("", ".", "..") or "\0" in name or len(name.encode()) > 255:
+    if not isinstance(name, str) or name in ("", ".", "..") or "\0" in name:
         raise RecordError(f"{name!r} is not a plain file name")
+    try:
+        if len(name.encode()) > 255:
+            raise RecordError(f"{name[:40]!r}… is longer than a file name can be")
+    except UnicodeEncodeError:  # a lone surrogate: no file on disk has this name
+        raise RecordError(f"{name!r} is not a plain file name") from None
     if "/" in name or (os.sep in name) or (os.altsep and os.altsep in name):
         raise RecordError(f"{name!r} is not a plain file name")
     return name
@@ -44,10 +51,12 @@ def check_record(name: object, record: object, depth: int = 0) -> None:
     if not isinstance(record, dict) or record.get("type") not in TYPES or depth > 16:
         raise RecordError(f"the entry {name!r} is not a record")
     kind = record["type"]
-    fields = {"file": {"size", "sha256"}, "log": {"size", "sha256"}, "dir": {"entries"}, "outdir": set(),
+    fields = {"file": {"size", "sha256"}, "log": {"size", "sha256", "ino"}, "dir": {"entries"}, "outdir": set(),
               "link": {"target"}, "tmp": {"ino"}}[kind]  # fmt: skip
     if set(record) - {"type", "was"} != fields:
         raise RecordError(f"the entry {name!r} has fields {sorted(record)}")
+    if kind == "log" and type(record["ino"]) is not int:
+        raise RecordError(f"the entry {name!r} has no valid inode")
     if kind in ("file", "log"):
         size, digest = record["size"], record["sha256"]
         if type(size) is not int or size < 0 or not (isinstance(digest, str) and len(digest) == 64):
@@ -62,8 +71,10 @@ def check_record(name: object, record: object, depth: int = 0) -> None:
             raise RecordError(f"the entry {name!r} lists no entries")
         for child, entry in record["entries"].items():
             check_record(child, entry, depth + 1)
-    if record.get("was") is not None:
+    if record.get("was") is not None:  # one version back, no further: a record replaces one other
         check_record(name, record["was"], depth + 1)
+        if "was" in record["was"]:
+            raise RecordError(f"the entry {name!r} replaces a record that replaces another")
 
 
 def present(path: Path) -> bool:
@@ -92,7 +103,8 @@ def record_of(item: Path, log: bool = False) -> dict:
         return {"type": "link", "target": os.readlink(item)}
     if stat.S_ISREG(info.st_mode):
         size, digest = _digest(item)
-        return {"type": "log" if log else "file", "size": size, "sha256": digest}
+        return {"type": "log", "size": size, "sha256": digest, "ino": info.st_ino} if log else \
+            {"type": "file", "size": size, "sha256": digest}  # fmt: skip
     if stat.S_ISDIR(info.st_mode):
         if (item / MANIFEST).exists():
             return {"type": "outdir"}
@@ -133,6 +145,8 @@ def _matches(path: Path, record: dict) -> bool:
             return False
         if kind == "file" and info.st_size != record["size"]:
             return False
+        if kind == "log" and record["size"] == 0 and info.st_size > 0 and info.st_ino != record["ino"]:
+            return False  # an empty prefix proves nothing: only the file clex created may have grown
         return _digest(path, record["size"]) == (record["size"], record["sha256"])
     if not stat.S_ISDIR(info.st_mode):
         return False
@@ -158,23 +172,34 @@ def first_difference(path: Path, record: dict) -> Path | None:
     return path
 
 
+MAX_NESTING = 8  # output directories inside output directories (clex writes two levels)
+_nesting = [0]
+
+
 def _outdir_matches(path: Path) -> bool:
+    """A nested output directory matches when its own manifest is valid, nothing in it is foreign or
+    changed, and no job holds it; an empty one (a kill before its manifest was written) matches too."""
     from . import outdir
 
+    if not os.listdir(path):
+        return True
+    if _nesting[0] >= MAX_NESTING:
+        return False  # deeper than clex ever writes: kept, and named by the caller
+    _nesting[0] += 1
     try:
         nested = outdir.read(path)
         outdir.check_unlocked(path)
+        return not outdir.foreign(path) and not nested.changed()
     except outdir.OutDirError:
         return False
-    return not outdir.foreign(path) and not nested.changed()
+    finally:
+        _nesting[0] -= 1
 
 
 def remove(root: Path, name: str, record: dict) -> None:
     """Remove ``root/name`` as recorded (the caller checked that it matches): a link is unlinked, never
     followed; a nested output directory loses only what its own manifest records."""
-    path = Path(root) / check_name(name)
-    if Path(os.path.realpath(path.parent)) != Path(os.path.realpath(root)):
-        raise RecordError(f"{path} is not inside {root}")
+    path = Path(root) / check_name(name)  # one plain component: never anything outside ``root``
     record = current(path, record) or record
     info = os.lstat(path)
     if not stat.S_ISDIR(info.st_mode):
@@ -193,6 +218,9 @@ def remove(root: Path, name: str, record: dict) -> None:
 def _remove_outdir(path: Path) -> None:
     from . import outdir
 
+    if not os.listdir(path):
+        path.rmdir()
+        return
     nested = outdir.read(path)
     nested.clear()
     left = [p for p in path.iterdir() if p.name not in (outdir.MANIFEST, outdir.LOCK)]

@@ -162,12 +162,13 @@ def checkpoints(out: Path) -> list[Path]:
     like one that clex did not record is not believed)."""
     run = _manifest(out)
     names = [n for n, r in run.entries.items() if r["type"] == "dir"] if run is not None else []
-    return sorted(out / n for n in names if n.startswith("checkpoint-") and (out / n).is_dir())
+    return sorted(out / n for n in names if n.startswith("checkpoint-") and _checkpoint_step(out / n) >= 0 and
+                  (out / n).is_dir())  # fmt: skip
 
 
 def _checkpoint_step(path: Path) -> int:
     digits = path.name.removeprefix("checkpoint-")
-    return int(digits) if digits.isdigit() else -1
+    return int(digits) if digits.isascii() and digits.isdigit() else -1  # "²".isdigit(), yet no int
 
 
 def warn(text: str) -> None:

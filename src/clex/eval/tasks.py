@@ -11,11 +11,12 @@ per (method, cell) with the mean score in [0, 1]; predictions are kept for inspe
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +24,7 @@ import torch
 
 from .. import data as D
 from ..cache import eos_ids, generate, until_eos
+from ..jsonfile import JSONFileError, loads, read_json
 from ..models import training_length
 from .ppl import _dtype, check_positive, model_for_method, model_tokenizer_config, resolve_device
 
@@ -321,10 +323,10 @@ def weights_identity(model, _depth: int = 0) -> str:
         adapter = path / "adapter_config.json"
         if adapter.exists() and _depth == 0:
             try:
-                base = json.loads(adapter.read_text())["base_model_name_or_path"]
-            except (OSError, ValueError, KeyError, TypeError):
+                base = read_json(adapter).get("base_model_name_or_path")
+            except (OSError, ValueError):  # the model's loader names a bad adapter file
                 base = None
-            if base:
+            if isinstance(base, str) and base:
                 digest.update(weights_identity(base, 1).encode())
         return digest.hexdigest()[:16]
     digest.update(json.dumps(model.config.to_dict(), sort_keys=True, default=str).encode())
@@ -336,6 +338,21 @@ def weights_identity(model, _depth: int = 0) -> str:
         except (RuntimeError, TypeError):  # a tensor without plain bytes (meta, quantized): its sums
             digest.update(repr((float(t.float().sum()), float(t.float().abs().sum()))).encode())
     return digest.hexdigest()[:16]
+
+
+def _row(value: object) -> TaskRow | None:
+    """A finished cell's row read back, if every field has its type (and the score is in [0, 1])."""
+    names = {f.name for f in fields(TaskRow)}
+    if not isinstance(value, dict) or set(value) != names:
+        return None
+    number = (int, float)
+    kinds = {"method": str, "task": str, "length": int, "metric": str, "score": number, "samples": int,
+             "prompt_tokens": number, "seconds": number, "depth": (*number, type(None))}  # fmt: skip
+    if any(isinstance(value[k], bool) or not isinstance(value[k], t) for k, t in kinds.items()):
+        return None
+    if not (math.isfinite(value["score"]) and 0 <= value["score"] <= 1):
+        return None
+    return TaskRow(**value)
 
 
 class _Checkpoint:
@@ -358,12 +375,13 @@ class _Checkpoint:
             return
         if self.out is not None:
             self.out.check_free(self.path.name)  # a file clex did not write there is never read as cells
-        for line in self.path.read_text(encoding="utf-8").splitlines():
+        data = self.path.read_bytes()
+        if self.out is not None:  # only what clex recorded: a tail after it is an append cut by a kill
+            data = data[: self.out.entries[self.path.name]["size"]]
+        for no, line in enumerate(data.decode("utf-8", errors="replace").splitlines(), 1):
             try:
-                entry = json.loads(line)
-                if not isinstance(entry, dict):
-                    continue
-            except json.JSONDecodeError:  # a line cut by a kill
+                entry = loads(line, f"{self.path}:{no}", expect=dict)
+            except JSONFileError:  # a line cut by a kill
                 continue
             if entry.get("fingerprint") != self.fingerprint:
                 old = entry.get("key") if isinstance(entry.get("key"), dict) else {}
@@ -371,10 +389,8 @@ class _Checkpoint:
                 shown = "; ".join(f"{k}: {old[k]} → {key[k]}" if k in old else k for k in changed)
                 raise D.DataError(f"{self.path} holds finished cells of an evaluation with other settings ({shown}); "
                                   "pass --overwrite to discard them (or delete the file), or choose another --out")
-            try:
-                row = TaskRow(**entry["row"])
-                predictions = list(entry["predictions"])
-            except (KeyError, TypeError):
+            row, predictions = _row(entry.get("row")), entry.get("predictions")
+            if row is None or not (isinstance(predictions, list) and all(isinstance(p, dict) for p in predictions)):
                 continue  # not a cell of ours: ignored, like a cut line
             self.cells[(row.method, row.task, row.length, row.depth)] = (row, predictions)
 
