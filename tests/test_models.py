@@ -321,3 +321,24 @@ def test_clex_config_over_plain_weights_initialises_clex_as_the_reference(tmp_pa
     assert torch.equal(ode.down_proj, torch.zeros_like(ode.down_proj))
     bound = 1 / ode.up_proj.shape[0] ** 0.5
     assert ode.up_proj.abs().max() <= bound and ode.up_proj.abs().max() > bound / 2
+
+
+def test_gapped_positions_without_a_mask_warn_once_and_name_the_fix():
+    import warnings
+
+    model = clex.apply(make_model("llama"), "clex").eval()
+    ids = tokens(16)
+    gapped = (torch.arange(16) * 3)[None]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with torch.no_grad():
+            model(ids, position_ids=torch.arange(16)[None], use_cache=False)  # contiguous: nothing to say
+            model(ids, position_ids=gapped)  # with a KV cache transformers does not read gaps as packing
+            model(ids, position_ids=gapped, attention_mask=torch.ones_like(ids), use_cache=False)  # the fix
+            assert not [w for w in caught if "position_ids have gaps" in str(w.message)]
+            unmasked = model(ids, position_ids=gapped, use_cache=False).logits
+            model(ids, position_ids=gapped, use_cache=False)
+            masked = model(ids, position_ids=gapped, attention_mask=torch.ones_like(ids), use_cache=False).logits
+    said = [str(w.message) for w in caught if "position_ids have gaps" in str(w.message)]
+    assert len(said) == 1 and "attention_mask=torch.ones_like(input_ids)" in said[0]
+    assert not torch.allclose(unmasked, masked)  # what the warning is about: the logits differ

@@ -41,8 +41,29 @@ def install_cache_hook(decoder: nn.Module, attr: str) -> None:
     decoder.register_forward_pre_hook(functools.partial(_cache_hook, attr), with_kwargs=True)
 
 
+def _warn_gaps(rot: ClexRotary, decoder: nn.Module, kwargs) -> None:
+    """Once per model: gapped ``position_ids`` without an attention mask or a KV cache (a training forward),
+    which transformers reads as packed sequences (attention blocked at every gap), so the logits are not
+    those of one sequence."""
+    position_ids = kwargs.get("position_ids")
+    if "gaps" in rot._decode_warned or kwargs.get("attention_mask") is not None or position_ids is None or \
+            position_ids.shape[-1] < 2:  # fmt: skip
+        return
+    use_cache = kwargs.get("use_cache")
+    use_cache = getattr(getattr(decoder, "config", None), "use_cache", False) if use_cache is None else use_cache
+    if kwargs.get("cache", kwargs.get("past_key_values")) is not None or use_cache:
+        return  # with a cache transformers does not look for packed sequences
+    if bool((torch.diff(position_ids, dim=-1) > 1).any()):
+        rot._decode_warned.add("gaps")
+        warnings.warn("position_ids have gaps and no attention_mask was given: transformers reads each gap as the "
+                      "start of another packed sequence and blocks attention across it; pass "
+                      "attention_mask=torch.ones_like(input_ids) to attend over the whole sequence", stacklevel=3)
+
+
 def _cache_hook(attr: str, decoder: nn.Module, args, kwargs):
     rot = getattr(decoder, attr, None)
+    if isinstance(rot, ClexRotary):
+        _warn_gaps(rot, decoder, kwargs)
     cache = kwargs.get("cache", kwargs.get("past_key_values"))  # transformers >= 5.24 names it `cache`
     if not isinstance(rot, ClexRotary) or cache is None or rot._in_recompute:
         return None
