@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -342,3 +343,64 @@ def test_gapped_positions_without_a_mask_warn_once_and_name_the_fix():
     said = [str(w.message) for w in caught if "position_ids have gaps" in str(w.message)]
     assert len(said) == 1 and "attention_mask=torch.ones_like(input_ids)" in said[0]
     assert not torch.allclose(unmasked, masked)  # what the warning is about: the logits differ
+
+
+def _tiny(kind: str):
+    common = {k: v for k, v in COMMON_TINY.items()}
+    configs = {
+        "cohere": lambda: tf.CohereConfig(**common),
+        "cohere2": lambda: tf.Cohere2Config(**common, sliding_window=8,
+                                            layer_types=["sliding_attention", "full_attention"]),
+        "gpt_oss": lambda: tf.GptOssConfig(**common, head_dim=8, num_local_experts=2, num_experts_per_tok=1,
+                                           sliding_window=8, layer_types=["sliding_attention", "full_attention"]),
+        "phi3": lambda: tf.Phi3Config(**common, pad_token_id=0),
+        "gptj": lambda: tf.GPTJConfig(vocab_size=64, n_embd=32, n_layer=1, n_head=4, rotary_dim=4, n_positions=16),
+        "codegen": lambda: tf.CodeGenConfig(vocab_size=64, n_embd=32, n_layer=1, n_head=4, rotary_dim=4,
+                                            n_positions=16),
+    }  # fmt: skip
+    torch.manual_seed(0)
+    config = configs[kind]()
+    config._attn_implementation = "eager"
+    return tf.AutoModelForCausalLM.from_config(config).eval()
+
+
+COMMON_TINY = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                   num_key_value_heads=2, max_position_embeddings=16)  # fmt: skip
+
+REFUSED = [
+    ("cohere", "clex", "model type 'cohere' rotates interleaved pairs (2i, 2i+1); CLEX builds the half-split layout"),
+    ("cohere2", "clex", "model type 'cohere2' rotates interleaved pairs"),
+    ("gpt_oss", "clex", "model type 'gpt_oss' rotates cos/sin in a layout of its own"),
+    ("phi3", "yarn:factor=2", "method 'yarn:factor=2' on model type 'phi3': a checkpoint saved with it would not "
+     "load back"),
+    ("gptj", "vanilla", "model type 'gptj' applies its rotary embedding inside each attention layer"),
+    ("codegen", "clex", "model type 'codegen' applies its rotary embedding inside each attention layer"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("kind, method, message", REFUSED, ids=[f"{k}-{m}" for k, m, _ in REFUSED])
+def test_a_layout_the_method_cannot_keep_right_is_refused_at_apply_and_changes_nothing(kind, method, message):
+    model = _tiny(kind)
+    ids = torch.arange(12)[None] % 64
+    with torch.no_grad():
+        before = model(ids).logits
+    config = model.config.to_dict()
+    with pytest.raises(clex.UnsupportedModelError, match=re.escape(message)):
+        clex.apply(model, method)
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, before) and model.config.to_dict() == config
+
+
+@pytest.mark.parametrize("kind", ["cohere", "cohere2"])
+def test_interleaved_families_still_take_the_frequency_methods(kind, tmp_path):
+    model = _tiny(kind)
+    ids = torch.arange(12)[None] % 64
+    with torch.no_grad():
+        before = model(ids).logits
+        clex.apply(model, "vanilla")
+        assert torch.equal(model(ids).logits, before)
+        clex.apply(model, "pi:factor=2")
+        scaled = model(ids).logits
+    model.save_pretrained(tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(clex.from_pretrained(tmp_path).eval()(ids).logits, scaled, rtol=0, atol=1e-6)

@@ -7,11 +7,21 @@ Public API::
     clex.generate(model, ids, policy="rerotate")   # generation with a KV cache kept right as t changes
     clex.available_methods()
     clex.sample_training_positions(L, max_factor, generator)   # a CLEX training step's (t', position_ids)
+    clex.unfreeze_clex(peft_model)                 # CLEX trainable again after peft's get_peft_model
+    clex.restore_clex(peft_model, adapter_dir)     # CLEX back on a model peft's own loaders built
 """
 
 from .cache import generate
 from .methods import available_methods
-from .models import ModelLoadError, UnsupportedModelError, apply, clex_modules, from_pretrained
+from .models import (
+    ModelLoadError,
+    UnsupportedModelError,
+    apply,
+    clex_modules,
+    from_pretrained,
+    restore_clex,
+    unfreeze_clex,
+)
 from .rotary import CLEXConfig, extrapolated_positions, sample_scale_factor, sample_training_positions
 
 __all__ = [
@@ -24,7 +34,9 @@ __all__ = [
     "extrapolated_positions",
     "from_pretrained",
     "generate",
+    "restore_clex",
     "sample_scale_factor",
     "sample_training_positions",
+    "unfreeze_clex",
 ]
 __version__ = "0.1.0"

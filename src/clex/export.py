@@ -122,9 +122,9 @@ def export(model_dir: str | Path, out: str | Path, to: str = "longrope", factor:
 
 def serving_hint(model_dir: str | Path, factor: int, to: str = "longrope") -> str:
     """:func:`serving_settings` for the model in ``model_dir`` (its training length L from its config)."""
-    from transformers import AutoConfig
+    from .models import model_config
 
-    return serving_settings(training_length(AutoConfig.from_pretrained(model_dir)), factor, to)
+    return serving_settings(training_length(model_config(model_dir)), factor, to)
 
 
 def serving_settings(L: int, factor: int, to: str = "longrope") -> str:

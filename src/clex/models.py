@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import inspect
 import json
 import math
 import numbers
@@ -78,6 +79,39 @@ def check_number(name: str, value, ok, rule: str, integer: bool = False, optiona
 
 
 # --- finding the rotary modules ---------------------------------------------------------------------
+def rotary_layout(module: nn.Module, layer_type: str | None = None) -> str:
+    """How a rotary module lays out its cos/sin over the head dimension, probed on four positions:
+    ``"half"`` (pairs (i, i + d/2), as CLEX builds them), ``"interleaved"`` (pairs (2i, 2i + 1): Cohere) or
+    ``"other"`` (e.g. one value per pair: GPT-OSS). A module that cannot be probed so reads as ``"half"``."""
+    module = getattr(module, "original", module)
+    buffer = next(iter(module.buffers()), None)
+    device = buffer.device if buffer is not None else "cpu"
+    try:
+        args = (layer_type,) if "layer_type" in inspect.signature(module.forward).parameters and layer_type else ()
+        with torch.no_grad():
+            cos, _ = module(torch.zeros(1, device=device), torch.arange(4, device=device)[None], *args)
+    except Exception:  # noqa: BLE001 - a probe only: the forward pass will tell
+        return "half"
+    cos = cos.float().reshape(-1, cos.shape[-1])
+    d = cos.shape[-1]
+    if d % 2 == 0 and torch.equal(cos[:, : d // 2], cos[:, d // 2 :]):
+        return "half"
+    if d % 2 == 0 and torch.equal(cos[:, 0::2], cos[:, 1::2]):
+        return "interleaved"
+    return "other"
+
+
+def _check_round_trip(config, method: str) -> None:
+    """A checkpoint written with the new config must load back: refuse a method its family's config rewrites on
+    load (Phi-3 reads ``yarn`` as ``longrope``)."""
+    try:
+        type(config).from_dict(config.to_dict()).validate_rope()
+    except (KeyError, ValueError, TypeError) as err:
+        raise UnsupportedModelError(f"method {method!r} on model type {config.model_type!r}: a checkpoint saved with "
+                                    f"it would not load back ({' '.join(str(err).split())[:160]}); choose another "
+                                    "method") from None  # fmt: skip
+
+
 def _is_rotary(module: nn.Module) -> bool:
     return isinstance(module, ClexRotary) or (
         type(module).__name__.endswith("RotaryEmbedding")
@@ -120,7 +154,13 @@ def _current_rope(config) -> dict:
 
 
 def _unsupported(model_or_config, where=None) -> UnsupportedModelError:
-    model_type = getattr(_text_config(model_or_config), "model_type", type(model_or_config).__name__)
+    config = _text_config(model_or_config)
+    model_type = getattr(config, "model_type", type(model_or_config).__name__)
+    if getattr(config, "rotary_dim", None):  # GPT-J, CodeGen: rotary computed inside each attention layer
+        return UnsupportedModelError(
+            (f"{where}: " if where else "") + f"model type {model_type!r} applies its rotary embedding inside each "
+            "attention layer, with no rotary module clex can replace; it is not supported"
+        )
     return UnsupportedModelError(
         (f"{where}: " if where else "") + f"model type {model_type!r} has no rotary position embedding to scale; "
         f"supported families: {', '.join(SUPPORTED_FAMILIES)}"
@@ -175,6 +215,12 @@ def apply(model: PreTrainedModel, method: str, **params) -> PreTrainedModel:
     rope = spec.rope_parameters(params, L, current["rope_theta"])
     clex_config = None
     if name == "clex":
+        layout = rotary_layout(found[0][2], layer_type)
+        if layout != "half":
+            what = "interleaved pairs (2i, 2i+1)" if layout == "interleaved" else "cos/sin in a layout of its own"
+            raise UnsupportedModelError(f"model type {config.model_type!r} rotates {what}; CLEX builds the "
+                                        "half-split layout, so 'clex' is refused for it (the other methods only "
+                                        "change the frequencies)")  # fmt: skip
         clex_config = CLEXConfig.from_rope_parameters(rope, L)
         rope = {**clex_config.to_rope_parameters(), "rope_theta": rope["rope_theta"]}
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
@@ -195,6 +241,7 @@ def apply(model: PreTrainedModel, method: str, **params) -> PreTrainedModel:
         config.original_max_position_embeddings = rope["original_max_position_embeddings"]
     config.max_position_embeddings = spec.extended_length(rope, L) if spec.extended_length else L
     config.validate_rope()
+    _check_round_trip(new_root, method)
 
     rebuilt = []
     for _, _, old in found:
@@ -475,42 +522,96 @@ def _mismatch(path, config, files: list[str], only: str = "") -> str | None:
     return f"{path}: weights do not fit the model's config: {'; '.join(wrong[:3])}" if wrong else None
 
 
+ADAPTER_METHOD_FILE, ADAPTER_CLEX_FILE = "clex_method.json", "clex_ode.safetensors"  # beside a LoRA adapter
+
+
+def adapter_base(path) -> str:
+    """The base model of the LoRA adapter in ``path``, as its ``adapter_config.json`` records it: an absolute
+    path, a path relative to the adapter or to the working directory, or a hub name."""
+    adapter_file = os.path.join(path, "adapter_config.json")
+    base = _json_file(adapter_file).get("base_model_name_or_path")
+    if not isinstance(base, str) or not base:
+        raise ModelLoadError(f"{adapter_file} names no base model (the adapter was trained on a model built in "
+                             "memory): load that model yourself, attach the adapter with peft's "
+                             "PeftModel.from_pretrained(model, adapter_dir), then call clex.restore_clex")  # fmt: skip
+    base = os.path.expanduser(base)
+    for candidate in ((base,) if os.path.isabs(base) else (os.path.join(path, base), base)):
+        if os.path.isdir(candidate):
+            return candidate
+    if os.path.isabs(base) or base.startswith(".") or base.count("/") > 1:
+        raise ModelNotFoundError(f"{adapter_file} names the base model {base}, which is not there; put it back or "
+                                 "edit base_model_name_or_path")  # fmt: skip
+    return base  # a hub name
+
+
+def model_config(path):
+    """The config of the model in ``path``; for a LoRA run, its base model's (whose training length the run
+    keeps)."""
+    if os.path.exists(os.path.join(path, "adapter_config.json")):
+        return load_config(adapter_base(path))
+    return load_config(path)
+
+
+def _adapter_method(path) -> dict | None:
+    method_file = os.path.join(path, ADAPTER_METHOD_FILE)
+    if not os.path.exists(method_file):
+        return None
+    record = _json_file(method_file)
+    if not isinstance(record.get("method"), str) or not isinstance(record.get("rope_parameters"), dict | None):
+        raise ModelLoadError(f"{method_file} does not name a method and its rope parameters")
+    return record
+
+
+def unfreeze_clex(model: nn.Module, trainable: bool = True) -> nn.Module:
+    """Make the CLEX matrices trainable (or not): peft's ``get_peft_model`` freezes every parameter but its
+    adapters, CLEX's included, so a training loop of one's own calls this after it."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a transformers or peft model (a torch.nn.Module), got {describe(model)}")
+    for module in clex_modules(model):
+        module.clex_ode.requires_grad_(trainable)
+    return model
+
+
+def restore_clex(model: nn.Module, adapter_dir) -> nn.Module:
+    """Give a model loaded through peft's own loaders (``AutoPeftModelForCausalLM``, ``PeftModel``), which
+    rebuild the base model without CLEX, the run's method and CLEX weights saved beside the adapter."""
+    from safetensors.torch import load_file
+
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a transformers or peft model (a torch.nn.Module), got {describe(model)}")
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    record = _adapter_method(adapter_dir)
+    if record is None:
+        return model  # a plain LoRA run: nothing of clex's to restore
+    rope = record.get("rope_parameters")
+    skip = ("rope_type", "rope_theta", "partial_rotary_factor")
+    params = {k: v for k, v in (rope or {}).items() if k not in skip}
+    apply(base, record["method"].partition(":")[0] if rope else record["method"], **params)
+    weights_file = os.path.join(adapter_dir, ADAPTER_CLEX_FILE)
+    if rope and os.path.exists(weights_file):
+        weights = load_file(weights_file)
+        _set_clex_weights(base, weights["up_proj"], weights["down_proj"])
+    return model
+
+
 def _from_adapter(path, **kwargs) -> PreTrainedModel:
     """A LoRA run saved by ``clex train`` without --merge: the base model with the run's method and
     CLEX weights, the adapter merged in."""
     from peft import PeftModel
-    from safetensors.torch import load_file
 
-    adapter_file = os.path.join(path, "adapter_config.json")
-    base_path = _json_file(adapter_file).get("base_model_name_or_path")
-    if not isinstance(base_path, str) or not base_path:
-        raise ModelLoadError(f"{adapter_file} names no base model (base_model_name_or_path)")
-    model = from_pretrained(base_path, **kwargs)
-    method_file = os.path.join(path, "clex_method.json")
-    if os.path.exists(method_file):
-        record = _json_file(method_file)
-        rope = record.get("rope_parameters")
-        if not isinstance(record.get("method"), str) or not isinstance(rope, dict | None):
-            raise ModelLoadError(f"{method_file} does not name a method and its rope parameters")
-        skip = ("rope_type", "rope_theta", "partial_rotary_factor")
-        params = {k: v for k, v in (rope or {}).items() if k not in skip}
-        apply(model, record["method"].partition(":")[0] if rope else record["method"], **params)
-        weights_file = os.path.join(path, "clex_ode.safetensors")
-        if rope and os.path.exists(weights_file):
-            weights = load_file(weights_file)
-            _set_clex_weights(model, weights["up_proj"], weights["down_proj"])
+    model = restore_clex(from_pretrained(adapter_base(path), **kwargs), path)
     return PeftModel.from_pretrained(model, path).merge_and_unload()
 
 
-@torch.no_grad()
 def _set_clex_weights(model: nn.Module, up: torch.Tensor, down: torch.Tensor) -> None:
     """Copy W_up (k·d × d/2) and W_down (d/2 × k·d) into every CLEX module of ``model``, in fp32 whatever the
     model's dtype (weights missing from a checkpoint are created in the load dtype, bf16 say)."""
-    for module in clex_modules(model):
-        for param, value in ((module.clex_ode.up_proj, up), (module.clex_ode.down_proj, down)):
-            if param.dtype != torch.float32:
-                param.data = param.data.float()
-            param.copy_(value)
+    with torch.no_grad():
+        for module in clex_modules(model):
+            for param, value in ((module.clex_ode.up_proj, up), (module.clex_ode.down_proj, down)):
+                if param.dtype != torch.float32:
+                    param.data = param.data.float()
+                param.copy_(value)
 
 
 def _reference_layout(rope: dict, path) -> None:

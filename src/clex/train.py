@@ -17,6 +17,7 @@ import contextlib
 import functools
 import json
 import math
+import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -28,7 +29,7 @@ from . import data as D
 from .checkpoint import full_model_state, is_sharded
 from .distributed import FSDP_MODES, PRECISIONS, fresh_precision, fsdp_plugin, require_fsdp
 from .methods import parse_method
-from .models import check_model_path, clex_modules, from_pretrained, training_length, use_method
+from .models import check_model_path, clex_modules, from_pretrained, training_length, unfreeze_clex, use_method
 from .rotary import LAYOUTS, T_SAMPLINGS
 from .runs import (
     ARGS_FILE,
@@ -173,10 +174,12 @@ def add_lora(model, spec: str):
     unknown = [t for t in targets if not any(name.split(".")[-1] == t for name, _ in model.named_modules())]
     if unknown:
         raise TrainError(f"--lora targets {unknown} name no module of the model (e.g. q_proj, v_proj)")
+    base = getattr(model, "name_or_path", "") or ""
     peft_model = get_peft_model(model, LoraConfig(r=r, lora_alpha=alpha, target_modules=targets, lora_dropout=0.0))
-    for module in clex_modules(peft_model):  # CLEX parameters always train
-        module.clex_ode.requires_grad_(True)
-    return peft_model
+    if base and os.path.isdir(base):  # recorded absolute: the adapter reloads from any working directory
+        for peft_config in peft_model.peft_config.values():
+            peft_config.base_model_name_or_path = os.path.abspath(base)
+    return unfreeze_clex(peft_model)  # CLEX parameters always train
 
 
 # --- the loop -------------------------------------------------------------------------------------

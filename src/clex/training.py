@@ -23,10 +23,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .models import check_number, clex_modules, describe, training_length
+from .models import (
+    ADAPTER_CLEX_FILE,
+    ADAPTER_METHOD_FILE,
+    check_number,
+    clex_modules,
+    describe,
+    training_length,
+    unfreeze_clex,
+)
 from .rotary import extrapolated_positions, sample_training_positions
 
-ADAPTER_METHOD_FILE, ADAPTER_CLEX_FILE = "clex_method.json", "clex_ode.safetensors"
 # Keys of TRL's padding-free batches meant for varlen kernels; a CLEX batch carries an explicit mask instead.
 VARLEN_KEYS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "seq_idx")
 
@@ -311,8 +318,7 @@ class CLEXTrainerMixin:
         super().__init__(*args, **kwargs)
         self.clex_lr, self.clex_max_grad_norm, self.clex_warmup = clex_lr, clex_max_grad_norm, clex_warmup
         self.clex_method = clex_method
-        for module in clex_modules(self.model):  # peft freezes everything but its adapters: CLEX always trains
-            module.clex_ode.requires_grad_(clex_lr != 0)
+        unfreeze_clex(self.model, clex_lr != 0)  # peft freezes everything but its adapters: CLEX trains
         collator = self.data_collator
         if not isinstance(collator, CLEXDataCollator):
             collator = CLEXDataCollator(self.model, collator, seed=self.args.seed)
