@@ -11,17 +11,10 @@ Public API::
     clex.restore_clex(peft_model, adapter_dir)     # CLEX back on a model peft's own loaders built
 """
 
+from .adapters import restore_clex, unfreeze_clex
 from .cache import generate
 from .methods import available_methods
-from .models import (
-    ModelLoadError,
-    UnsupportedModelError,
-    apply,
-    clex_modules,
-    from_pretrained,
-    restore_clex,
-    unfreeze_clex,
-)
+from .models import ModelLoadError, UnsupportedModelError, apply, clex_modules, from_pretrained
 from .rotary import CLEXConfig, extrapolated_positions, sample_scale_factor, sample_training_positions
 
 __all__ = [

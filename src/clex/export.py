@@ -122,7 +122,7 @@ def export(model_dir: str | Path, out: str | Path, to: str = "longrope", factor:
 
 def serving_hint(model_dir: str | Path, factor: int, to: str = "longrope") -> str:
     """:func:`serving_settings` for the model in ``model_dir`` (its training length L from its config)."""
-    from .models import model_config
+    from .adapters import model_config
 
     return serving_settings(training_length(model_config(model_dir)), factor, to)
 

@@ -26,10 +26,11 @@ import numpy as np
 import torch
 
 from . import data as D
+from .adapters import unfreeze_clex
 from .checkpoint import full_model_state, is_sharded
 from .distributed import FSDP_MODES, PRECISIONS, fresh_precision, fsdp_plugin, require_fsdp
 from .methods import parse_method
-from .models import check_model_path, clex_modules, from_pretrained, training_length, unfreeze_clex, use_method
+from .models import check_model_path, clex_modules, from_pretrained, training_length, use_method
 from .rotary import LAYOUTS, T_SAMPLINGS
 from .runs import (
     ARGS_FILE,

@@ -23,15 +23,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .models import (
-    ADAPTER_CLEX_FILE,
-    ADAPTER_METHOD_FILE,
-    check_number,
-    clex_modules,
-    describe,
-    training_length,
-    unfreeze_clex,
-)
+from .adapters import ADAPTER_CLEX_FILE, ADAPTER_METHOD_FILE, unfreeze_clex
+from .models import check_number, clex_modules, describe, training_length
 from .rotary import extrapolated_positions, sample_training_positions
 
 # Keys of TRL's padding-free batches meant for varlen kernels; a CLEX batch carries an explicit mask instead.
