@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 
 import pytest
@@ -382,7 +383,7 @@ def test_a_record_replacing_a_chain_of_records_is_refused(tmp_path):
 def test_a_name_no_file_can_have_is_refused_in_one_line(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
-    (out / MANIFEST).write_text('{"clex_manifest": 2, "kind": "eval-ppl", "entries": {"\\udcff": {"type": "outdir"}}}')
+    (out / MANIFEST).write_text('{"clex_manifest": 2, "kind": "eval-ppl", "entries": {"\\ud800": {"type": "outdir"}}}')
     with pytest.raises(outdir.OutDirError, match="is not a clex manifest .*is not a plain file name"):
         outdir.read(out)
 
@@ -500,3 +501,44 @@ def test_a_name_that_is_neither_here_nor_on_the_hub_is_named(tmp_path, capsys, m
     monkeypatch.setattr(models.AutoConfig, "from_pretrained", offline)
     code, err = run_cli(capsys, ["info", "--model", "nowhere/model"])
     assert code == 2 and "nowhere/model is no model directory here, and the hub could not give it" in last_line(err)
+
+
+def test_a_run_killed_before_its_first_checkpoint_resumes_from_a_copy(world, tmp_path, capsys):
+    first = tmp_path / "first"
+    args = train_args(world, first, "--save-every", "3", "--steps", "4")
+    from clex import train as TR
+
+    real = TR.Run.save_checkpoint
+
+    def killed(self, step, keep):
+        raise KeyboardInterrupt
+
+    TR.Run.save_checkpoint = killed
+    try:
+        assert run_cli(capsys, args)[0] == 130
+    finally:
+        TR.Run.save_checkpoint = real
+    copy = tmp_path / "copy"
+    shutil.copytree(first, copy)  # new inodes: the metrics log is recognised by its recorded content
+    code, err = run_cli(capsys, [*train_args(world, copy, "--save-every", "3", "--steps", "4"), "--resume"])
+    assert code == 0, err
+
+
+def test_an_empty_leftover_hard_linked_elsewhere_is_never_written_through(tmp_path):
+    out = outdir.claim(tmp_path / "out", "eval-ppl")
+    victim = tmp_path / "victim.txt"
+    victim.write_text("")
+    os.link(victim, out.path / f".clex-tmp-{os.getpid()}-results.md")
+    with pytest.raises(outdir.OutDirError, match="was not written by clex"):
+        out.write_text("results.md", "clex table\n")
+    assert victim.read_text() == ""
+
+
+def test_a_record_inside_a_directory_record_cannot_replace_another(tmp_path):
+    out = tmp_path / "out"
+    (out / "d").mkdir(parents=True)
+    (out / "d" / "f").write_text("x")
+    inner = records.record_of(out / "d" / "f")
+    _write_manifest(out, "train", {"d": {"type": "dir", "entries": {"f": {**inner, "was": inner}}}})
+    with pytest.raises(outdir.OutDirError, match="inside a directory record replaces another record"):
+        outdir.read(out)

@@ -51,6 +51,8 @@ def _warn_gaps(rot: ClexRotary, decoder: nn.Module, kwargs) -> None:
         return
     use_cache = kwargs.get("use_cache")
     use_cache = getattr(getattr(decoder, "config", None), "use_cache", False) if use_cache is None else use_cache
+    if decoder.training and getattr(decoder, "gradient_checkpointing", False):
+        use_cache = False  # transformers turns the cache off there, after this hook
     if kwargs.get("cache", kwargs.get("past_key_values")) is not None or use_cache:
         return  # with a cache transformers does not look for packed sequences
     if bool((torch.diff(position_ids, dim=-1) > 1).any()):

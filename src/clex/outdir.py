@@ -226,7 +226,7 @@ def _empty_leftover(tmp: Path, directory: bool) -> bool:
     info = os.lstat(tmp)
     if directory:
         return stat.S_ISDIR(info.st_mode) and not os.listdir(tmp)
-    return stat.S_ISREG(info.st_mode) and info.st_size == 0
+    return stat.S_ISREG(info.st_mode) and info.st_size == 0 and info.st_nlink == 1  # a hard link is someone's
 
 
 def fresh_temp_dir(beside: Path) -> Path:

@@ -36,9 +36,9 @@ def check_name(name: object) -> str:
     if not isinstance(name, str) or name in ("", ".", "..") or "\0" in name:
         raise RecordError(f"{name!r} is not a plain file name")
     try:
-        if len(name.encode()) > 255:
+        if len(os.fsencode(name)) > 255:  # the name's bytes on disk (undecodable bytes kept as surrogates)
             raise RecordError(f"{name[:40]!r}… is longer than a file name can be")
-    except UnicodeEncodeError:  # a lone surrogate: no file on disk has this name
+    except UnicodeEncodeError:  # a lone surrogate that stands for no byte: no file on disk has this name
         raise RecordError(f"{name!r} is not a plain file name") from None
     if "/" in name or (os.sep in name) or (os.altsep and os.altsep in name):
         raise RecordError(f"{name!r} is not a plain file name")
@@ -51,11 +51,12 @@ def check_record(name: object, record: object, depth: int = 0) -> None:
     if not isinstance(record, dict) or record.get("type") not in TYPES or depth > 16:
         raise RecordError(f"the entry {name!r} is not a record")
     kind = record["type"]
-    fields = {"file": {"size", "sha256"}, "log": {"size", "sha256", "ino"}, "dir": {"entries"}, "outdir": set(),
+    fields = {"file": {"size", "sha256"}, "log": {"size", "sha256"}, "dir": {"entries"}, "outdir": set(),
               "link": {"target"}, "tmp": {"ino"}}[kind]  # fmt: skip
-    if set(record) - {"type", "was"} != fields:
+    optional = {"ino"} if kind == "log" else set()
+    if not fields <= set(record) - {"type", "was"} <= fields | optional:
         raise RecordError(f"the entry {name!r} has fields {sorted(record)}")
-    if kind == "log" and type(record["ino"]) is not int:
+    if kind == "log" and "ino" in record and type(record["ino"]) is not int:
         raise RecordError(f"the entry {name!r} has no valid inode")
     if kind in ("file", "log"):
         size, digest = record["size"], record["sha256"]
@@ -71,10 +72,12 @@ def check_record(name: object, record: object, depth: int = 0) -> None:
             raise RecordError(f"the entry {name!r} lists no entries")
         for child, entry in record["entries"].items():
             check_record(child, entry, depth + 1)
-    if record.get("was") is not None:  # one version back, no further: a record replaces one other
-        check_record(name, record["was"], depth + 1)
-        if "was" in record["was"]:
+    if record.get("was") is not None:  # one version back, and only for a manifest's own entries (as clex writes)
+        if depth > 0:
+            raise RecordError(f"the entry {name!r} inside a directory record replaces another record")
+        if isinstance(record["was"], dict) and "was" in record["was"]:
             raise RecordError(f"the entry {name!r} replaces a record that replaces another")
+        check_record(name, record["was"], depth + 1)
 
 
 def present(path: Path) -> bool:
@@ -145,7 +148,7 @@ def _matches(path: Path, record: dict) -> bool:
             return False
         if kind == "file" and info.st_size != record["size"]:
             return False
-        if kind == "log" and record["size"] == 0 and info.st_size > 0 and info.st_ino != record["ino"]:
+        if kind == "log" and record["size"] == 0 and info.st_size > 0 and info.st_ino != record.get("ino"):
             return False  # an empty prefix proves nothing: only the file clex created may have grown
         return _digest(path, record["size"]) == (record["size"], record["sha256"])
     if not stat.S_ISDIR(info.st_mode):

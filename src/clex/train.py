@@ -318,6 +318,8 @@ def _loop(cfg, accelerator, model, optimizer, scheduler, run, samples, chat, L, 
                       **{f"grad_norm_{k}": v for k, v in parts.items()}}  # fmt: skip
             if metrics is not None:
                 metrics.write(json.dumps(record) + "\n")
+                if step == start_step:  # recorded with content at once: a copy of the run stays recognisable
+                    run.dir.note(METRICS_FILE)
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss_mean:.4f}", t=t, tok_s=f"{record['tokens_per_s']:.0f}")

@@ -24,7 +24,7 @@ import torch
 
 from .. import data as D
 from ..cache import eos_ids, generate, until_eos
-from ..jsonfile import JSONFileError, loads, read_json
+from ..jsonfile import JSONFileError, loads
 from ..models import training_length
 from .ppl import _dtype, check_positive, model_for_method, model_tokenizer_config, resolve_device
 
@@ -322,11 +322,13 @@ def weights_identity(model, _depth: int = 0) -> str:
             digest.update(f"{item.name}:{_file_digest(item)}".encode())
         adapter = path / "adapter_config.json"
         if adapter.exists() and _depth == 0:
+            from ..adapters import adapter_base
+
             try:
-                base = read_json(adapter).get("base_model_name_or_path")
+                base = adapter_base(path)  # the base the loader will use
             except (OSError, ValueError):  # the model's loader names a bad adapter file
                 base = None
-            if isinstance(base, str) and base:
+            if base:
                 digest.update(weights_identity(base, 1).encode())
         return digest.hexdigest()[:16]
     digest.update(json.dumps(model.config.to_dict(), sort_keys=True, default=str).encode())
