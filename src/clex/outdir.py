@@ -125,8 +125,9 @@ class OutDir:
         try:
             fill(tmp)
         except BaseException:
-            self._drop_temp(tmp.name)
-            self._save()
+            with contextlib.suppress(OutDirError, OSError):  # best effort: the failure itself is what to report
+                self._drop_temp(tmp.name)
+                self._save()
             raise
         return self.place(tmp, name, log=log)
 
