@@ -107,6 +107,8 @@ def main() -> None:
     a.batch_size = a.batch_size or (2 if a.tiny else 8)
     a.length = a.length or (128 if a.tiny else 4096)
     shape = {**SHAPES["tiny" if a.tiny else "smollm2"], "max_position_embeddings": 128 if a.tiny else 8192}
+    # CLEX trains at its L: the rows' length is declared as the L the model extends from
+    METHODS["clex"] = f"clex:max_factor=16,original_max_position_embeddings={a.length}"
     attns = ["sdpa"] + (["flash_attention_2"] if a.device == "cuda" and importlib.util.find_spec("flash_attn") else [])
     results = []
     with tempfile.TemporaryDirectory() as tmp:

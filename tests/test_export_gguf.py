@@ -79,7 +79,8 @@ def test_fetched_model_is_plain_and_trains_saves_exports(fetched, tmp_path):
     corpus.write_text(" ".join(np.random.default_rng(0).choice(words, 2000)))
     from clex.train import TrainConfig, train
 
-    run = train(TrainConfig(model=str(fetched), out=str(tmp_path / "run"), method="clex:max_factor=4",
+    run = train(TrainConfig(model=str(fetched), out=str(tmp_path / "run"),
+                            method="clex:max_factor=4,original_max_position_embeddings=16",
                             data=str(corpus), train_length=16, steps=2, batch_size=1, lr=1e-3,
                             show_progress=False))  # fmt: skip
     model = clex.from_pretrained(run)

@@ -277,3 +277,13 @@ def test_fsdp_over_two_processes_takes_the_steps_of_one_and_resumes(model_dir, c
     again = load_file(resumed / "model.safetensors")
     for name, value in final.items():
         torch.testing.assert_close(again[name], value, rtol=1e-6, atol=1e-6)
+
+
+def test_clex_below_the_models_training_length_is_refused_with_the_regime_explained(model_dir, corpus, tmp_path):
+    with pytest.raises(TrainError, match=r"train length 16 is shorter than the model's training length L = 32: .*"
+                                         r"clex:original_max_position_embeddings=16"):  # fmt: skip
+        train(cfg(model_dir, corpus, tmp_path / "short", train_length=16))
+    assert not (tmp_path / "short").exists()
+    run = train(cfg(model_dir, corpus, tmp_path / "declared", method="clex:original_max_position_embeddings=16",
+                    train_length=16, steps=2))  # fmt: skip
+    assert clex.from_pretrained(run).config.rope_parameters["original_max_position_embeddings"] == 16

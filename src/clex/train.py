@@ -138,6 +138,14 @@ def prepare_model(cfg: TrainConfig):
     text = model.config.get_text_config()
     rope = text.rope_parameters.get("full_attention", text.rope_parameters)
     supported = _supported_length(name, rope, L)
+    if name == "clex" and length < L:
+        raise TrainError(
+            f"train length {length} is shorter than the model's training length L = {L}: CLEX training places a "
+            f"row's {length} tokens over positions 0 … L·t′ − 1, so each row would be a sparse sample of a context "
+            f"{L // length}× longer than itself at every t′ (not a regime CLEX is trained in). Train at "
+            f"--train-length {L} or more, or, if the model was really trained at {length} tokens, declare that L in "
+            f"the method: clex:original_max_position_embeddings={length}"
+        )
     if length > supported:
         raise TrainError(
             f"train length {length} is longer than {cfg.method} supports on this model ({supported} tokens: "
