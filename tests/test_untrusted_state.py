@@ -13,22 +13,17 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+import test_safety as S
 from clex import checkpoint as C
 from clex import outdir, records
 from clex.fetch import FetchError, fetch, gguf_to_safetensors
-from test_safety import _build_world, last_line, run_cli, snapshot, train_args, unfinished_copy
+from test_safety import last_line, run_cli, snapshot, train_args, unfinished_copy
 from test_safety_eval import passkey_argv, save_tiny
 
 MANIFEST = outdir.MANIFEST
 
 
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    """A tiny Llama, a corpus, and a finished 4-step CLEX run with its checkpoint at step 2."""
-    root = tmp_path_factory.mktemp("untrusted")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("CLEX_CACHE", str(root / "cache"))
-        return _build_world(root)
+world = S.world  # test_safety's tiny Llama, corpus and finished run (built once for this module too)
 
 
 def _write_manifest(path, kind: str, entries: dict) -> None:
@@ -325,7 +320,9 @@ def test_a_passkey_killed_while_plotting_finishes_on_the_same_command(tmp_path, 
     assert not (out / "partial.jsonl").exists()
 
 
-def test_a_perplexity_run_killed_midway_finishes_on_the_same_command(tmp_path, capsys, monkeypatch):
+def _ppl_killed_at_64(tmp_path, monkeypatch) -> tuple[list[str], object, object]:
+    """A perplexity run (lengths 32 and 64) stopped by Ctrl-C at 64: (its argv, its --out, the real window
+    evaluator, to restore)."""
     from clex.cli import main
     from clex.eval import ppl as P
 
@@ -344,6 +341,14 @@ def test_a_perplexity_run_killed_midway_finishes_on_the_same_command(tmp_path, c
 
     monkeypatch.setattr(P, "evaluate_windows", killed_at_64)
     assert main(argv) == 130
+    return argv, out, real
+
+
+def test_a_perplexity_run_killed_midway_finishes_on_the_same_command(tmp_path, capsys, monkeypatch):
+    from clex.cli import main
+    from clex.eval import ppl as P
+
+    argv, out, real = _ppl_killed_at_64(tmp_path, monkeypatch)
     assert json.loads((out / "results.json").read_text())["complete"] is False
     monkeypatch.setattr(P, "evaluate_windows", real)
     assert main(argv) == 0, capsys.readouterr().err
@@ -468,21 +473,7 @@ def test_a_perplexity_out_changed_since_is_refused_before_any_work(tmp_path, cap
     from clex.cli import main
     from clex.eval import ppl as P
 
-    model = save_tiny(tmp_path / "model", L=32)
-    corpus = tmp_path / "corpus.txt"
-    corpus.write_text("the quick brown fox jumps over the lazy dog. " * 200)
-    out = tmp_path / "out"
-    argv = ["eval", "ppl", "--model", str(model), "--methods", "vanilla", "--lengths", "32,64", "--data", str(corpus),
-            "--samples", "2", "--tokenizer", "bytes", "--no-progress", "--out", str(out)]  # fmt: skip
-    real = P.evaluate_windows
-
-    def killed_at_64(model, windows, stride, length, *rest):
-        if length == 64:
-            raise KeyboardInterrupt
-        return real(model, windows, stride, length, *rest)
-
-    monkeypatch.setattr(P, "evaluate_windows", killed_at_64)
-    assert main(argv) == 130
+    argv, out, real = _ppl_killed_at_64(tmp_path, monkeypatch)
     with open(out / "results.md", "a") as f:
         f.write("my notes\n")
     calls = []
