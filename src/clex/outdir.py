@@ -205,12 +205,19 @@ class OutDir:
     def clear(self) -> None:
         """``--overwrite``: remove every recorded entry, and nothing else. Refused before anything is removed
         when one of them no longer matches its record."""
+        self.check_clear()
+        self._remove_recorded()
+
+    def check_clear(self) -> None:
+        """The refusal :meth:`clear` would give, removing nothing."""
         changed = self.changed()
         if changed:
             shown = ", ".join(changed[:4]) + (", …" if len(changed) > 4 else "")
             raise OutDirError(f"{self.path} holds entries that were changed since clex wrote them or that clex did "
                               f"not write ({shown}); they are kept and nothing was removed: move them away, or "
                               "choose another directory")  # fmt: skip
+
+    def _remove_recorded(self) -> None:
         kept = {}
         for name, record in self.entries.items():
             if R.present(self.path / name):
@@ -237,9 +244,7 @@ def fresh_temp_dir(beside: Path) -> Path:
 
     beside.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{beside.name}-", dir=beside.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    tmp.chmod(0o777 & ~umask)
+    tmp.chmod(0o777 & ~_umask())
     return tmp
 
 
@@ -250,10 +255,15 @@ def fresh_temp_file(beside: Path) -> Path:
 
     fd, name = tempfile.mkstemp(prefix=f"{TMP_PREFIX}{beside.name}-", dir=beside.parent)
     os.close(fd)
+    os.chmod(name, 0o666 & ~_umask())
+    return Path(name)
+
+
+def _umask() -> int:
+    """The process's umask (read by setting it, then putting it back)."""
     umask = os.umask(0)
     os.umask(umask)
-    os.chmod(name, 0o666 & ~umask)
-    return Path(name)
+    return umask
 
 
 def nest(parent: Path, name: str, kind: str) -> Path:
@@ -371,13 +381,13 @@ def claim(path: str | Path, kind: str, *, overwrite: bool = False, source: str |
         if out.kind != kind and not overwrite:
             raise OutDirError(f"{flag} {path} holds clex {out.kind} output, not {kind}; choose another {flag} "
                               "or pass --overwrite to replace what clex wrote there")  # fmt: skip
-        if overwrite and out.changed():
-            out.clear()  # refuses, naming them
+        if overwrite:
+            out.check_clear()  # every recorded entry checked once, before anything is removed
         if dry_run:
             return out
         out.kind = kind
         if overwrite:
-            out.clear()
+            out._remove_recorded()
             out.existed = False
         return out
     others = foreign(path)

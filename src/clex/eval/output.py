@@ -13,7 +13,6 @@ before the first model is loaded (the ``ready`` callback of the evaluations).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
 from pathlib import Path
 
 from .. import outdir as O
@@ -110,7 +109,3 @@ def as_outdir(out: str | Path | O.OutDir, kind: str) -> O.OutDir:
         claimed.clear()
     return claimed
 
-
-def write_file(out: O.OutDir, name: str, write: Callable[[Path], None]) -> Path:
-    """Let ``write`` write ``name`` under a recorded temporary name, then record it and rename it into place."""
-    return out.write(name, write)

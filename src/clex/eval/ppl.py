@@ -430,7 +430,7 @@ def write_report(report: PPLReport, out, error: str | None = None, interrupted: 
     ``results.json`` says ``"complete": false`` and the error; ``interrupted`` marks a run stopped by the user,
     which the same command run again replaces (a failed run's results are kept unless ``--overwrite``)."""
     from .. import report as R
-    from .output import as_outdir, write_file
+    from .output import as_outdir
 
     out = as_outdir(out, "eval-ppl")
     results = [asdict(r) for r in report.results]
@@ -443,8 +443,8 @@ def write_report(report: PPLReport, out, error: str | None = None, interrupted: 
     text = json.dumps(payload, indent=2, allow_nan=False)
     out.write_text("results.md", R.ppl_markdown(report))
     if report.results:
-        write_file(out, "ppl.png", lambda path: R.plot_ppl(report, path))
+        out.write("ppl.png", lambda path: R.plot_ppl(report, path))
     if any(r.per_position for r in report.results):
-        write_file(out, "loss_by_position.png", lambda path: R.plot_per_position(report, path))
+        out.write("loss_by_position.png", lambda path: R.plot_per_position(report, path))
     out.write_text("results.json", text)  # last: a directory with it is complete
     return out.path

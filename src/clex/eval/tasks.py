@@ -423,7 +423,7 @@ def write_task_report(report: TaskReport, out) -> Path:
     ``results.md``, ``<kind>.png`` and, for tasks with depths, ``<kind>_heatmap.png``, in ``out`` (a path,
     or an :class:`clex.outdir.OutDir` the CLI claimed), each recorded in its manifest before written."""
     from .. import report as R
-    from .output import as_outdir, write_file
+    from .output import as_outdir
 
     out = as_outdir(out, f"eval-{report.kind}")
     payload = {k: v for k, v in asdict(report).items() if k not in ("rows", "predictions")}
@@ -432,8 +432,8 @@ def write_task_report(report: TaskReport, out) -> Path:
                           for task in report.tasks()}  # fmt: skip
     out.write_text("predictions.jsonl", "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in report.predictions))
     out.write_text("results.md", R.task_markdown(report))
-    write_file(out, f"{report.kind}.png", lambda path: R.plot_task(report, path))
+    out.write(f"{report.kind}.png", lambda path: R.plot_task(report, path))
     if report.depths():
-        write_file(out, f"{report.kind}_heatmap.png", lambda path: R.plot_heatmap(report, path))
+        out.write(f"{report.kind}_heatmap.png", lambda path: R.plot_heatmap(report, path))
     out.write_text("results.json", json.dumps(payload, indent=2))  # last: a directory with it is complete
     return out.path
