@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -22,7 +21,7 @@ import numpy as np
 from . import checkpoint as C
 from . import outdir
 from . import records as R
-from .jsonfile import JSONFileError, read_json
+from .jsonfile import JSONFileError, loads, read_json
 
 STATE_FILE = C.STATE_FILE
 ARGS_FILE = "train_args.json"
@@ -255,9 +254,9 @@ def trim_metrics(run: outdir.OutDir, step: int) -> None:
         if not line.strip():
             continue
         try:
-            record = json.loads(line)
+            record = loads(line, f"{path}:{number}", expect=dict)  # bounded: a nested line is refused, not recursed
             keep = type(record["step"]) is int and record["step"] <= step
-        except (ValueError, KeyError, TypeError, RecursionError):
+        except (JSONFileError, KeyError):
             warn(f"{path}:{number} is not a metrics record (a line torn by a kill?); dropped")
             continue
         if keep:
