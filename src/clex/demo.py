@@ -8,7 +8,7 @@
 
 Every phase is ``clex train`` / ``clex eval ppl`` under the hood, and writes its result in its own
 directory of ``out``; a re-run skips finished phases and resumes a half-done training run from its
-last checkpoint. The defaults come from the measurements in DESIGN.md §1 and docs/reproduction.md.
+last checkpoint. The defaults come from the measurements in docs/reproduction.md.
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ class DemoConfig:
     # more fine-tuned baselines at L0 beside PI/YaRN/NTK ×factor. YaRN ×8 is tuned for half CLEX's range
     # and is the best baseline at 4× and 8× in the study: the verdict judges CLEX against it too.
     extra_baselines: tuple[str, ...] = ("yarn:factor=8",)
-    clex_lr: float = 1e-5  # the ODE's own learning rate, clipped on its own (DESIGN.md §1)
+    clex_lr: float = 1e-5  # the ODE's own learning rate, clipped on its own (README, "Fine-tuning")
     layout: str = "chunks"  # CLEX's training positions: 2 contiguous runs with a random skip
     chunks: int = 2
     # evaluation

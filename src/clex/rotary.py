@@ -285,7 +285,7 @@ def extrapolated_positions(
     base_length: int | None = None,
 ) -> torch.Tensor:
     """Position ids for ``length`` training tokens that make the model see distances up to ``L·t``
-    (DESIGN.md §1), where ``L = base_length`` (default: ``length``).
+    (README, "Fine-tuning"), where ``L = base_length`` (default: ``length``).
 
     First 0, last ``L·t − 1``, strictly increasing, so the CLEX rotary module infers exactly ``t``.
     ``scatter`` (the reference): ``length − 2`` inner positions drawn at random without replacement

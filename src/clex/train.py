@@ -2,7 +2,7 @@
 
 One loop for every method. Each optimizer step consumes one global batch of ``train_length``-token
 samples from a seeded permutation of the packed data; CLEX draws one t' per step and feeds the
-extrapolated position ids of DESIGN.md §1 (with an all-ones attention mask), fixed-factor methods
+extrapolated position ids of README "Fine-tuning" (with an all-ones attention mask), fixed-factor methods
 train on positions 0 … train_length − 1.
 
 Everything random about a step — the sample order, t', the positions — is a function of the seed
