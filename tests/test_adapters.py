@@ -113,3 +113,16 @@ def test_export_of_an_adapter_run_merges_it_and_names_its_serving_settings(run, 
     assert "wrote" in printed and "--max-model-len 64" in printed
     exported = tf.AutoModelForCausalLM.from_pretrained(out)
     assert exported.config.rope_parameters["rope_type"] == "longrope" and not (out / "adapter_config.json").exists()
+
+
+def test_restore_clex_refuses_what_is_not_a_model_or_a_method_file(run, tmp_path):
+    with pytest.raises(TypeError, match="model must be a transformers or peft model"):
+        clex.restore_clex("lora", run / "lora")
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "clex_method.json").write_text('{"method": 7}')
+    model = tf.AutoModelForCausalLM.from_pretrained(run / "base")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(clex.ModelLoadError, match="clex_method.json does not name a method"):
+        clex.restore_clex(model, bad)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
