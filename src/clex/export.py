@@ -1,8 +1,9 @@
 """Export learned CLEX frequencies to the stock ``longrope`` rope type (``clex export``).
 
-At a fixed t = T, CLEX's frequencies are per-pair rescalings of the model's own: θ_j(T) = θ_j / λ_j.
+At a fixed t = T, CLEX's frequencies are per-pair rescalings of the raw θ (``rope_theta``): θ_j(T) = θ_j / λ_j.
 The ``longrope`` rope type carries exactly that — ``long_factor = λ`` beyond the original length L,
-``short_factor`` (here 1: the original frequencies, which CLEX also uses at t = 1) within it — and
+``short_factor = θ / θ(1)`` within it (1 on a plain model; on an already-scaled one, Llama 3.x say, its own
+scaling, which CLEX keeps at t = 1; a Phi-3-long base's own short set below its original length is not kept) — and
 transformers, vLLM and SGLang read it without clex installed. What is lost: t no longer adapts. At
 lengths in ((T−1)·L, T·L] the exported model computes what the CLEX model computes; between L and
 (T−1)·L it uses θ(T) where CLEX would use a smaller t, and vLLM uses ``long_factor`` at every
@@ -21,7 +22,8 @@ from pathlib import Path
 
 import torch
 
-from .models import apply, check_model_path, clex_modules, from_pretrained, training_length
+from .methods import plain_inv_freq
+from .models import check_model_path, clex_modules, from_pretrained, module_rope, switch, training_length
 from .outdir import fresh_temp_dir
 
 EXPORT_FORMATS = ("longrope", "gguf")
@@ -50,10 +52,13 @@ def longrope_parameters(model, factor: int) -> dict:
     with torch.no_grad():
         theta = module.trajectory()[factor - 1].double()
         base = module._base_inv_freq().double()
-    long_factor = (base / theta).tolist()
+    # stock longrope divides the raw θ (rope_theta) by its factors; on an already-scaled model CLEX's t = 1 is the
+    # shipped θ_b, so the short factors carry θ / θ_b (1 on a plain model) and the long ones θ / θ(T)
+    raw = plain_inv_freq(module_rope(model)["rope_theta"], module.rotary_dim, "cpu").double()
     scale = module._attention_scaling()
-    return {"long_factor": long_factor, "short_factor": [1.0] * len(long_factor), "factor": float(factor),
-            "attention_factor": scale, "short_mscale": scale, "long_mscale": scale}  # fmt: skip
+    return {"long_factor": (raw / theta.cpu()).tolist(), "short_factor": (raw / base.cpu()).tolist(),
+            "factor": float(factor), "attention_factor": scale, "short_mscale": scale,
+            "long_mscale": scale}  # fmt: skip
 
 
 def export(model_dir: str | Path, out: str | Path, to: str = "longrope", factor: int | None = None,
@@ -98,7 +103,8 @@ def export(model_dir: str | Path, out: str | Path, to: str = "longrope", factor:
         except GGUFExportError as exc:
             raise ExportError(str(exc)) from None
     rope = longrope_parameters(model, factor)
-    apply(model, "longrope", **rope)
+    plain = {k: v for k, v in module_rope(model).items() if k in ("rope_theta", "partial_rotary_factor")}
+    switch(model, "longrope", rope, shipped_as=({"rope_type": "default", **plain}, training_length(model)))
     if to == "gguf":
         try:
             return write_gguf(model, model_dir, out, model.config.rope_parameters, outtype)

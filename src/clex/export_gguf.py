@@ -4,7 +4,8 @@ The tensors, hyper-parameters and tokenizer follow llama.cpp's own converter (``
 whose names come from the ``gguf`` package's tensor map); the one part written here is CLEX's:
 
 * ``rope_factors_long.weight`` = λ_j = θ_j / θ_j(T), CLEX's per-pair factors at T (the ``longrope``
-  export's ``long_factor``); ``rope_factors_short.weight`` = 1 (the original frequencies, CLEX at t = 1);
+  export's ``long_factor``); ``rope_factors_short.weight`` = θ_j / θ_j(1), CLEX at t = 1: 1 on a plain model,
+  the model's own scaling on an already-scaled one (Llama 3.x);
 * ``<arch>.rope.scaling.type = longrope``, ``<arch>.rope.scaling.original_context_length = L``,
   ``<arch>.context_length = T·L``, ``<arch>.rope.scaling.attn_factor`` = the cos/sin scale (1 for CLEX).
 
@@ -219,7 +220,7 @@ def write_gguf(model, model_dir: str | Path, out: str | Path, rope: dict, outtyp
             for name, data in _tensors(model, arch_name):
                 _add(writer, gguf, name, data, outtype)
             writer.add_tensor("rope_factors_long.weight", long_factor)
-            writer.add_tensor("rope_factors_short.weight", np.ones_like(long_factor))
+            writer.add_tensor("rope_factors_short.weight", np.asarray(rope["short_factor"], dtype=np.float32))
             writer.write_header_to_file()
             writer.write_kv_data_to_file()
             writer.write_tensors_to_file()

@@ -226,7 +226,7 @@ def _rope_dims(config, layer_type: str | None) -> tuple[dict, float, int]:
     return params, params["rope_theta"], dim
 
 
-def _default_inv_freq(base: float, dim: int, device) -> torch.Tensor:
+def plain_inv_freq(base: float, dim: int, device) -> torch.Tensor:
     exponents = torch.arange(0, dim, 2, dtype=torch.int64).to(device=device, dtype=torch.float) / dim
     return 1.0 / (base**exponents)
 
@@ -234,14 +234,14 @@ def _default_inv_freq(base: float, dim: int, device) -> torch.Tensor:
 def compute_ntk_parameters(config, device=None, seq_len=None, layer_type=None) -> tuple[torch.Tensor, float]:
     """Static NTK-aware scaling: θ_j with base · factor^(d/(d−2))."""
     params, base, dim = _rope_dims(config, layer_type)
-    return _default_inv_freq(base * params["factor"] ** (dim / (dim - 2)), dim, device), 1.0
+    return plain_inv_freq(base * params["factor"] ** (dim / (dim - 2)), dim, device), 1.0
 
 
 def compute_clex_parameters(config, device=None, seq_len=None, layer_type=None) -> tuple[torch.Tensor, float]:
     """θ at t = 1. The learned θ(t) lives in ``clex.rotary.ClexRotary``, which wraps the model's
     rotary module built with these frequencies (``clex.models`` installs it on model init)."""
     _, base, dim = _rope_dims(config, layer_type)
-    return _default_inv_freq(base, dim, device), 1.0
+    return plain_inv_freq(base, dim, device), 1.0
 
 
 def _validate_ntk(self, rope_parameters: dict, ignore_keys=None) -> None:

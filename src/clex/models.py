@@ -29,6 +29,8 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from .cache import install_cache_hook
+from .composed import SCALED_FROM, CompositionError, base_frequencies, compose, context_length, shipped
+from .composed import install as install_composition
 from .dynamics import CLEXDynamics
 from .jsonfile import JSONFileError, read_json
 from .methods import get_method, parse_method, register_with_transformers
@@ -146,6 +148,11 @@ def _rope_layer_type(config) -> str | None:
     return GLOBAL_LAYER_TYPE
 
 
+def module_rope(model) -> dict:
+    """The rope parameters the methods change: the model's own, or its global layers' (Gemma 3)."""
+    return _current_rope(_text_config(model))
+
+
 def _current_rope(config) -> dict:
     if not getattr(config, "rope_parameters", None):
         raise _unsupported(config)
@@ -171,10 +178,12 @@ def _unsupported(model_or_config, where=None) -> UnsupportedModelError:
 def apply(model: PreTrainedModel, method: str, **params) -> PreTrainedModel:
     """Make ``model`` use ``method`` (e.g. ``"clex"``, ``"yarn"`` with ``factor=8``, or ``"yarn:factor=8"``).
 
-    In place; returns the model. The training length L defaults to the model's context before any
-    extension (``original_max_position_embeddings`` of its rope parameters, else
-    ``max_position_embeddings``); pass ``original_max_position_embeddings=`` to override it.
-    Re-applying ``clex`` to a CLEX model keeps its learned weights. On bad input nothing changes.
+    In place; returns the model. A method starts from the model as shipped: on a model whose rope is already
+    scaled (Llama 3.x, Qwen with YaRN, Gemma 3, Phi-3 long) it scales the frequencies the model uses, and
+    ``vanilla`` is the model as shipped (``clex.composed``). The training length L defaults to the model's
+    context (its ``max_position_embeddings``, or factor × original length where its rope says more); pass
+    ``original_max_position_embeddings=`` to declare another. Re-applying ``clex`` to a CLEX model keeps its
+    learned weights. On bad input nothing changes.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a transformers model (a torch.nn.Module), got {describe(model)}")
@@ -186,7 +195,14 @@ def apply(model: PreTrainedModel, method: str, **params) -> PreTrainedModel:
     if twice:
         raise ValueError(f"method parameter(s) {twice} given both in {method!r} and as keyword arguments; "
                          "give each once")  # fmt: skip
-    params = {**spec_params, **params}
+    return switch(model, name, {**spec_params, **params}, spec=method)
+
+
+def switch(model: PreTrainedModel, name: str, params: dict, spec: str | None = None,
+           shipped_as: tuple[dict, int] | None = None) -> PreTrainedModel:  # fmt: skip
+    """:func:`apply` with the method already parsed. ``shipped_as`` = ``(rope, max_position_embeddings)``
+    overrides what the model counts as shipped (``clex export`` writes stock factors relative to the raw θ)."""
+    spec = spec or name
     found = list(rotary_modules(model))
     if not found:
         raise _unsupported(model)
@@ -198,39 +214,37 @@ def apply(model: PreTrainedModel, method: str, **params) -> PreTrainedModel:
         config.head_dim = config.hidden_size // config.num_attention_heads
     layer_type = _rope_layer_type(config)
     current = _current_rope(config)
+    base, base_max = copy.deepcopy(shipped_as or getattr(model, "_clex_shipped", None)
+                                   or shipped(current, config.max_position_embeddings))  # fmt: skip
     L = params.pop("original_max_position_embeddings", None)
     if L is None:
-        L = current.get("original_max_position_embeddings", config.max_position_embeddings)
+        L = context_length(base, base_max)
     if not isinstance(L, int) or isinstance(L, bool) or L < 1:
         raise ValueError(f"original_max_position_embeddings must be a positive integer, got {L!r}")
-    spec = get_method(name)
-    if name == "clex" and current.get("rope_type") == "clex":
-        # re-applying CLEX: unspecified settings stay as they are (its field, its t policy …)
-        previous = CLEXConfig.from_rope_parameters(dict(current), L)
-        for key, value in asdict(previous).items():
-            if key != "original_max_position_embeddings":
-                params.setdefault(key, value)
-    elif name == "clex":
-        params.setdefault("ode_base", float(current["rope_theta"]))
-    rope = spec.rope_parameters(params, L, current["rope_theta"])
+    method = get_method(name)
     clex_config = None
-    if name == "clex":
-        layout = rotary_layout(found[0][2], layer_type)
-        if layout != "half":
-            what = "interleaved pairs (2i, 2i+1)" if layout == "interleaved" else "cos/sin in a layout of its own"
-            raise UnsupportedModelError(f"model type {config.model_type!r} rotates {what}; CLEX builds the "
-                                        "half-split layout, so 'clex' is refused for it (the other methods only "
-                                        "change the frequencies)")  # fmt: skip
-        clex_config = CLEXConfig.from_rope_parameters(rope, L)
-        rope = {**clex_config.to_rope_parameters(), "rope_theta": rope["rope_theta"]}
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        rotary_dim = int(head_dim * current.get("partial_rotary_factor", 1.0))
-        if rotary_dim % 2:
-            raise ValueError(
-                f"CLEX needs an even rotary dimension, got {rotary_dim} (head_dim × partial_rotary_factor)"
-            )
-    if "partial_rotary_factor" in current:
-        rope["partial_rotary_factor"] = current["partial_rotary_factor"]
+    if name == "vanilla":
+        method.rope_parameters(params, L, current["rope_theta"])  # refuses any parameter
+        rope = copy.deepcopy(base)
+    else:
+        if name == "clex" and current.get("rope_type") == "clex":
+            # re-applying CLEX: unspecified settings stay as they are (its field, its t policy …)
+            previous = CLEXConfig.from_rope_parameters(dict(current), L)
+            for key, value in asdict(previous).items():
+                if key != "original_max_position_embeddings":
+                    params.setdefault(key, value)
+        elif name == "clex":
+            params.setdefault("ode_base", float(current["rope_theta"]))
+        rope = method.rope_parameters(params, L, current["rope_theta"])
+        if name == "clex":
+            clex_config = _clex_config(found[0][2], config, layer_type, rope, L)
+            rope = {**clex_config.to_rope_parameters(), "rope_theta": rope["rope_theta"]}
+        if "partial_rotary_factor" in current:
+            rope["partial_rotary_factor"] = current["partial_rotary_factor"]
+        try:
+            rope = compose(rope, base, base_max, config.model_type)
+        except CompositionError as err:
+            raise UnsupportedModelError(str(err)) from None
 
     if layer_type:
         config.rope_parameters[layer_type] = rope
@@ -239,15 +253,18 @@ def apply(model: PreTrainedModel, method: str, **params) -> PreTrainedModel:
     if "original_max_position_embeddings" in rope and hasattr(config, "original_max_position_embeddings"):
         # Phi-3 & co keep L at the top level too, and on load it overrides the rope parameters' value
         config.original_max_position_embeddings = rope["original_max_position_embeddings"]
-    config.max_position_embeddings = spec.extended_length(rope, L) if spec.extended_length else L
+    if name == "vanilla":
+        config.max_position_embeddings = base_max if L == context_length(base, base_max) else L
+    else:
+        config.max_position_embeddings = method.extended_length(rope, L) if method.extended_length else L
     config.validate_rope()
-    _check_round_trip(new_root, method)
+    _check_round_trip(new_root, spec)
 
     rebuilt = []
     for _, _, old in found:
-        base = old.original if isinstance(old, ClexRotary) else old
-        buffer = next(iter(base.buffers()), None)
-        new = type(base)(config).to(buffer.device if buffer is not None else "cpu")
+        original = old.original if isinstance(old, ClexRotary) else old
+        buffer = next(iter(original.buffers()), None)
+        new = type(original)(config).to(buffer.device if buffer is not None else "cpu")
         rebuilt.append(_wrap(new, clex_config, layer_type, previous=old) if clex_config else new)
     # commit: nothing above touched the model
     _replace_config(model, new_root)
@@ -255,7 +272,24 @@ def apply(model: PreTrainedModel, method: str, **params) -> PreTrainedModel:
         setattr(parent, attr, new)
         if isinstance(new, ClexRotary):
             install_cache_hook(parent, attr)
+    if shipped_as is None:
+        model._clex_shipped = (base, base_max)  # the next method again starts from the model as shipped
     return model
+
+
+def _clex_config(module: nn.Module, config, layer_type: str | None, rope: dict, L: int) -> CLEXConfig:
+    """CLEX's settings from ``rope``, refused where the model's rotary layout or width cannot carry them."""
+    layout = rotary_layout(module, layer_type)
+    if layout != "half":
+        what = "interleaved pairs (2i, 2i+1)" if layout == "interleaved" else "cos/sin in a layout of its own"
+        raise UnsupportedModelError(f"model type {config.model_type!r} rotates {what}; CLEX builds the "
+                                    "half-split layout, so 'clex' is refused for it (the other methods only "
+                                    "change the frequencies)")  # fmt: skip
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    rotary_dim = int(head_dim * _current_rope(config).get("partial_rotary_factor", 1.0))
+    if rotary_dim % 2:
+        raise ValueError(f"CLEX needs an even rotary dimension, got {rotary_dim} (head_dim × partial_rotary_factor)")
+    return CLEXConfig.from_rope_parameters(rope, L)
 
 
 def _replace_config(model: nn.Module, new_root) -> None:
@@ -278,9 +312,16 @@ def use_method(model: PreTrainedModel, spec: str) -> PreTrainedModel:
 
 
 def training_length(model_or_config) -> int:
-    """The training length L a model's rope parameters record (else its ``max_position_embeddings``)."""
+    """The length L of a model: the one a method clex applied starts from (CLEX's training length), else the
+    context of the model as shipped (``max_position_embeddings``, or factor × original length where an
+    already-scaled rope says more)."""
     config = _text_config(model_or_config)
-    return int(_current_rope(config).get("original_max_position_embeddings", config.max_position_embeddings))
+    rope = _current_rope(config)
+    marker = getattr(model_or_config, "_clex_shipped", None)
+    applied = rope.get("rope_type") == "clex" or SCALED_FROM in rope or (marker is not None and rope != marker[0])
+    if applied:
+        return int(rope.get("original_max_position_embeddings", config.max_position_embeddings))
+    return context_length(rope, config.max_position_embeddings)
 
 
 def check_model_path(path) -> None:
@@ -297,6 +338,11 @@ def check_model_path(path) -> None:
 def _wrap(rotary: nn.Module, config: CLEXConfig, layer_type: str | None, previous=None) -> ClexRotary:
     device = next(iter(rotary.buffers())).device
     wrapped = ClexRotary(rotary, config, layer_type).to(device)
+    rope = rotary.config.rope_parameters[layer_type] if layer_type else rotary.config.rope_parameters
+    base = rope.get(SCALED_FROM) or {}
+    if base.get("rope_type") == "longrope":  # at t = 1 the model as shipped: the short set below its L0
+        wrapped.keep_short_set(base["original_max_position_embeddings"],
+                               lambda device: base_frequencies(rotary.config, layer_type, device, short=True)[0])
     if isinstance(previous, ClexRotary):
         old = previous.config
         same_field = (previous.rotary_dim, old.param_factor, old.act, old.ode_base) == (
@@ -337,6 +383,7 @@ def _install_from_config(model: PreTrainedModel) -> None:
 def _patch_transformers() -> None:
     """Hooks installed once on import (idempotent)."""
     register_with_transformers()
+    install_composition()
     if getattr(PreTrainedModel, "_clex_patched", False):
         return
     original_post_init = PreTrainedModel.post_init

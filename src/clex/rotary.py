@@ -62,7 +62,8 @@ class CLEXConfig:
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
 
     # Keys of the reference's rope_scaling that carry no information for us.
-    IGNORED_KEYS = frozenset({"rope_type", "type", "rope_theta", "partial_rotary_factor", "factor"})
+    # (``scaled_from``: the rope the model shipped with, which CLEX starts from; see ``clex.composed``.)
+    IGNORED_KEYS = frozenset({"rope_type", "type", "rope_theta", "partial_rotary_factor", "factor", "scaled_from"})
 
     @classmethod
     def from_rope_parameters(cls, params: dict, default_length: int) -> CLEXConfig:
@@ -112,6 +113,22 @@ class ClexRotary(nn.Module):
         # (θ moves by ~4e-3), but CLEX's path starts from the exact θ. A plain attribute, which .to(dtype)
         # leaves alone; _apply moves it between devices.
         self._exact_theta: torch.Tensor | None = None
+        # a ``longrope`` base (Phi-3 long): below its original length L0 the model as shipped uses the short set
+        self._short_below = 0
+        self._short_source = None
+        self._short_theta: torch.Tensor | None = None
+
+    def keep_short_set(self, below: int, source) -> None:
+        """At t = 1 and lengths n ≤ ``below``, use ``source(device)`` (a base rope's short factor set) as θ."""
+        self._short_below, self._short_source, self._short_theta = below, source, None
+
+    def _short_set(self, device) -> torch.Tensor:
+        raw = self._inv_freq_buffer()
+        theta = self._short_theta
+        if theta is None or theta.device != raw.device:
+            # rounded as the shipped model's own buffer is (bf16 after model.to(bfloat16))
+            theta = self._short_theta = self._short_source(raw.device).to(raw.dtype).float()
+        return theta.to(device)
 
     # --- what the wrapped module knows -------------------------------------------------------
     def _inv_freq_buffer(self) -> torch.Tensor:
@@ -229,7 +246,10 @@ class ClexRotary(nn.Module):
         t = self.t_override if self.t_override is not None else self.scaling_factor(n)
         if first > 0 and self.config.log_scale:  # continuing from a KV cache
             self._warn_log_scale_with_cache()
-        inv_freq = self.frequencies(t).to(x.device)
+        if t <= 1.0 and n <= self._short_below:
+            inv_freq = self._short_set(x.device)
+        else:
+            inv_freq = self.frequencies(t).to(x.device)
         with torch.autocast(x.device.type, enabled=False):
             freqs = position_ids[..., None].float() * inv_freq
             emb = torch.cat((freqs, freqs), dim=-1)
