@@ -31,7 +31,7 @@ def deviation(run: str, times: list[int]) -> dict[int, torch.Tensor]:
 
 def rotary_deviation(rot, times: list[int]) -> dict[int, torch.Tensor]:
     """``deviation`` of one CLEX rotary module."""
-    times = [t for t in times if t <= rot.config.max_factor]
+    times = [t for t in times if t <= rot.settings.max_factor]
     ntk = copy.deepcopy(rot)
     with torch.no_grad():
         ntk.clex_ode.down_proj.zero_()  # W_down = 0 is exactly NTK with α = 2t − 1 (dynamics.py)

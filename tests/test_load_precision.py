@@ -77,7 +77,7 @@ def test_reference_first_layout_reads_as_silu_and_dt_001(tmp_path):
     del config["rope_scaling"]["act"], config["rope_scaling"]["time_dt"]
     (tmp_path / "config.json").write_text(json.dumps(config))
     model = clex.from_pretrained(tmp_path)
-    cfg = clex.clex_modules(model)[0].config
+    cfg = clex.clex_modules(model)[0].settings
     assert (cfg.act, cfg.time_dt) == ("silu", 0.01)
     expected = _reference_silu_frequencies(up, down, d, 1e4, 8).float()
     torch.testing.assert_close(_theta_grid(model), expected, rtol=2e-5, atol=0)

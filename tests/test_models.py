@@ -178,7 +178,7 @@ def test_reapplying_clex_keeps_learned_weights_and_settings():
     clex.apply(model, "clex", policy="continuous")
     (module,) = clex.clex_modules(model)
     assert torch.equal(module.clex_ode.down_proj, learned)
-    cfg = module.config
+    cfg = module.settings
     assert (cfg.policy, cfg.max_factor, cfg.act, cfg.log_scale) == ("continuous", 4, "silu", True)
     with pytest.warns(UserWarning, match="different field"):
         clex.apply(model, "clex", act="tanh")
@@ -231,7 +231,7 @@ def test_models_without_rope_are_refused(config):
     model = tf.AutoModelForCausalLM.from_config(config)
     with pytest.raises(clex.UnsupportedModelError, match=config.model_type) as err:
         clex.apply(model, "clex")
-    assert "llama" in str(err.value) and "phi3" in str(err.value)
+    assert "README" in str(err.value) and "\n" not in str(err.value)
 
 
 @pytest.mark.parametrize(

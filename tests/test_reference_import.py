@@ -59,7 +59,7 @@ def test_reference_checkpoint_gives_reference_frequencies(tmp_path, rope_theta, 
     up, down, d = write_reference_checkpoint(tmp_path, rope_theta, log_scale)
     model = clex.from_pretrained(tmp_path).eval()
     (module,) = clex.clex_modules(model)
-    cfg = module.config
+    cfg = module.settings
     assert (cfg.max_factor, cfg.time_dt, cfg.ode_base, cfg.log_scale) == (8, 0.01, 10000.0, log_scale)
     assert cfg.original_max_position_embeddings == L
     torch.testing.assert_close(module.clex_ode.up_proj.double(), up.T)

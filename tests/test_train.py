@@ -16,6 +16,7 @@ import torch
 import transformers as tf
 
 import clex
+from clex.methods import declare_length
 from clex.train import TrainConfig, TrainError, cosine_schedule, step_positions, train
 
 L = 32
@@ -281,9 +282,9 @@ def test_fsdp_over_two_processes_takes_the_steps_of_one_and_resumes(model_dir, c
 
 def test_clex_below_the_models_training_length_is_refused_with_the_regime_explained(model_dir, corpus, tmp_path):
     with pytest.raises(TrainError, match=r"train length 16 is shorter than the model's training length L = 32: .*"
-                                         r"clex:original_max_position_embeddings=16"):  # fmt: skip
+                                         r"declare that L: --base-length 16"):  # fmt: skip
         train(cfg(model_dir, corpus, tmp_path / "short", train_length=16))
     assert not (tmp_path / "short").exists()
-    run = train(cfg(model_dir, corpus, tmp_path / "declared", method="clex:original_max_position_embeddings=16",
-                    train_length=16, steps=2))  # fmt: skip
+    run = train(cfg(model_dir, corpus, tmp_path / "declared", method=declare_length("clex", 16), train_length=16,
+                    steps=2))  # fmt: skip
     assert clex.from_pretrained(run).config.rope_parameters["original_max_position_embeddings"] == 16

@@ -87,7 +87,7 @@ def restore_clex(model: nn.Module, adapter_dir) -> nn.Module:
     if record is None:
         return model  # a plain LoRA run: nothing of clex's to restore
     rope = record.get("rope_parameters")
-    skip = ("rope_type", "rope_theta", "partial_rotary_factor")
+    skip = ("rope_type", "rope_theta", "partial_rotary_factor", "scaled_from")  # the base as shipped gives the last
     params = {k: v for k, v in (rope or {}).items() if k not in skip}
     apply(base, record["method"].partition(":")[0] if rope else record["method"], **params)
     weights_file = os.path.join(adapter_dir, ADAPTER_CLEX_FILE)

@@ -8,7 +8,7 @@ import sys
 
 from .cli_chat import add_chat_parsers
 from .cli_eval import add_eval_parsers
-from .methods import METHODS
+from .methods import BASE_LENGTH_HELP, METHODS
 
 
 def cmd_methods(args: argparse.Namespace) -> int:
@@ -30,7 +30,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     for module in clex_modules(model):
         grid = module.trajectory()
         ratio = (grid[-1] / grid[0]).tolist()
-        print(f"CLEX θ({module.config.max_factor}) / θ per pair: " + " ".join(f"{r:.3g}" for r in ratio))
+        print(f"CLEX θ({module.settings.max_factor}) / θ per pair: " + " ".join(f"{r:.3g}" for r in ratio))
     return 0
 
 
@@ -63,6 +63,10 @@ def cmd_train(args: argparse.Namespace) -> int:
             raise ValueError(f"max_factor given twice: in --method {method} and as --max-factor {args.max_factor}; "
                              "give it once")  # fmt: skip
         method = f"{method}{',' if ':' in method else ':'}max_factor={args.max_factor}"
+    if args.base_length is not None:
+        from .methods import declare_length
+
+        method = declare_length(method, args.base_length)
     cfg = TrainConfig(
         model=args.model, out=args.out, method=method, data=args.data, text_field=args.text_field,
         tokenizer=args.tokenizer, train_length=args.train_length, steps=args.steps, batch_size=args.batch_size,
@@ -132,6 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--method", default="clex", help="clex[:params], pi:factor=F, yarn:factor=F, ntk:factor=F, "
                     "vanilla … (default: %(default)s)")  # fmt: skip
     tr.add_argument("--max-factor", type=int, default=None, help="CLEX's max_factor (t' is drawn from 1 … this)")
+    tr.add_argument("--base-length", type=int, default=None, help=BASE_LENGTH_HELP)
     tr.add_argument("--train-length", type=int, default=None, help="tokens per sample (default: the model's L)")
     tr.add_argument("--data", default="sotu:train", help="anything `clex eval ppl --data` takes (default: %(default)s)")
     tr.add_argument("--text-field", default="text")

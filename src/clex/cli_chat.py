@@ -6,6 +6,8 @@ import argparse
 import os
 import sys
 
+from .methods import BASE_LENGTH_HELP
+
 
 class _ByteStreamer:
     """Streams byte-level tokens to stdout as UTF-8 (``generate``'s streamer protocol)."""
@@ -131,6 +133,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
     from .chat import ChatSession, check_sampling, check_token_counts
     from .data import DataError, load_tokenizer
+    from .methods import declare_length
     from .models import from_pretrained, use_method
 
     check_sampling(args.temperature)
@@ -138,8 +141,10 @@ def cmd_chat(args: argparse.Namespace) -> int:
     hf_logging.disable_progress_bar()  # no loading bars in a conversation
     tok = load_tokenizer(args.tokenizer or args.model)
     model = from_pretrained(args.model).eval()
+    if args.base_length is not None and not args.method:
+        raise ValueError("--base-length declares the L a --method extends from: give --method too")
     if args.method:
-        model = use_method(model, args.method)
+        model = use_method(model, declare_length(args.method, args.base_length))
     interactive = sys.stdin.isatty()
     notice = lambda text: print(f"[{text}]", file=sys.stderr)  # noqa: E731
     session = ChatSession(model, tok, args.system, args.max_context, args.max_new_tokens, args.policy,
@@ -179,6 +184,7 @@ def add_chat_parsers(sub) -> None:
     ch = sub.add_parser("chat", help=cmd_chat.__doc__.split(".")[0], description=cmd_chat.__doc__)
     ch.add_argument("--model", required=True, help="model directory (a chat-tuned one: clex train --format chat)")
     ch.add_argument("--method", default=None, help="switch the model to this method first (default: its own)")
+    ch.add_argument("--base-length", type=int, default=None, help=BASE_LENGTH_HELP)
     ch.add_argument("--system", default=None, help="a system message at the start of the conversation")
     ch.add_argument("--max-context", type=int, default=None, help="tokens of history + answer kept; the oldest "
                     "exchanges are dropped beyond it (default: the config's max_position_embeddings)")  # fmt: skip

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 
+from .methods import BASE_LENGTH_HELP
+
 PARTIAL_FILE = "partial.jsonl"  # finished cells of a task evaluation, read back by a re-run
 OVERWRITE_HELP = ("replace the results clex wrote in --out (only files its manifest lists are removed; an --out "
                   "holding results is refused without it)")  # fmt: skip
@@ -71,6 +73,7 @@ def cmd_eval_ppl(args: argparse.Namespace) -> int:
                 per_position=args.per_position,
                 show_progress=not args.no_progress,
                 ready=dest.ready,
+                base_length=args.base_length,
             )
         except (Exception, KeyboardInterrupt) as err:
             partial = getattr(err, "partial_report", None)
@@ -95,7 +98,8 @@ def _task_run_args(args: argparse.Namespace, dest) -> dict:
 
     return {"tokenizer": args.tokenizer, "policy": args.policy, "batch_size": args.batch_size, "dtype": args.dtype,
             "device": args.device, "show_progress": not args.no_progress,
-            "resume_file": Path(args.out) / PARTIAL_FILE, "ready": dest.ready}  # fmt: skip
+            "resume_file": Path(args.out) / PARTIAL_FILE, "ready": dest.ready,
+            "base_length": args.base_length}  # fmt: skip
 
 
 def _task_out(args: argparse.Namespace, kind: str):
@@ -179,7 +183,7 @@ def cmd_eval_harness(args: argparse.Namespace) -> int:
     with _eval_out(args, "lm-eval", files=("results.json", "results.md")) as dest:
         result = evaluate_harness(args.model, split_methods(args.methods), tasks, args.include_path, args.limit,
                                   args.num_fewshot, args.batch_size, args.max_length, args.tokenizer, args.dtype,
-                                  args.device, ready=dest.ready)  # fmt: skip
+                                  args.device, ready=dest.ready, base_length=args.base_length)  # fmt: skip
         path = write_harness(result, dest.ready())
     print(harness_markdown(result))
     print(f"wrote {path / 'results.json'}, results.md")
@@ -194,6 +198,7 @@ def add_eval_parsers(sub) -> None:
     ppl.add_argument("--methods", default="vanilla,clex",
                      help="comma-separated methods with parameters, e.g. vanilla,pi:factor=8,yarn:factor=8,clex; "
                      "`clex` on a CLEX-trained model is its learned CLEX (default: %(default)s)")  # fmt: skip
+    ppl.add_argument("--base-length", type=int, default=None, help=BASE_LENGTH_HELP)
     ppl.add_argument("--lengths", required=True, help="comma-separated lengths in tokens, k suffix allowed: 1k,2k,4k")
     ppl.add_argument("--data", default="sotu:test", help="sotu[:split], kjv[:split], code[:split], a "
                      ".txt/.jsonl/.parquet file or folder, or a hub dataset name (default: %(default)s)")  # fmt: skip
@@ -225,6 +230,7 @@ def _task_parsers(ev) -> None:
         p.add_argument("--methods", default="vanilla,clex", help="comma-separated methods with parameters, as for "
                        "`clex eval ppl` (default: %(default)s)")  # fmt: skip
         p.add_argument("--lengths", required=True, help=lengths_help)
+        p.add_argument("--base-length", type=int, default=None, help=BASE_LENGTH_HELP)
         p.add_argument("--tokenizer", default=None, help="tokenizer directory or `bytes` (default: the model's)")
         p.add_argument("--policy", default="rerotate", choices=["rerotate", "recompute", "frozen", "off"],
                        help="CLEX KV-cache policy while generating (default: %(default)s)")  # fmt: skip
@@ -280,6 +286,7 @@ def _task_parsers(ev) -> None:
     lm.add_argument("--limit", type=float, default=None, help="examples per task (a fraction if below 1)")
     lm.add_argument("--num-fewshot", type=int, default=None)
     lm.add_argument("--batch-size", type=int, default=1)
+    lm.add_argument("--base-length", type=int, default=None, help=BASE_LENGTH_HELP)
     lm.add_argument("--max-length", type=int, default=None, help="lm-eval's context limit (default: the config's)")
     lm.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the model's)")
     lm.add_argument("--dtype", default="auto")

@@ -41,7 +41,7 @@ def longrope_parameters(model, factor: int) -> dict:
         rope = model.config.get_text_config().rope_parameters
         raise ExportError(f"the model does not use CLEX (its rope parameters: {rope}); nothing to export")
     module = modules[0]
-    cfg = module.config
+    cfg = module.settings
     if isinstance(factor, bool) or not isinstance(factor, int) or factor < 1:
         raise ExportError(f"--factor must be an integer t >= 1, got {factor!r}")
     if factor > cfg.max_factor:

@@ -189,6 +189,29 @@ def check_method(spec: str) -> tuple[str, dict]:
     return name, parse_method(spec)[1]
 
 
+BASE_LENGTH_HELP = ("the length L the model was trained at, which every method extends from (default: the model's "
+                    "context: max_position_embeddings, or factor × original length where its rope is already "
+                    "scaled); reports and plots count lengths in it")  # fmt: skip
+
+
+def declare_length(spec: str, base_length: int | None) -> str:
+    """``spec`` with the training length L declared (``--base-length``): the spec parameter
+    ``original_max_position_embeddings``, which ``clex.apply`` also takes as a keyword. A spec that already
+    declares another L is refused."""
+    if base_length is None:
+        return spec
+    if isinstance(base_length, bool) or not isinstance(base_length, int) or base_length < 1:
+        raise ValueError(f"base_length (--base-length) must be a positive integer (tokens), got {base_length!r}")
+    name, params = parse_method(spec)
+    given = params.get("original_max_position_embeddings")
+    if given is not None and given != base_length:
+        raise ValueError(f"L given twice: original_max_position_embeddings={given} in {spec!r} and --base-length "
+                         f"{base_length} (base_length); give it once")  # fmt: skip
+    if given is not None:
+        return spec
+    return f"{spec}{',' if ':' in spec else ':'}original_max_position_embeddings={base_length}"
+
+
 def split_methods(text: str) -> list[str]:
     """``"vanilla,yarn:factor=8,beta_fast=32,clex"`` → ``["vanilla", "yarn:factor=8,beta_fast=32", "clex"]``:
     a comma-separated item with ``=`` but no ``:`` is another parameter of the method before it."""

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import inspect
 import json
 import math
 import numbers
@@ -33,21 +32,12 @@ from .composed import SCALED_FROM, CompositionError, base_frequencies, compose, 
 from .composed import install as install_composition
 from .dynamics import CLEXDynamics
 from .jsonfile import JSONFileError, read_json
+from .layouts import UnsupportedModelError, build_rotary, check_family, check_round_trip, rotary_layout
 from .methods import get_method, parse_method, register_with_transformers
 from .rotary import CLEXConfig, ClexRotary, clex_modules
 
-# Families whose rotary module is tested (tests/test_models.py); others with a standard rotary
-# module work through the same seam.
-SUPPORTED_FAMILIES = (
-    "llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma2", "gemma3_text",
-    "olmo2", "starcoder2", "gpt_neox", "phi", "phi3",
-)  # fmt: skip
 GLOBAL_LAYER_TYPE = "full_attention"  # models with per-layer-type rope (Gemma 3): CLEX goes here
 REFERENCE_UP, REFERENCE_DOWN = "clex_layer.proj_func.ode_up_proj", "clex_layer.proj_func.ode_down_proj"
-
-
-class UnsupportedModelError(ValueError):
-    """The model has no rotary position embedding that clex can replace."""
 
 
 class ModelLoadError(ValueError):
@@ -81,39 +71,6 @@ def check_number(name: str, value, ok, rule: str, integer: bool = False, optiona
 
 
 # --- finding the rotary modules ---------------------------------------------------------------------
-def rotary_layout(module: nn.Module, layer_type: str | None = None) -> str:
-    """How a rotary module lays out its cos/sin over the head dimension, probed on four positions:
-    ``"half"`` (pairs (i, i + d/2), as CLEX builds them), ``"interleaved"`` (pairs (2i, 2i + 1): Cohere) or
-    ``"other"`` (e.g. one value per pair: GPT-OSS). A module that cannot be probed so reads as ``"half"``."""
-    module = getattr(module, "original", module)
-    buffer = next(iter(module.buffers()), None)
-    device = buffer.device if buffer is not None else "cpu"
-    try:
-        args = (layer_type,) if "layer_type" in inspect.signature(module.forward).parameters and layer_type else ()
-        with torch.no_grad():
-            cos, _ = module(torch.zeros(1, device=device), torch.arange(4, device=device)[None], *args)
-    except Exception:  # noqa: BLE001 - a probe only: the forward pass will tell
-        return "half"
-    cos = cos.float().reshape(-1, cos.shape[-1])
-    d = cos.shape[-1]
-    if d % 2 == 0 and torch.equal(cos[:, : d // 2], cos[:, d // 2 :]):
-        return "half"
-    if d % 2 == 0 and torch.equal(cos[:, 0::2], cos[:, 1::2]):
-        return "interleaved"
-    return "other"
-
-
-def _check_round_trip(config, method: str) -> None:
-    """A checkpoint written with the new config must load back: refuse a method its family's config rewrites on
-    load (Phi-3 reads ``yarn`` as ``longrope``)."""
-    try:
-        type(config).from_dict(config.to_dict()).validate_rope()
-    except (KeyError, ValueError, TypeError) as err:
-        raise UnsupportedModelError(f"method {method!r} on model type {config.model_type!r}: a checkpoint saved with "
-                                    f"it would not load back ({' '.join(str(err).split())[:160]}); choose another "
-                                    "method") from None  # fmt: skip
-
-
 def _is_rotary(module: nn.Module) -> bool:
     return isinstance(module, ClexRotary) or (
         type(module).__name__.endswith("RotaryEmbedding")
@@ -142,9 +99,10 @@ def _rope_layer_type(config) -> str | None:
     if not nested:
         return None
     if GLOBAL_LAYER_TYPE not in nested:
-        raise UnsupportedModelError(
-            f"{config.model_type}: per-layer rope parameters without a {GLOBAL_LAYER_TYPE!r} entry ({nested})"
-        )
+        raise UnsupportedModelError(f"model type {config.model_type!r} has no global ({GLOBAL_LAYER_TYPE!r}) layers in "
+                                    f"this config, only {nested}: a window does not grow with the context, so a "
+                                    "length method has nothing to scale ('vanilla' keeps the model as "
+                                    "shipped)")  # fmt: skip
     return GLOBAL_LAYER_TYPE
 
 
@@ -157,7 +115,12 @@ def _current_rope(config) -> dict:
     if not getattr(config, "rope_parameters", None):
         raise _unsupported(config)
     layer_type = _rope_layer_type(config)
-    return config.rope_parameters[layer_type] if layer_type else config.rope_parameters
+    rope = config.rope_parameters[layer_type] if layer_type else config.rope_parameters
+    if rope is None:
+        raise UnsupportedModelError(f"model type {config.model_type!r}: its {layer_type!r} layers use no rotary "
+                                    "embedding (only its local layers rotate, and their window does not grow "
+                                    "with the context): nothing for a length method to scale")  # fmt: skip
+    return rope
 
 
 def _unsupported(model_or_config, where=None) -> UnsupportedModelError:
@@ -169,8 +132,8 @@ def _unsupported(model_or_config, where=None) -> UnsupportedModelError:
             "attention layer, with no rotary module clex can replace; it is not supported"
         )
     return UnsupportedModelError(
-        (f"{where}: " if where else "") + f"model type {model_type!r} has no rotary position embedding to scale; "
-        f"supported families: {', '.join(SUPPORTED_FAMILIES)}"
+        (f"{where}: " if where else "") + f"model type {model_type!r} has no rotary module clex can reach (none, or "
+        "one computed inside its attention layers); the families clex supports are listed in its README"
     )
 
 
@@ -212,8 +175,13 @@ def switch(model: PreTrainedModel, name: str, params: dict, spec: str | None = N
     config = _text_config(new_root)
     if getattr(config, "head_dim", 0) is None:  # Mixtral & co: stock rope functions read it unguarded
         config.head_dim = config.hidden_size // config.num_attention_heads
-    layer_type = _rope_layer_type(config)
-    current = _current_rope(config)
+    try:
+        layer_type = _rope_layer_type(config)
+        current = _current_rope(config)
+    except UnsupportedModelError:
+        if name == "vanilla" and not params:  # no global rope (sliding-only Gemma 3): the model as shipped
+            return model
+        raise
     base, base_max = copy.deepcopy(shipped_as or getattr(model, "_clex_shipped", None)
                                    or shipped(current, config.max_position_embeddings))  # fmt: skip
     L = params.pop("original_max_position_embeddings", None)
@@ -222,6 +190,8 @@ def switch(model: PreTrainedModel, name: str, params: dict, spec: str | None = N
     if not isinstance(L, int) or isinstance(L, bool) or L < 1:
         raise ValueError(f"original_max_position_embeddings must be a positive integer, got {L!r}")
     method = get_method(name)
+    if name != "vanilla":
+        check_family(config, name, 2 * _theta(found[0][2], layer_type).numel(), current)
     clex_config = None
     if name == "vanilla":
         method.rope_parameters(params, L, current["rope_theta"])  # refuses any parameter
@@ -229,7 +199,7 @@ def switch(model: PreTrainedModel, name: str, params: dict, spec: str | None = N
     else:
         if name == "clex" and current.get("rope_type") == "clex":
             # re-applying CLEX: unspecified settings stay as they are (its field, its t policy …)
-            previous = CLEXConfig.from_rope_parameters(dict(current), L)
+            previous = _clex_settings(current, config, L)
             for key, value in asdict(previous).items():
                 if key != "original_max_position_embeddings":
                     params.setdefault(key, value)
@@ -241,6 +211,9 @@ def switch(model: PreTrainedModel, name: str, params: dict, spec: str | None = N
             rope = {**clex_config.to_rope_parameters(), "rope_theta": rope["rope_theta"]}
         if "partial_rotary_factor" in current:
             rope["partial_rotary_factor"] = current["partial_rotary_factor"]
+        for key in getattr(config, "ignore_keys_at_rope_validation", None) or ():
+            if key in current and key not in rope:  # the family's own keys (Ministral 3's llama_4_scaling_beta)
+                rope[key] = current[key]
         try:
             rope = compose(rope, base, base_max, config.model_type)
         except CompositionError as err:
@@ -257,14 +230,18 @@ def switch(model: PreTrainedModel, name: str, params: dict, spec: str | None = N
         config.max_position_embeddings = base_max if L == context_length(base, base_max) else L
     else:
         config.max_position_embeddings = method.extended_length(rope, L) if method.extended_length else L
-    config.validate_rope()
-    _check_round_trip(new_root, spec)
+    try:
+        config.validate_rope()
+    except (KeyError, TypeError) as err:  # the family's own validation (Phi-MoE wants its mscale fields)
+        raise UnsupportedModelError(f"method {spec!r} on model type {config.model_type!r}: its config refuses the "
+                                    f"method's parameters ({' '.join(str(err).split())[:160]})") from None  # fmt: skip
+    check_round_trip(new_root, spec)
 
     rebuilt = []
     for _, _, old in found:
         original = old.original if isinstance(old, ClexRotary) else old
         buffer = next(iter(original.buffers()), None)
-        new = type(original)(config).to(buffer.device if buffer is not None else "cpu")
+        new = build_rotary(type(original), config, buffer.device if buffer is not None else "cpu", spec)
         rebuilt.append(_wrap(new, clex_config, layer_type, previous=old) if clex_config else new)
     # commit: nothing above touched the model
     _replace_config(model, new_root)
@@ -277,8 +254,25 @@ def switch(model: PreTrainedModel, name: str, params: dict, spec: str | None = N
     return model
 
 
+def _clex_settings(rope: dict, config, L: int) -> CLEXConfig:
+    """CLEX's settings from a rope dict, without the keys the family keeps there for its own code."""
+    own = set(getattr(config, "ignore_keys_at_rope_validation", None) or ())
+    return CLEXConfig.from_rope_parameters({k: v for k, v in rope.items() if k not in own}, L)
+
+
+def _theta(module: nn.Module, layer_type: str | None) -> torch.Tensor:
+    """The θ buffer of a rotary module (of ``layer_type``'s layers where it keeps one per type)."""
+    module = getattr(module, "original", module)
+    named = getattr(module, f"{layer_type}_inv_freq" if layer_type else "inv_freq", None)
+    return named if torch.is_tensor(named) else next(iter(module.buffers()))
+
+
 def _clex_config(module: nn.Module, config, layer_type: str | None, rope: dict, L: int) -> CLEXConfig:
     """CLEX's settings from ``rope``, refused where the model's rotary layout or width cannot carry them."""
+    if "mrope_section" in _current_rope(config) or hasattr(getattr(module, "original", module), "mrope_section"):
+        raise UnsupportedModelError(f"model type {config.model_type!r} rotates several position axes (multimodal "
+                                    "rope sections); CLEX builds one axis, so 'clex' is refused for it (the other "
+                                    "methods only change the frequencies)")  # fmt: skip
     layout = rotary_layout(module, layer_type)
     if layout != "half":
         what = "interleaved pairs (2i, 2i+1)" if layout == "interleaved" else "cos/sin in a layout of its own"
@@ -344,7 +338,7 @@ def _wrap(rotary: nn.Module, config: CLEXConfig, layer_type: str | None, previou
         wrapped.keep_short_set(base["original_max_position_embeddings"],
                                lambda device: base_frequencies(rotary.config, layer_type, device, short=True)[0])
     if isinstance(previous, ClexRotary):
-        old = previous.config
+        old = previous.settings
         same_field = (previous.rotary_dim, old.param_factor, old.act, old.ode_base) == (
             wrapped.rotary_dim, config.param_factor, config.act, config.ode_base
         )  # fmt: skip
@@ -372,7 +366,7 @@ def _install_from_config(model: PreTrainedModel) -> None:
     rope = (config.rope_parameters or {}).get(layer_type) if layer_type else config.rope_parameters
     if not rope or rope.get("rope_type", rope.get("type")) != "clex":
         return
-    clex_config = CLEXConfig.from_rope_parameters(dict(rope), config.max_position_embeddings)
+    clex_config = _clex_settings(rope, config, config.max_position_embeddings)
     rope.update(clex_config.to_rope_parameters())  # saved configs carry every setting, defaults included
     for parent, attr, module in rotary_modules(model):
         if not isinstance(module, ClexRotary):
@@ -482,7 +476,7 @@ def from_pretrained(path: str | os.PathLike, **kwargs) -> PreTrainedModel:
         if problem:
             raise ModelLoadError(problem)
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, config=config, **kwargs)
+        model = causal_lm_class(config).from_pretrained(path, config=config, **kwargs)
     except RuntimeError as err:
         if "mismatched" not in str(err):
             raise
@@ -495,6 +489,20 @@ def from_pretrained(path: str | os.PathLike, **kwargs) -> PreTrainedModel:
     if not list(rotary_modules(model)):
         raise _unsupported(model)
     return model
+
+
+def causal_lm_class(config):
+    """``AutoModelForCausalLM``, or the class the config names where the auto table has no entry for its type
+    (the text model of a composite, e.g. ``Emu3ForCausalLM`` with ``Emu3TextConfig``)."""
+    import transformers
+
+    if type(config) in AutoModelForCausalLM._model_mapping:
+        return AutoModelForCausalLM
+    for name in getattr(config, "architectures", None) or ():
+        cls = getattr(transformers, name, None)
+        if isinstance(cls, type) and issubclass(cls, PreTrainedModel) and cls.config_class is type(config):
+            return cls
+    return AutoModelForCausalLM
 
 
 def load_config(path):
@@ -560,7 +568,9 @@ def _mismatch(path, config, files: list[str], only: str = "") -> str | None:
     from safetensors import safe_open
 
     with torch.device("meta"):
-        expected = {k: tuple(v.shape) for k, v in AutoModelForCausalLM.from_config(config).state_dict().items()}
+        cls = causal_lm_class(config)
+        built = cls.from_config(config) if cls is AutoModelForCausalLM else cls._from_config(config)
+        expected = {k: tuple(v.shape) for k, v in built.state_dict().items()}
     wrong = []
     for file in files:
         with safe_open(os.path.join(path, file), framework="pt") as f:

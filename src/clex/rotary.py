@@ -96,7 +96,7 @@ class ClexRotary(nn.Module):
         super().__init__()
         self.original = original
         self.layer_type = layer_type
-        self.config = config
+        self.settings = config
         rotary_dim = 2 * self._base_inv_freq().numel()
         self.clex_ode = CLEXDynamics(rotary_dim, config.param_factor, config.act, config.ode_base, config.time_dt)
         self._grid: torch.Tensor | None = None
@@ -131,6 +131,16 @@ class ClexRotary(nn.Module):
         return theta.to(device)
 
     # --- what the wrapped module knows -------------------------------------------------------
+    @property
+    def config(self):
+        """The model's config, as the wrapped module holds it (some families read ``rotary_emb.config``);
+        CLEX's own settings are :attr:`settings`."""
+        return self.original.config
+
+    @config.setter
+    def config(self, value) -> None:
+        self.original.config = value
+
     def _inv_freq_buffer(self) -> torch.Tensor:
         name = "inv_freq" if self.layer_type is None else f"{self.layer_type}_inv_freq"
         return getattr(self.original, name)
@@ -167,7 +177,7 @@ class ClexRotary(nn.Module):
     # --- t and θ(t) -----------------------------------------------------------------------------
     def scaling_factor(self, n: int) -> float:
         """t for a sequence of current length ``n`` under the configured policy, clamped."""
-        cfg = self.config
+        cfg = self.settings
         L = cfg.original_max_position_embeddings
         t = float(math.ceil(n / L)) if cfg.policy == "ceil" else n / L
         if t > cfg.max_factor:
@@ -197,7 +207,7 @@ class ClexRotary(nn.Module):
         ):
             self._check_finite()
             with torch.no_grad():
-                grid = range(1, self.config.max_factor + 1)
+                grid = range(1, self.settings.max_factor + 1)
                 self._grid = torch.exp(ode.solve(self._log_theta(), grid, self._ode_dtype())).float()
             self._grid_key = tuple(x.clone() for x in state)
         return self._grid
@@ -244,7 +254,7 @@ class ClexRotary(nn.Module):
         first, last = (int(v) for v in torch.aminmax(position_ids))
         n = last + 1
         t = self.t_override if self.t_override is not None else self.scaling_factor(n)
-        if first > 0 and self.config.log_scale:  # continuing from a KV cache
+        if first > 0 and self.settings.log_scale:  # continuing from a KV cache
             self._warn_log_scale_with_cache()
         if t <= 1.0 and n <= self._short_below:
             inv_freq = self._short_set(x.device)
@@ -254,9 +264,9 @@ class ClexRotary(nn.Module):
             freqs = position_ids[..., None].float() * inv_freq
             emb = torch.cat((freqs, freqs), dim=-1)
             scale = self._attention_scaling()
-            if self.config.log_scale:
+            if self.settings.log_scale:
                 # Scaling cos and sin by √s scales every q·k by s: the reference's queries × ln n / ln L.
-                L = self.config.original_max_position_embeddings
+                L = self.settings.original_max_position_embeddings
                 scale *= math.sqrt(math.log(n) / math.log(L)) if L > 1 else 1.0
             cos, sin = emb.cos(), emb.sin()
             if scale != 1.0:

@@ -143,8 +143,8 @@ def prepare_model(cfg: TrainConfig):
             f"train length {length} is shorter than the model's training length L = {L}: CLEX training places a "
             f"row's {length} tokens over positions 0 … L·t′ − 1, so each row would be a sparse sample of a context "
             f"{L // length}× longer than itself at every t′ (not a regime CLEX is trained in). Train at "
-            f"--train-length {L} or more, or, if the model was really trained at {length} tokens, declare that L in "
-            f"the method: clex:original_max_position_embeddings={length}"
+            f"--train-length {L} or more, or, if the model was really trained at {length} tokens, declare that L: "
+            f"--base-length {length}"
         )
     if length > supported:
         raise TrainError(
@@ -277,7 +277,7 @@ def train(cfg: TrainConfig) -> Path:
 def _loop(cfg, accelerator, model, optimizer, scheduler, run, samples, chat, L, length, per_step, start_step,
           base_params, clex_params) -> int:  # fmt: skip
     name, _ = parse_method(cfg.method)
-    max_factor = clex_modules(model)[0].config.max_factor if name == "clex" else 1
+    max_factor = clex_modules(model)[0].settings.max_factor if name == "clex" else 1
     mask_dtype = _packed_mask_dtype(accelerator.unwrap_model(model), accelerator, cfg)
     bar = _bar(cfg, accelerator, start_step)
     out = run.path

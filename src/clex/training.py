@@ -179,7 +179,7 @@ def save_method_beside_adapter(model, method: str, path: Path) -> None:
     from safetensors.torch import save_file
 
     modules = clex_modules(model)
-    record = {"method": method, "rope_parameters": modules[0].config.to_rope_parameters() if modules else None}
+    record = {"method": method, "rope_parameters": modules[0].settings.to_rope_parameters() if modules else None}
     (Path(path) / ADAPTER_METHOD_FILE).write_text(json.dumps(record, indent=2))
     if modules:
         ode = modules[0].clex_ode
@@ -271,8 +271,9 @@ class CLEXDataCollator:
         step = self.step
         self.calls += 1
         ids = batch["input_ids"]
-        t, pos = step_positions(self.layout, self.chunks, ids.shape[1], self.base_length, modules[0].config.max_factor,
-                                self.seed, step, self.t_sampling)  # fmt: skip
+        max_factor = modules[0].settings.max_factor
+        t, pos = step_positions(self.layout, self.chunks, ids.shape[1], self.base_length, max_factor, self.seed, step,
+                                self.t_sampling)  # fmt: skip
         packed = batch.get("attention_mask") is None and batch.get("position_ids") is not None
         segments = segments_from_positions(batch["position_ids"]) if packed else None
         new, t_fixed = clex_batch(ids, labels=batch.get("labels"), attention_mask=batch.get("attention_mask"),

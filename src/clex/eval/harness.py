@@ -68,6 +68,7 @@ def evaluate_harness(
     device: str | None = None,
     log_samples: bool = False,
     ready: Callable[[], object] | None = None,
+    base_length: int | None = None,
 ) -> dict:
     """lm-eval's ``results`` (and, with ``log_samples``, its per-sample records) for each method.
 
@@ -75,7 +76,7 @@ def evaluate_harness(
     is meant for (factor × L, CLEX's max_factor × L, or L for vanilla).
     """
     check_model_arg(model)
-    methods = method_list(methods)
+    methods = method_list(methods, base_length)
     tasks = _task_list(tasks)
     check_positive("batch_size", batch_size)
     if limit is not None:

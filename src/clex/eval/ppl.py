@@ -27,7 +27,7 @@ import torch
 from torch.nn import functional as F
 
 from .. import data as D
-from ..methods import check_method, split_methods
+from ..methods import check_method, declare_length, split_methods
 from ..models import check_model_path, describe, from_pretrained, load_config, training_length, use_method
 
 LOGIT_CHUNK = 1024  # positions per LM-head chunk
@@ -186,9 +186,10 @@ def check_model_arg(model) -> None:
                         f"got {describe(model)}")  # fmt: skip
 
 
-def method_list(methods: str | Sequence[str]) -> list[str]:
-    """``methods`` as a list of checked specs (unknown or malformed ones refused before any work). One string
-    is read as ``--methods`` is: one method (``"yarn:factor=8,beta_fast=32"``) or several (``"vanilla,clex"``)."""
+def method_list(methods: str | Sequence[str], base_length: int | None = None) -> list[str]:
+    """``methods`` as a list of checked specs (unknown or malformed ones refused before any work), each with the
+    declared training length ``base_length`` where one is given. One string is read as ``--methods`` is: one
+    method (``"yarn:factor=8,beta_fast=32"``) or several (``"vanilla,clex"``)."""
     if isinstance(methods, str):
         specs = split_methods(methods)
     elif isinstance(methods, Iterable) and not isinstance(methods, (bytes, dict)):
@@ -206,7 +207,7 @@ def method_list(methods: str | Sequence[str]) -> list[str]:
     twice = sorted({s for s in specs if specs.count(s) > 1})
     if twice:
         raise argument_error("methods", f"lists {twice[0]!r} twice; give each method once")
-    return specs
+    return [declare_length(spec, base_length) for spec in specs]
 
 
 def length_list(lengths: int | str | Sequence[int | str]) -> list[int]:
@@ -249,15 +250,17 @@ def evaluate_ppl(
     per_position: bool = False,
     show_progress: bool = True,
     ready: Callable[[], object] | None = None,
+    base_length: int | None = None,
 ) -> PPLReport:
     """Perplexity of ``model`` under each method at each length on the same token windows.
 
     ``ready`` is called once everything is validated and the windows are cut, before the first model is
     loaded (the CLI claims ``--out`` there). A failure at some (method, length) raises with the finished
     results attached as ``err.partial_report``; a non-finite loss is such a failure (never a NaN result).
+    ``base_length`` declares the training length L every method extends from (default: the model's own).
     """
     check_model_arg(model)
-    methods = method_list(methods)  # unknown or malformed methods fail before any work
+    methods = method_list(methods, base_length)  # unknown or malformed methods fail before any work
     lengths = length_list(lengths)
     check_positive("samples", samples, allow_none=True)
     if stride is not None:
@@ -293,7 +296,7 @@ def evaluate_ppl(
 
     report = PPLReport(
         model=str(model) if isinstance(model, (str, Path)) else type(model).__name__,
-        data=data, training_length=training_length(config), lengths=lengths, methods=list(methods),
+        data=data, training_length=base_length or training_length(config), lengths=lengths, methods=list(methods),
         settings={"samples": samples, "mode": mode, "stride": stride, "dtype": str(torch_dtype).replace("torch.", ""),
                   "device": device, "tokenizer": getattr(tok, "name_or_path", None) or getattr(tok, "name", "?"),
                   "machine": platform.machine(), "torch": torch.__version__, "threads": torch.get_num_threads()},

@@ -173,6 +173,7 @@ def run_task(
     show_progress: bool = True,
     resume_file: str | Path | None = None,
     ready: Callable[[], object] | None = None,
+    base_length: int | None = None,
 ) -> TaskReport:
     """Build the samples of every length once, then generate and score them under each method.
 
@@ -181,13 +182,14 @@ def run_task(
     and a re-run of the same evaluation skips the cells it finds (a killed run loses one cell at most).
     "The same" is everything that can change a score (:func:`run_key`); a file from other settings is
     refused, never mixed in. ``ready`` is called once everything is validated, before the first model is
-    loaded (the CLI claims ``--out`` there).
+    loaded (the CLI claims ``--out`` there). ``base_length`` declares the training length L every method extends
+    from (default: the model's own).
     """
     from ..cache import POLICIES
     from .ppl import _progress, argument_error, check_model_arg, length_list, method_list
 
     check_model_arg(model)
-    methods = method_list(methods)  # unknown or malformed methods fail before any work
+    methods = method_list(methods, base_length)  # unknown or malformed methods fail before any work
     lengths = length_list(lengths)
     check_positive("batch_size", batch_size)
     if policy not in POLICIES:
@@ -204,7 +206,7 @@ def run_task(
         raise D.DataError(f"the tokenizer gives id {top}, beyond the model's vocabulary of {vocab} (--tokenizer?)")
     report = TaskReport(
         kind=kind, model=str(model) if isinstance(model, (str, Path)) else type(model).__name__,
-        training_length=training_length(config), methods=list(methods), lengths=lengths,
+        training_length=base_length or training_length(config), methods=list(methods), lengths=lengths,
         settings={**(settings or {}), "policy": policy, "dtype": str(torch_dtype).replace("torch.", ""),
                   "device": device, "tokenizer": getattr(tok, "name_or_path", None) or getattr(tok, "name", "?"),
                   "machine": platform.machine(), "torch": torch.__version__, "threads": torch.get_num_threads()},
