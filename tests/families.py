@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 import sys
 import tempfile
 import warnings
@@ -115,7 +116,7 @@ def tiny_model(family: str, scaled: str | None = None, layers: int = 2, seed: in
     except NotBuilt:
         raise
     except Exception as err:  # noqa: BLE001 - the reason is what the guard reports
-        raise NotBuilt(f"{type(err).__name__}: {' '.join(str(err).split())[:100]}") from None
+        raise NotBuilt(f"{type(err).__name__}: {_stable(' '.join(str(err).split()))[:100]}") from None
 
 
 def _small_rope(rope: dict, scaled: str | None, partial: float | None) -> dict:
@@ -164,7 +165,8 @@ def _reference(model):
     try:
         reference = {"inside": (inside, _logits(model, inside)), "beyond": (beyond, _logits(model, beyond))}
     except Exception as err:  # noqa: BLE001 - the family needs inputs of its own (images, audio …)
-        raise NotBuilt(f"the unmodified model's forward fails: {type(err).__name__}: {str(err)[:100]}") from None
+        why = f"{type(err).__name__}: {_stable(str(err))[:100]}"
+        raise NotBuilt(f"the unmodified model's forward fails: {why}") from None
     try:
         probe = clex.apply(_twin(model), "pi:factor=2")
     except (UnsupportedModelError, ValueError):
@@ -283,7 +285,12 @@ def summary(outcomes: list[Outcome], not_built: dict[str, str]) -> str:
 
 
 def _short(text: str) -> str:
-    return text.replace("|", "/")[:140]
+    return _stable(text).replace("|", "/")[:140]
+
+
+def _stable(text: str) -> str:
+    """``text`` with any set's items sorted: their order changes from one process to the next."""
+    return re.sub(r"\{('[^{}]*')\}", lambda m: "{" + ", ".join(sorted(m.group(1).split(", "))) + "}", text)
 
 
 def _cell(o: Outcome) -> str:
@@ -309,7 +316,6 @@ def all_outcomes() -> tuple[list[Outcome], dict[str, str]]:
 
 def write_block(path, text: str) -> None:
     """Replace the families table block of ``path`` with ``text``."""
-    import re
     from pathlib import Path
 
     path = Path(path)

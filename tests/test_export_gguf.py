@@ -120,6 +120,30 @@ def test_gguf_carries_clex_factors_and_llama_layout(clex_dir, tmp_path):
     assert keys["tokenizer.ggml.merges"] == ["t h"]
 
 
+def test_gguf_of_an_already_scaled_model_carries_its_own_scaling(fetched, tmp_path):
+    """On a Llama-3-scaled base CLEX's t = 1 is the shipped θ_b: the short factors carry θ / θ_b, the long ones
+    θ / θ(T), both against the raw θ llama.cpp starts from."""
+    model = clex.from_pretrained(fetched)
+    model.config.rope_parameters = {"rope_type": "llama3", "factor": 4.0, "original_max_position_embeddings": L // 4,
+                                    "low_freq_factor": 1.0, "high_freq_factor": 4.0, "rope_theta": 10000.0}
+    model.save_pretrained(tmp_path / "scaled")  # the rotary buffers are rebuilt from this config on load
+    scaled = clex.from_pretrained(tmp_path / "scaled")
+    clex.apply(scaled, "clex", max_factor=4)
+    randomize_clex(scaled, scale=0.3)
+    scaled.save_pretrained(tmp_path / "clex")
+    for item in fetched.glob("tokenizer*"):
+        (tmp_path / "clex" / item.name).write_bytes(item.read_bytes())
+    path = export(tmp_path / "clex", tmp_path / "m.gguf", to="gguf", factor=2)
+    _, tensors = _fields(path)
+    module = clex.clex_modules(scaled)[0]
+    raw = 1.0 / 10000.0 ** (torch.arange(0, module.rotary_dim, 2).double() / module.rotary_dim)
+    short = np.asarray(tensors["rope_factors_short.weight"].data)
+    np.testing.assert_allclose(short, (raw / module._base_inv_freq().double()).numpy(), rtol=1e-6)
+    assert short.max() > 1.5  # the model's own scaling, not ones
+    np.testing.assert_allclose(np.asarray(tensors["rope_factors_long.weight"].data),
+                               (raw / module.trajectory()[1].double()).numpy(), rtol=1e-6)  # fmt: skip
+
+
 @pytest.mark.parametrize("outtype,ggml", [("f16", "F16"), ("q8_0", "Q8_0")])
 def test_gguf_outtypes(clex_dir, tmp_path, outtype, ggml):
     path = export(clex_dir, tmp_path / f"m-{outtype}.gguf", to="gguf", factor=2, outtype=outtype)

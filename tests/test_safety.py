@@ -351,7 +351,7 @@ def test_a_bad_model_directory_is_named_in_one_line(world, tmp_path, capsys, cas
 def test_a_model_without_rope_is_refused_in_one_line(world, tmp_path, capsys, command):
     argv = [str(tmp_path / "out") if a == "OUT" else a for a in [*command, "--model", str(world / "gpt2")]]
     code, err = run_cli(capsys, argv)
-    assert code == 2 and "has no rotary position embedding to scale" in last_line(err)
+    assert code == 2 and "has no rotary module clex can reach" in last_line(err)
 
 
 CHECKPOINT_CASES = [
