@@ -6,12 +6,15 @@ equals keys rotated with the new frequencies: the reference's semantics (it re-r
 keys at every step) at O(changes of t) instead of O(steps).
 
 A forward pre-hook on the decoder (installed with every CLEX module) does it before the step whose
-t differs from the cache's. Policies (``ClexRotary.policy``):
+t differs from the cache's. Each row of a batch has its own t (``ClexRotary.token_factors``): the hook
+records the attention mask of the step's tokens for the rotary module, keeps one t per row in the cache,
+and rotates the keys of the rows whose t changed (the others stay exactly as they are).
+Policies (``ClexRotary.policy``):
 
 * ``rerotate`` (default, also for plain ``model.generate``): re-rotate the cached keys in place;
 * ``recompute``: re-run the prefill over the whole sequence so far at the new t (``clex.generate``
   only: it needs the token ids, which it records at each step);
-* ``frozen``: t fixed for the whole generation from prompt length + max_new_tokens;
+* ``frozen``: t fixed for the whole generation from prompt length + max_new_tokens (each row's own);
 * ``off``: stock transformers behaviour (cached keys keep their old frequencies; warns once).
 """
 
@@ -64,18 +67,23 @@ def _warn_gaps(rot: ClexRotary, decoder: nn.Module, kwargs) -> None:
 
 def _cache_hook(attr: str, decoder: nn.Module, args, kwargs):
     rot = getattr(decoder, attr, None)
-    if isinstance(rot, ClexRotary):
-        _warn_gaps(rot, decoder, kwargs)
+    if not isinstance(rot, ClexRotary):
+        return None
+    _warn_gaps(rot, decoder, kwargs)
+    rot._attend = _current_mask(kwargs, args)
     cache = kwargs.get("cache", kwargs.get("past_key_values"))  # transformers >= 5.24 names it `cache`
-    if not isinstance(rot, ClexRotary) or cache is None or rot._in_recompute:
+    if cache is None or rot._in_recompute:
         return None
     positions = _step_positions(kwargs, args, cache)
     if positions is None:
         return None
-    t_new = rot.t_override if rot.t_override is not None else rot.scaling_factor(int(positions.max()) + 1)
+    t_new = row_factors(rot, positions)
     t_old = getattr(cache, "_clex_t", None)
     cache._clex_t = t_new
-    if t_old is None or t_old == t_new or cache.get_seq_length() == 0:
+    if t_old is None or cache.get_seq_length() == 0:
+        return None
+    t_old, t_new = torch.broadcast_tensors(torch.as_tensor(t_old, dtype=torch.float64), t_new)
+    if torch.equal(t_old, t_new):
         return None
     if rot.policy == "rerotate":
         rerotate(rot, decoder, cache, t_old, t_new, kwargs.get("attention_mask"))
@@ -84,11 +92,33 @@ def _cache_hook(attr: str, decoder: nn.Module, args, kwargs):
     elif rot.policy == "off" and "t" not in rot._decode_warned:
         rot._decode_warned.add("t")
         warnings.warn(
-            f"CLEX's t changed from {t_old:g} to {t_new:g} while decoding with a KV cache and cache policy 'off': "
-            "keys cached earlier keep the old frequencies, as stock transformers does for dynamic rope",
+            f"CLEX's t changed from {float(t_old.max()):g} to {float(t_new.max()):g} while decoding with a KV cache "
+            "and cache policy 'off': keys cached earlier keep the old frequencies, as stock transformers does for "
+            "dynamic rope",
             stacklevel=2,
         )
     return None
+
+
+def _current_mask(kwargs, args) -> torch.Tensor | None:
+    """The 2-D attention mask of this forward's own tokens (its last columns), or None."""
+    mask = kwargs.get("attention_mask")
+    ids = kwargs.get("input_ids", args[0] if args and isinstance(args[0], torch.Tensor) else None)
+    embeds = kwargs.get("inputs_embeds")
+    q = ids.shape[1] if ids is not None else embeds.shape[1] if embeds is not None else None
+    if not isinstance(mask, torch.Tensor) or mask.dim() != 2 or q is None or mask.shape[1] < q:
+        return None
+    return mask[:, -q:]
+
+
+def row_factors(rot: ClexRotary, positions: torch.Tensor) -> torch.Tensor:
+    """Each row's t for this step (float64, one per row): the largest t among its tokens (0, a LongRoPE base's
+    short set, counts as 1)."""
+    keys, _ = rot.token_factors(positions)
+    if isinstance(keys, float):
+        rows = positions.shape[0] if rot._attend is None else rot._attend.shape[0]
+        return torch.full((rows,), max(keys, 1.0), dtype=torch.float64)
+    return keys.clamp(min=1.0).amax(-1).double().cpu()
 
 
 def cache_kwarg(module: nn.Module) -> str:
@@ -116,11 +146,16 @@ def _slot_positions(attention_mask: torch.Tensor | None, batch: int, length: int
     ``generate`` computes position ids (left padding: pads sit at position 1), else 0 … length − 1."""
     if attention_mask is None:
         return torch.arange(length, device=device)[None].expand(batch, -1)
-    if attention_mask.dim() == 4:  # static caches get a prepared [B, 1, q, kv] mask: read its last query row
-        last = attention_mask[:, 0, -1, :]
-        attention_mask = (last == 0) if last.is_floating_point() else last.bool()
-    mask = attention_mask[:, :length].to(device)
+    mask = _mask_2d(attention_mask)[:, :length].to(device)
     return (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 1)
+
+
+def _mask_2d(attention_mask: torch.Tensor) -> torch.Tensor:
+    """A [B, kv] mask of 0/1: static caches get a prepared [B, 1, q, kv] mask, read from its last query row."""
+    if attention_mask.dim() == 4:
+        last = attention_mask[:, 0, -1, :]
+        return ((last == 0) if last.is_floating_point() else last.bool()).long()
+    return attention_mask
 
 
 def _clex_layers(decoder: nn.Module, rot: ClexRotary, n_layers: int) -> list[int]:
@@ -132,10 +167,11 @@ def _clex_layers(decoder: nn.Module, rot: ClexRotary, n_layers: int) -> list[int
 
 
 @torch.no_grad()
-def rerotate(rot: ClexRotary, decoder: nn.Module, cache, t_old: float, t_new: float, attention_mask=None) -> None:
-    """Rotate every cached key of the CLEX layers from θ(t_old) to θ(t_new), in place."""
-    theta_old, theta_new = rot.frequencies(t_old), rot.frequencies(t_new)
-    half = theta_old.numel()
+def rerotate(rot: ClexRotary, decoder: nn.Module, cache, t_old, t_new, attention_mask=None) -> None:
+    """Rotate every cached key of the CLEX layers from θ(t_old) to θ(t_new), in place: one t per row (tensors of
+    the batch size) or one for all (floats). A row whose t did not change is left exactly as it is."""
+    theta_old, theta_new = _row_thetas(rot, t_old), _row_thetas(rot, t_new)
+    half = theta_old.shape[-1]
     for i in _clex_layers(decoder, rot, len(cache.layers)):
         layer = cache.layers[i]
         keys = getattr(layer, "keys", None)
@@ -146,16 +182,22 @@ def rerotate(rot: ClexRotary, decoder: nn.Module, cache, t_old: float, t_new: fl
             continue
         batch = keys.shape[0]
         seq_positions = _slot_positions(attention_mask, batch, stop, keys.device)[:, start:stop].float()
+        new, old = theta_new.to(keys.device)[:, None], theta_old.to(keys.device)[:, None]  # [B or 1, 1, d/2]
         # the angles exactly as the rotary module computes them (fp32 products), differenced in fp64
-        delta = (seq_positions[..., None] * theta_new.to(keys.device)).double() - (
-            seq_positions[..., None] * theta_old.to(keys.device)
-        ).double()
+        delta = (seq_positions[..., None] * new).double() - (seq_positions[..., None] * old).double()
         cos, sin = torch.cos(delta), torch.sin(delta)  # [B, S, d/2]
         k = keys[:, :, slot, : 2 * half].double()
         k1, k2 = k[..., :half], k[..., half:]
         c, s = cos[:, None], sin[:, None]
         rotated = torch.cat((k1 * c - k2 * s, k2 * c + k1 * s), dim=-1)
         keys[:, :, slot, : 2 * half] = rotated.to(keys.dtype)
+
+
+def _row_thetas(rot: ClexRotary, t) -> torch.Tensor:
+    """θ(t) per row ([rows, d/2]) for a tensor of t per row, or [1, d/2] for one t."""
+    if not torch.is_tensor(t) or t.dim() == 0:
+        return rot.frequencies(float(t))[None]
+    return torch.stack([rot.frequencies(float(v)) for v in t.tolist()])
 
 
 def _slots(layer) -> tuple[int, int, slice]:
@@ -184,7 +226,7 @@ def _recompute(rot: ClexRotary, decoder: nn.Module, cache, t_new: float, attenti
     past = cache.get_seq_length()
     if prefix is None or prefix.shape[1] != past:
         raise RuntimeError("cache policy 'recompute' needs clex.generate(..., policy='recompute')")
-    mask = attention_mask[:, :past] if attention_mask is not None else None
+    mask = _mask_2d(attention_mask)[:, :past] if attention_mask is not None else None
     positions = _slot_positions(mask, prefix.shape[0], past, prefix.device)
     fresh = DynamicCache(config=decoder.config)
     saved = rot.t_override
@@ -218,6 +260,17 @@ def until_eos(row: list[int], eos: list[int]) -> list[int]:
         if tok in eos:
             return row[:j]
     return row
+
+
+def frozen_factors(rot: ClexRotary, input_ids: torch.Tensor, attention_mask, max_new: int):
+    """The ``frozen`` policy's t: each row's from its own prompt length (its attended tokens) + max_new_tokens;
+    one float when every row gets the same."""
+    if isinstance(attention_mask, torch.Tensor):
+        lengths = attention_mask.to(torch.long).sum(-1).tolist()
+    else:
+        lengths = [input_ids.shape[1]] * input_ids.shape[0]
+    factors = [rot.scaling_factor(int(n) + max_new) for n in lengths]
+    return factors[0] if len(set(factors)) == 1 else torch.tensor(factors, dtype=torch.float64)
 
 
 class _RecordIds:
@@ -306,7 +359,7 @@ def generate(model, input_ids: torch.Tensor, policy: str = "rerotate", **generat
                 max_new = generate_kwargs.get("max_new_tokens")
                 if max_new is None:
                     raise ValueError("policy 'frozen' needs max_new_tokens (t is fixed from the final length)")
-                m.t_override = m.scaling_factor(input_ids.shape[1] + max_new)
+                m.t_override = frozen_factors(m, input_ids, generate_kwargs.get("attention_mask"), max_new)
             if policy == "recompute":
                 m._recorded_ids = input_ids
         if policy == "recompute":

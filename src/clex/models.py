@@ -242,7 +242,8 @@ def switch(model: PreTrainedModel, name: str, params: dict, spec: str | None = N
         original = old.original if isinstance(old, ClexRotary) else old
         buffer = next(iter(original.buffers()), None)
         new = build_rotary(type(original), config, buffer.device if buffer is not None else "cpu", spec)
-        rebuilt.append(_wrap(new, clex_config, layer_type, previous=old) if clex_config else new)
+        new = _wrap(new, clex_config, layer_type, previous=old) if clex_config else new
+        rebuilt.append(new.train(old.training))  # an eval-mode model stays in eval mode
     # commit: nothing above touched the model
     _replace_config(model, new_root)
     for (parent, attr, _), new in zip(found, rebuilt, strict=True):

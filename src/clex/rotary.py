@@ -23,10 +23,16 @@ import torch
 from torch import nn
 
 from .dynamics import CLEXDynamics, validate_dynamics
+from .positions import (  # noqa: F401  (the training positions' old home)
+    LAYOUTS,
+    T_SAMPLINGS,
+    extrapolated_positions,
+    sample_scale_factor,
+    sample_training_positions,
+    token_lengths,
+)
 
 POLICIES = ("ceil", "continuous")
-LAYOUTS = ("scatter", "chunks")
-T_SAMPLINGS = ("uniform", "log")
 # The largest scaling factor any method accepts (factor, CLEX's max_factor). Solving CLEX's grid θ(1) … θ(T)
 # costs about 1 ms per unit of T on one CPU core (1 s at 1024, measured; 1e9 ran out of memory), and a
 # factor of 1024 already means 1024·L tokens of context.
@@ -108,6 +114,7 @@ class ClexRotary(nn.Module):
         self.policy = "rerotate"
         self.t_override: float | None = None
         self._recorded_ids: torch.Tensor | None = None
+        self._attend: torch.Tensor | None = None  # the attention mask of the current tokens, set by the decoder hook
         self._in_recompute = False
         # θ in fp32 as last seen before a cast: model.to(torch.bfloat16) rounds the wrapped module's inv_freq
         # (θ moves by ~4e-3), but CLEX's path starts from the exact θ. A plain attribute, which .to(dtype)
@@ -251,27 +258,80 @@ class ClexRotary(nn.Module):
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor, layer_type: str | None = None):
         if layer_type is not None and layer_type != self.layer_type:
             return self.original(x, position_ids, layer_type)
-        first, last = (int(v) for v in torch.aminmax(position_ids))
-        n = last + 1
-        t = self.t_override if self.t_override is not None else self.scaling_factor(n)
-        if first > 0 and self.settings.log_scale:  # continuing from a KV cache
+        if self.settings.log_scale and int(position_ids.min()) > 0:  # continuing from a KV cache
             self._warn_log_scale_with_cache()
-        if t <= 1.0 and n <= self._short_below:
-            inv_freq = self._short_set(x.device)
-        else:
-            inv_freq = self.frequencies(t).to(x.device)
+        keys, n = self.token_factors(position_ids)
         with torch.autocast(x.device.type, enabled=False):
+            if isinstance(keys, float):  # one t for every token: one θ, broadcast
+                inv_freq = self._theta_for(keys, x.device)
+            else:  # each sequence at its own t: θ gathered per token from the few distinct t
+                values = torch.unique(keys)
+                table = torch.stack([self._theta_for(float(v), x.device) for v in values])
+                inv_freq = table[torch.searchsorted(values, keys.contiguous()).to(x.device)]
             freqs = position_ids[..., None].float() * inv_freq
             emb = torch.cat((freqs, freqs), dim=-1)
+            cos, sin = emb.cos(), emb.sin()
             scale = self._attention_scaling()
             if self.settings.log_scale:
                 # Scaling cos and sin by √s scales every q·k by s: the reference's queries × ln n / ln L.
                 L = self.settings.original_max_position_embeddings
-                scale *= math.sqrt(math.log(n) / math.log(L)) if L > 1 else 1.0
-            cos, sin = emb.cos(), emb.sin()
-            if scale != 1.0:
+                n = torch.as_tensor(n, dtype=torch.float64, device=x.device)
+                log_n = torch.sqrt(torch.log(n) / math.log(L)) if L > 1 else torch.ones_like(n)
+                scale = (scale * log_n).float()[..., None] if log_n.dim() else scale * float(log_n)
+            if not isinstance(scale, float) or scale != 1.0:
                 cos, sin = cos * scale, sin * scale
         return cos.to(x.dtype), sin.to(x.dtype)
+
+    def token_factors(self, position_ids: torch.Tensor):
+        """``(t, n)`` of the tokens of this forward: a float t when every token shares it, else a tensor of t per
+        token (0 marks a LongRoPE base's short set). In eval each sequence follows its own length (its row, or each
+        sequence packed into a row; padding left out through the attention mask the decoder hook records); in
+        training one t′ per step, from the longest row. ``t_override`` (a float, or one t per row) wins."""
+        override = self.t_override
+        if self.training:
+            n = int(position_ids.max()) + 1
+            t = float(override) if override is not None else self.scaling_factor(n)
+            return (0.0 if t <= 1.0 and n <= self._short_below else t), n
+        attend = self._attend_for(position_ids)
+        if position_ids.shape[-1] == 1:  # a decode step: each row's one token ends its sequence
+            n = position_ids.long() + 1
+            n = n.expand(attend.shape[0], 1) if attend is not None and n.shape[0] != attend.shape[0] else n
+        else:
+            n = token_lengths(position_ids, attend)
+        if override is None:
+            t = self._scaling_factors(n)
+        else:
+            row = torch.as_tensor(override, dtype=torch.float64, device=n.device)
+            t, n = torch.broadcast_tensors(row.reshape(-1, 1) if row.dim() else row, n)
+        if self._short_below:
+            t = t.masked_fill((t <= 1.0) & (n <= self._short_below), 0.0)
+        low, high = (float(v) for v in torch.aminmax(t))
+        if low != high:
+            return t, n
+        if self.settings.log_scale and not bool((n == n.flatten()[0]).all()):
+            return low, n
+        return low, int(n.flatten()[0])
+
+    def _scaling_factors(self, n: torch.Tensor) -> torch.Tensor:
+        """:meth:`scaling_factor` for a tensor of lengths (the warning or refusal beyond max_factor·L once)."""
+        cfg = self.settings
+        L = cfg.original_max_position_embeddings
+        t = torch.ceil(n.double() / L) if cfg.policy == "ceil" else n.double() / L
+        top = float(t.max())
+        if top > cfg.max_factor:
+            self.scaling_factor(int(n.max()))  # warns once, or refuses with clamp=False
+        return t.clamp(1.0, float(cfg.max_factor)) if top > cfg.max_factor or float(t.min()) < 1.0 else t
+
+    def _attend_for(self, position_ids: torch.Tensor) -> torch.Tensor | None:
+        attend = self._attend
+        if attend is None or attend.dim() != 2 or attend.shape[-1] != position_ids.shape[-1]:
+            return None
+        if position_ids.shape[0] not in (1, attend.shape[0]):
+            return None
+        return attend.to(position_ids.device)
+
+    def _theta_for(self, key: float, device) -> torch.Tensor:
+        return self._short_set(device) if key == 0.0 else self.frequencies(key).to(device)
 
     def _warn_log_scale_with_cache(self) -> None:
         if "log_scale" not in self._decode_warned:
@@ -286,104 +346,3 @@ class ClexRotary(nn.Module):
 def clex_modules(model: nn.Module) -> list[ClexRotary]:
     """The CLEX rotary modules of ``model`` (empty if it does not use CLEX)."""
     return [m for m in model.modules() if isinstance(m, ClexRotary)]
-
-
-# --- training-time sampling ------------------------------------------------------------------------
-def sample_scale_factor(max_factor: int, generator: torch.Generator | None = None, sampling: str = "uniform") -> int:
-    """The training step's t' in the integers 1 … max_factor (1 included, as the reference).
-
-    ``uniform`` (the reference): each equally likely. ``log`` (ours, an option of the reproduction
-    study): P(t') ∝ 1/t', i.e. even mass per octave of length, so short contexts (t' = 1 about 30%
-    of the steps at max_factor 16) keep more of the budget.
-    """
-    if not isinstance(max_factor, int) or max_factor < 1:
-        raise ValueError(f"max_factor must be an integer >= 1, got {max_factor!r}")
-    if sampling == "uniform":
-        return int(torch.randint(1, max_factor + 1, (1,), generator=generator).item())
-    if sampling == "log":
-        weights = 1.0 / torch.arange(1, max_factor + 1, dtype=torch.float64)
-        return int(torch.multinomial(weights, 1, generator=generator).item()) + 1
-    raise ValueError(f"t' sampling must be one of {T_SAMPLINGS}, got {sampling!r}")
-
-
-def extrapolated_positions(
-    length: int,
-    t: int,
-    generator: torch.Generator | None = None,
-    layout: str = "scatter",
-    chunks: int = 2,
-    base_length: int | None = None,
-) -> torch.Tensor:
-    """Position ids for ``length`` training tokens that make the model see distances up to ``L·t``
-    (README, "Fine-tuning"), where ``L = base_length`` (default: ``length``).
-
-    First 0, last ``L·t − 1``, strictly increasing, so the CLEX rotary module infers exactly ``t``.
-    ``scatter`` (the reference): ``length − 2`` inner positions drawn at random without replacement
-    from ``1 … length·t − 2``. ``chunks``: ``chunks`` contiguous runs of random lengths with random
-    skips between them (PoSE-like), which keeps short offsets exact.
-
-    Training longer than the base context (``length = k·L``, the reference's long regime): the
-    positions are scaled by ``(L·t − 1)/(length·t − 1) ≈ 1/k`` (fractional ids), so ``t = 1`` is
-    position interpolation by k and ``t = k`` is nearly contiguous ``0 … length − 1``. Unlike the
-    reference's ``/k``, the last position stays above the one before it.
-
-    Pass an explicit all-ones ``attention_mask`` with these ids: without one, transformers reads
-    gaps in ``position_ids`` as boundaries of packed sequences and blocks attention across them.
-    """
-    if not isinstance(length, int) or length < 2:
-        raise ValueError(f"length must be an integer >= 2, got {length!r}")
-    if not isinstance(t, int) or t < 1:
-        raise ValueError(f"t must be an integer >= 1, got {t!r}")
-    if layout not in LAYOUTS:
-        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
-    if base_length is not None and (not isinstance(base_length, int) or base_length < 1):
-        raise ValueError(f"base_length must be a positive integer, got {base_length!r}")
-    raw = _raw_positions(length, t, generator, layout, chunks)
-    L = base_length or length
-    if L == length:
-        return raw
-    return raw.double().mul_((L * t - 1) / (length * t - 1)).float()
-
-
-def _raw_positions(length: int, t: int, generator, layout: str, chunks: int) -> torch.Tensor:
-    """``length`` integer positions in ``0 … length·t − 1``, first and last included."""
-    span = length * t
-    if t == 1:
-        return torch.arange(length)
-    if layout == "scatter":
-        inner = torch.randperm(span - 2, generator=generator)[: length - 2].sort().values + 1
-        return torch.cat([torch.tensor([0]), inner, torch.tensor([span - 1])])
-    if not isinstance(chunks, int) or chunks < 2 or chunks > length:
-        raise ValueError(f"chunks must be an integer in [2, length] (one run cannot reach length·t), got {chunks!r}")
-    # Random run lengths (each >= 1) and random skips between runs; the first run starts at 0 and
-    # the last ends at span - 1, so all span - length unused positions fall between runs.
-    size_cuts = (torch.randperm(length - 1, generator=generator)[: chunks - 1] + 1).sort().values
-    size_bounds = [0, *size_cuts.tolist(), length]
-    skip_total = span - length
-    skip_cuts = torch.randint(0, skip_total + 1, (chunks - 2,), generator=generator).sort().values.tolist()
-    skip_bounds = [0, *skip_cuts, skip_total]
-    out, pos = [], 0
-    for i in range(chunks):
-        if i > 0:
-            pos += skip_bounds[i] - skip_bounds[i - 1]
-        size = size_bounds[i + 1] - size_bounds[i]
-        out.append(torch.arange(pos, pos + size))
-        pos += size
-    return torch.cat(out)
-
-
-def sample_training_positions(
-    length: int,
-    max_factor: int,
-    generator: torch.Generator | None = None,
-    layout: str = "scatter",
-    chunks: int = 2,
-    base_length: int | None = None,
-    sampling: str = "uniform",
-) -> tuple[int, torch.Tensor]:
-    """One CLEX training step's ``(t', position_ids)``: t' in 1 … max_factor (``sampling``, see
-    :func:`sample_scale_factor`), then ``length`` positions spanning ``0 … L·t' − 1`` (``L =
-    base_length``, the model's CLEX training length; default ``length``). Feeding these ids (with an
-    all-ones attention mask) makes the CLEX rotary module solve the ODE to exactly t' with gradients."""
-    t = sample_scale_factor(max_factor, generator, sampling)
-    return t, extrapolated_positions(length, t, generator, layout, chunks, base_length)
