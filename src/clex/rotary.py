@@ -3,11 +3,14 @@
 It returns ``(cos, sin)`` exactly as the module it replaces does (shape, dtype, partial rotary
 width, ``attention_scaling``), with frequencies ``θ(t)`` from the CLEX ODE:
 
-* inference — ``t`` from the current length ``n = max(position_ids) + 1`` and the training length
-  ``L``: ``ceil(n / L)`` (the reference) or ``n / L`` (``continuous``), clamped to ``[1, max_factor]``.
-  The integer grid ``θ(1) … θ(max_factor)`` is solved once and cached until the parameters change.
-* training — ``position_ids`` from :func:`extrapolated_positions` end at ``L·t' − 1``, so the same
-  rule gives back ``t = t'``; with gradients enabled the ODE is solved from 1 to ``t'`` on the fly.
+* inference — ``t`` from the current length ``n`` and the training length ``L``: ``ceil(n / L)`` (the
+  reference) or ``n / L`` (``continuous``), clamped to ``[1, max_factor]``. ``n`` is each sequence's own:
+  1 + the largest attended position of its row (or of each sequence packed into a row), so every row of a
+  padded batch computes what it computes alone (:meth:`ClexRotary.token_factors`). The integer grid
+  ``θ(1) … θ(max_factor)`` is solved once and cached until the parameters change.
+* training — ``position_ids`` from :func:`extrapolated_positions` end at ``L·t' − 1``, and one ``t`` per step
+  comes from the longest row, which gives back ``t = t'``; with gradients enabled the ODE is solved from 1 to
+  ``t'`` on the fly.
 
 At ``t = 1`` the frequencies are the original module's buffer itself: for ``n ≤ L`` a CLEX model
 computes exactly what the unmodified model does.
