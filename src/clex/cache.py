@@ -103,9 +103,7 @@ def _cache_hook(attr: str, decoder: nn.Module, args, kwargs):
 def _current_mask(kwargs, args) -> torch.Tensor | None:
     """The 2-D attention mask of this forward's own tokens (its last columns), or None."""
     mask = kwargs.get("attention_mask")
-    ids = kwargs.get("input_ids", args[0] if args and isinstance(args[0], torch.Tensor) else None)
-    embeds = kwargs.get("inputs_embeds")
-    q = ids.shape[1] if ids is not None else embeds.shape[1] if embeds is not None else None
+    q = _step_length(kwargs, args)
     if not isinstance(mask, torch.Tensor) or mask.dim() != 2 or q is None or mask.shape[1] < q:
         return None
     return mask[:, -q:]
@@ -132,13 +130,18 @@ def _step_positions(kwargs, args, cache) -> torch.Tensor | None:
     position_ids = kwargs.get("position_ids")
     if position_ids is not None:
         return position_ids
-    ids = kwargs.get("input_ids", args[0] if args and isinstance(args[0], torch.Tensor) else None)
-    embeds = kwargs.get("inputs_embeds")
-    q = ids.shape[1] if ids is not None else embeds.shape[1] if embeds is not None else None
+    q = _step_length(kwargs, args)
     if q is None:
         return None
     past = cache.get_seq_length()
     return torch.arange(past, past + q)[None]
+
+
+def _step_length(kwargs, args) -> int | None:
+    """How many tokens this forward feeds (from its ids or embeddings), or None."""
+    ids = kwargs.get("input_ids", args[0] if args and isinstance(args[0], torch.Tensor) else None)
+    embeds = kwargs.get("inputs_embeds")
+    return ids.shape[1] if ids is not None else embeds.shape[1] if embeds is not None else None
 
 
 def _slot_positions(attention_mask: torch.Tensor | None, batch: int, length: int, device) -> torch.Tensor:

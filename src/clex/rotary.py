@@ -320,10 +320,10 @@ class ClexRotary(nn.Module):
         cfg = self.settings
         L = cfg.original_max_position_embeddings
         t = torch.ceil(n.double() / L) if cfg.policy == "ceil" else n.double() / L
-        top = float(t.max())
-        if top > cfg.max_factor:
+        low, high = (float(v) for v in torch.aminmax(t))  # one reduction, one sync
+        if high > cfg.max_factor:
             self.scaling_factor(int(n.max()))  # warns once, or refuses with clamp=False
-        return t.clamp(1.0, float(cfg.max_factor)) if top > cfg.max_factor or float(t.min()) < 1.0 else t
+        return t.clamp(1.0, float(cfg.max_factor)) if high > cfg.max_factor or low < 1.0 else t
 
     def _attend_for(self, position_ids: torch.Tensor) -> torch.Tensor | None:
         attend = self._attend
