@@ -1,4 +1,4 @@
-"""Safety and errors of the evaluation, data, method, generation and chat paths (issue 18, items 2, 4, 6–8).
+"""Safety and errors of the evaluation, data, method, generation and chat paths.
 
 Every refusal is one line on stderr, no traceback, a non-zero status, and leaves every file that existed
 before byte-identical (and, for refusals, no new file outside the token cache).
