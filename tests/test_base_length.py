@@ -53,3 +53,17 @@ def test_the_cli_flag_reaches_the_report_and_a_conflict_is_one_line(model_dir, c
     assert "L given twice" in err and len(err.splitlines()) == 1
     assert main(["chat", "--model", model_dir, "--base-length", "16", "--tokenizer", "bytes"]) == 2
     assert "give --method too" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv", [
+    ["eval", "ppl", "--lengths", "16", "--data", "CORPUS", "--tokenizer", "bytes", "--no-progress"],
+    ["eval", "passkey", "--lengths", "64", "--tokenizer", "bytes", "--no-progress"],
+    ["train", "--data", "CORPUS", "--tokenizer", "bytes", "--steps", "1", "--no-progress"],
+])  # fmt: skip
+def test_a_bad_base_length_is_one_line_and_writes_nothing(model_dir, corpus, tmp_path, capsys, argv):  # noqa: F811
+    out = tmp_path / "out"
+    argv = [corpus if a == "CORPUS" else a for a in argv]
+    assert main([*argv, "--model", model_dir, "--base-length", "0", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "base_length (--base-length) must be a positive integer" in err and len(err.splitlines()) == 1
+    assert not out.exists()
