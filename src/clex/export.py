@@ -22,6 +22,8 @@ from pathlib import Path
 
 import torch
 
+from clex_vllm.profiles import CONFIG_KEY as PROFILES_KEY
+
 from .methods import plain_inv_freq
 from .models import check_model_path, clex_modules, from_pretrained, module_rope, switch, training_length
 from .outdir import fresh_temp_dir
@@ -59,6 +61,25 @@ def longrope_parameters(model, factor: int) -> dict:
     return {"long_factor": (raw / theta.cpu()).tolist(), "short_factor": (raw / base.cpu()).tolist(),
             "factor": float(factor), "attention_factor": scale, "short_mscale": scale,
             "long_mscale": scale}  # fmt: skip
+
+
+def serving_profiles(model, factor: int) -> tuple[dict | None, str]:
+    """The ``clex_profiles`` entry (θ(1) … θ(T), L and the scale) that lets an engine with clex's plugin serve each
+    request at its own t; ``(None, why)`` where per-request t would not reproduce the CLEX model."""
+    from clex_vllm.profiles import FORMAT
+
+    module = clex_modules(model)[0]
+    cfg = module.settings
+    if cfg.policy != "ceil":
+        return None, (f"the model's CLEX policy is {cfg.policy!r}: its t is not an integer, and the profiles serve "
+                      "t = 1 … T")  # fmt: skip
+    if module._short_below:
+        return None, "the model keeps a LongRoPE base's short set below its original length, which no profile holds"
+    with torch.no_grad():
+        inv = [module.frequencies(float(t)).detach().cpu().float().tolist() for t in range(1, factor + 1)]
+    entry = {"format": FORMAT, "L": cfg.original_max_position_embeddings, "T": factor, "inv_freq": inv,
+             "attention_scaling": module._attention_scaling()}  # fmt: skip
+    return entry, ""
 
 
 def export(model_dir: str | Path, out: str | Path, to: str = "longrope", factor: int | None = None,
@@ -103,6 +124,7 @@ def export(model_dir: str | Path, out: str | Path, to: str = "longrope", factor:
         except GGUFExportError as exc:
             raise ExportError(str(exc)) from None
     rope = longrope_parameters(model, factor)
+    profiles, _ = serving_profiles(model, factor) if to == "longrope" else (None, "")
     plain = {k: v for k, v in module_rope(model).items() if k in ("rope_theta", "partial_rotary_factor")}
     switch(model, "longrope", rope, shipped_as=({"rope_type": "default", **plain}, training_length(model)))
     if to == "gguf":
@@ -110,6 +132,8 @@ def export(model_dir: str | Path, out: str | Path, to: str = "longrope", factor:
             return write_gguf(model, model_dir, out, model.config.rope_parameters, outtype)
         except GGUFExportError as exc:
             raise ExportError(str(exc)) from None
+    if profiles is not None:  # read by clex's vLLM plugin; engines without it ignore the key
+        setattr(model.config, PROFILES_KEY, profiles)
     tmp = fresh_temp_dir(out)  # clex's own name beside --out, never one someone else may own
     try:
         model.save_pretrained(tmp)
