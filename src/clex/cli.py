@@ -94,7 +94,7 @@ def cmd_export(args: argparse.Namespace) -> int:
                           "they are)")  # fmt: skip
     out = export(args.model, args.out, to=args.to, factor=args.factor, outtype=args.outtype)
     where = "llama.cpp loads it" if args.to == "gguf" else "stock transformers and vLLM load it"
-    print(f"wrote {out}: {where}; {serving_hint(args.model, args.factor, args.to)}")
+    print(f"wrote {out}: {where}; {serving_hint(args.model, args.factor, args.to, out)}")
     return 0
 
 

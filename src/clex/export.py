@@ -23,7 +23,9 @@ from pathlib import Path
 import torch
 
 from clex_vllm.profiles import CONFIG_KEY as PROFILES_KEY
+from clex_vllm.profiles import FORMAT as PROFILES_FORMAT
 
+from .composed import SCALED_FROM
 from .methods import plain_inv_freq
 from .models import check_model_path, clex_modules, from_pretrained, module_rope, switch, training_length
 from .outdir import fresh_temp_dir
@@ -63,23 +65,26 @@ def longrope_parameters(model, factor: int) -> dict:
             "long_mscale": scale}  # fmt: skip
 
 
-def serving_profiles(model, factor: int) -> tuple[dict | None, str]:
-    """The ``clex_profiles`` entry (θ(1) … θ(T), L and the scale) that lets an engine with clex's plugin serve each
-    request at its own t; ``(None, why)`` where per-request t would not reproduce the CLEX model."""
-    from clex_vllm.profiles import FORMAT
+def no_profiles_reason(rope: dict) -> str:
+    """Why a CLEX rope (its rope parameters) cannot be served at per-request integer t; empty when it can."""
+    if rope.get("policy", "ceil") != "ceil":
+        return (f"the model's CLEX policy is {rope['policy']!r}: its t is not an integer, and the profiles serve "
+                "t = 1 … T")  # fmt: skip
+    if (rope.get(SCALED_FROM) or {}).get("rope_type") == "longrope":
+        return "the model keeps a LongRoPE base's short set below its original length, which no profile holds"
+    return ""
 
+
+def serving_profiles(model, factor: int) -> dict | None:
+    """The ``clex_profiles`` entry (L, T, θ(1) … θ(T), the cos/sin scale) that lets an engine with clex's plugin
+    serve each request at its own t; None where per-request t would not reproduce the CLEX model."""
+    if no_profiles_reason(module_rope(model)):
+        return None
     module = clex_modules(model)[0]
-    cfg = module.settings
-    if cfg.policy != "ceil":
-        return None, (f"the model's CLEX policy is {cfg.policy!r}: its t is not an integer, and the profiles serve "
-                      "t = 1 … T")  # fmt: skip
-    if module._short_below:
-        return None, "the model keeps a LongRoPE base's short set below its original length, which no profile holds"
     with torch.no_grad():
         inv = [module.frequencies(float(t)).detach().cpu().float().tolist() for t in range(1, factor + 1)]
-    entry = {"format": FORMAT, "L": cfg.original_max_position_embeddings, "T": factor, "inv_freq": inv,
-             "attention_scaling": module._attention_scaling()}  # fmt: skip
-    return entry, ""
+    return {"format": PROFILES_FORMAT, "L": module.settings.original_max_position_embeddings, "T": factor,
+            "inv_freq": inv, "attention_scaling": module._attention_scaling()}  # fmt: skip
 
 
 def export(model_dir: str | Path, out: str | Path, to: str = "longrope", factor: int | None = None,
@@ -124,7 +129,7 @@ def export(model_dir: str | Path, out: str | Path, to: str = "longrope", factor:
         except GGUFExportError as exc:
             raise ExportError(str(exc)) from None
     rope = longrope_parameters(model, factor)
-    profiles, _ = serving_profiles(model, factor) if to == "longrope" else (None, "")
+    profiles = serving_profiles(model, factor) if to == "longrope" else None
     plain = {k: v for k, v in module_rope(model).items() if k in ("rope_theta", "partial_rotary_factor")}
     switch(model, "longrope", rope, shipped_as=({"rope_type": "default", **plain}, training_length(model)))
     if to == "gguf":
@@ -150,11 +155,22 @@ def export(model_dir: str | Path, out: str | Path, to: str = "longrope", factor:
     return out
 
 
-def serving_hint(model_dir: str | Path, factor: int, to: str = "longrope") -> str:
-    """:func:`serving_settings` for the model in ``model_dir`` (its training length L from its config)."""
+def serving_hint(model_dir: str | Path, factor: int, to: str = "longrope", out: str | Path | None = None) -> str:
+    """:func:`serving_settings` for the model in ``model_dir`` (its training length L from its config), and, for a
+    ``longrope`` export at ``out``, how to serve it at each request's own t with clex's vLLM plugin."""
     from .adapters import model_config
+    from .jsonfile import read_json
 
-    return serving_settings(training_length(model_config(model_dir)), factor, to)
+    L = training_length(model_config(model_dir))
+    hint = serving_settings(L, factor, to)
+    if to != "longrope" or out is None or factor == 1:
+        return hint
+    if PROFILES_KEY not in read_json(Path(out) / "config.json"):
+        why = no_profiles_reason(module_rope(model_config(model_dir)))
+        return f"{hint}\nno per-request t for it: {why}" if why else hint
+    return (f"{hint}\nserve each request at its own t (1 … {factor}, from prompt + max_tokens) in one vLLM with "
+            f"clex's plugin (installed with clex; into vLLM's own environment: pip install --no-deps clex-llm):\n"
+            f"  vllm serve {out} --max-model-len {factor * L}")
 
 
 def serving_settings(L: int, factor: int, to: str = "longrope") -> str:
@@ -167,7 +183,7 @@ def serving_settings(L: int, factor: int, to: str = "longrope") -> str:
                 f"({L}, {hi}] (e.g. -c {hi}; any n_ctx > {L} applies the T = {factor} factors at every position, "
                 f"so shorter prompts are served at t = {factor}); for prompts up to {L} tokens run a second "
                 f"context with -c {L}")  # fmt: skip
-    return (f"equal to the CLEX model at lengths {lo} < n <= {hi}; vLLM: --max-model-len {hi} (the most it "
-            f"accepts: prompt + max_tokens <= {hi}); any max_model_len > {L} applies long_factor at every position, "
-            f"so shorter prompts are served at t = {factor}: for prompts up to {L} tokens serve it with "
-            f"--max-model-len {L}")
+    return (f"equal to the CLEX model at lengths {lo} < n <= {hi}; vLLM without clex's plugin: --max-model-len "
+            f"{hi} (the most it accepts: prompt + max_tokens <= {hi}); any max_model_len > {L} applies long_factor at "
+            f"every position, so shorter prompts are served at t = {factor}: for prompts up to {L} tokens serve it "
+            f"with --max-model-len {L}")

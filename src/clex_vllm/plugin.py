@@ -36,22 +36,20 @@ TESTED = ("0.32.0",)
 logger = logging.getLogger("clex_vllm")
 _installed = False
 _problems: list[str] = []
+_parsed: dict[int, tuple[object, Profiles]] = {}
 
 
 def profiles_of(model_config) -> Profiles | None:
-    """The served model's profiles, or None when it is no CLEX export (read once per config object)."""
+    """The served model's profiles, or None when it is no CLEX export (parsed once per config object: the runner
+    asks at every step)."""
     hf = getattr(model_config, "hf_config", None)
     entry = getattr(hf, CONFIG_KEY, None)
     if entry is None:
         return None
-    cached = getattr(model_config, "_clex_profiles", None)
-    if cached is None:
-        cached = Profiles.from_config(entry)
-        try:
-            object.__setattr__(model_config, "_clex_profiles", cached)
-        except (AttributeError, TypeError):
-            pass
-    return cached
+    known = _parsed.get(id(hf))
+    if known is None or known[0] is not hf:
+        known = _parsed[id(hf)] = (hf, Profiles.from_config(entry))  # holding hf keeps its id unique
+    return known[1]
 
 
 # --- the vLLM internals relied on -------------------------------------------------------------------------------
