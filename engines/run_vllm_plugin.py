@@ -5,7 +5,7 @@ the vLLM virtualenv, where the plugin is installed; never imports clex.
 
 JOB: {"model", "ids", "L", "T", "dtype", "block_size", "max_num_batched_tokens" (small: long prompts are
 chunked), "num_blocks" (small: concurrent requests are preempted), "bands": [n, ...] (prompt log-probs,
-max_tokens 1), "generate": [{"n", "max_tokens"}] (greedy), "cache_n" (a prompt sent at two t's), "refuse_n"}.
+max_tokens 1), "generate": [{"n", "max_tokens"}] (greedy), "cache_ids" (a prompt sent at two t's), "refuse_n"}.
 Every band and generation request is sent in one call, so vLLM batches requests of different profiles together.
 OUT: {"bands": {n: {"lp", "top", "t"}}, "generate": [{"n", "max_tokens", "tokens"}], "cache": [{"t", "cached"}],
 "cache_tokens": [...], "preemptions": int, "refused": str, "raised": {"lp"}, "wall_s"}.
@@ -75,12 +75,13 @@ def conformance(job: dict) -> dict:
         result["generate"].append({**g, "tokens": list(out.outputs[0].token_ids)})
     result["preemptions"] = counter(llm, "vllm:num_preemptions") - preempted0
 
-    # the prefix cache: one prompt at t = 1 (max_tokens 1), then at t = 2 (max_tokens 64), each sent twice
-    n = job["cache_n"]
+    # the prefix cache: a prompt no request has sent, at t = 1 (max_tokens 1), then at t = 2 (64), each twice
+    cache_ids = job["cache_ids"]
+    n = len(cache_ids)
     result["cache"] = []
     for max_tokens in (1, 64, 64, 1):
         hits0 = counter(llm, "vllm:prefix_cache_hits")
-        out = llm.generate([TokensPrompt(prompt_token_ids=ids[:n])],
+        out = llm.generate([TokensPrompt(prompt_token_ids=cache_ids)],
                            SamplingParams(max_tokens=max_tokens, min_tokens=max_tokens, temperature=0.0),
                            use_tqdm=False)[0]  # fmt: skip
         result["cache"].append({"max_tokens": max_tokens, "t": -(-(n + max_tokens) // L),
@@ -110,7 +111,7 @@ def throughput(job: dict) -> dict:
     llm = make_llm(job, enable_prefix_caching=False)
     prompts = [TokensPrompt(prompt_token_ids=ids[:n]) for n in job["workload"]]
     params = SamplingParams(max_tokens=job["workload_tokens"], temperature=0.0, ignore_eos=True)
-    llm.generate(prompts[:2], params, use_tqdm=False)  # warm-up
+    llm.generate(prompts, params, use_tqdm=False)  # warm-up: the same requests, untimed
     rates = []
     for _ in range(3):
         t0 = time.perf_counter()

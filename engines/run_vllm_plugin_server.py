@@ -7,24 +7,16 @@ JOB as in run_vllm_plugin.py ("bands", "refuse_n", "max_num_batched_tokens", "bl
 max_tokens 1 and prompt_logprobs 1; all are sent concurrently, so the server batches profiles together. Then a
 request is sent with ``vllm_xargs`` {"clex_t": T} (a client raising its t), and one of T·L prompt tokens (refused:
 HTTP 400).
-OUT: {"bands": {n: {"lp", "top"}}, "raised": {"n", "t", "lp"}, "refused": str, "load_s", "batch_s",
-"prefix_cache_hits": float}.
+OUT: {"bands": {n: {"lp", "top"}}, "raised": {"n", "t", "lp"}, "refused": str, "load_s", "batch_s"}.
 """
 
 import json
 import sys
 import time
 import urllib.error
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 from run_vllm_server import post, prompt_lp, serving
-
-
-def metric(base: str, name: str) -> float:
-    with urllib.request.urlopen(base + "/metrics", timeout=30) as r:
-        text = r.read().decode()
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name))
 
 
 def main() -> None:
@@ -55,7 +47,6 @@ def main() -> None:
             result["refused"] = ""
         except urllib.error.HTTPError as exc:
             result["refused"] = f"HTTP {exc.code}: {json.loads(exc.read().decode()).get('error', {}).get('message')}"
-        result["prefix_cache_hits"] = metric(base, "vllm:prefix_cache_hits_total")
     json.dump(result, open(sys.argv[2], "w"))
 
 
