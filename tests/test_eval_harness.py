@@ -102,3 +102,32 @@ def test_lm_eval_bridge_errors(setup, tmp_path, capsys):
                  str(tasks), "--methods", "vanilla", "--device", "cpu", "--out", str(tmp_path / "o")]) == 0  # fmt: skip
     assert "clex_tiny_mc acc" in capsys.readouterr().out
     assert (tmp_path / "o" / "results.json").exists()
+
+
+def test_lm_eval_batches_score_each_row_at_its_own_length(setup, monkeypatch, tmp_path):
+    """lm-eval right-pads a batch with zeros and calls the model without a mask; CLEX's t follows each row's own
+    length, so the bridge gives every row its mask: batched log-likelihoods equal each row scored alone."""
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    model_dir, tok, tasks = setup
+    torch.manual_seed(0)  # larger weights than the fixture's, so that a row at another t scores visibly otherwise
+    config = tf.AutoConfig.from_pretrained(model_dir)
+    config.initializer_range = 0.5
+    tf.LlamaForCausalLM(config).save_pretrained(tmp_path / "model")
+    tok.save_pretrained(tmp_path / "model")
+    result = evaluate_harness(str(tmp_path / "model"), ["clex"], ["clex_tiny_mc"], include_path=str(tasks),
+                              device="cpu", log_samples=True, max_length=64, batch_size=3)  # fmt: skip
+    model = model_for_method(str(tmp_path / "model"), "clex", torch.float32, "cpu")
+    rows = []
+    for s in result["methods"]["clex"]["samples"]["clex_tiny_mc"]:
+        q = s["doc"]
+        for r, c in zip(s["resps"], q["choices"], strict=True):
+            assert float(r[0][0]) == pytest.approx(own_loglikelihood(model, tok, q["question"], " " + c), abs=1e-4)
+            rows.append(tok(q["question"] + " " + c, add_special_tokens=False)["input_ids"])
+    # the control: the shortest row padded to the longest without a mask (what lm-eval hands the model) is at
+    # another t, and scores otherwise
+    short, long = min(rows, key=len), max(len(r) for r in rows)
+    assert -(-len(short) // 8) != -(-long // 8)  # L = 8: the rows batched together sit at different t
+    with torch.no_grad():
+        alone = model(torch.tensor([short])).logits[0]
+        padded = model(torch.tensor([short + [0] * (long - len(short))])).logits[0, : len(short)]
+    assert (alone - padded).abs().max() > 1e-2

@@ -12,6 +12,10 @@ position whenever it serves more than L tokens.
 transformers reads the cos/sin scale from ``attention_factor``; vLLM reads ``short_mscale`` and
 ``long_mscale`` (both otherwise default to √(1 + ln(T)/ln L), which CLEX does not use), so all three
 are written.
+
+What keeps t adapting: a ``longrope`` export also carries ``clex_profiles`` (L, T, θ(1) … θ(T), the scale; see
+:mod:`clex_vllm.profiles`), from which clex's vLLM plugin serves each request at its own t in one instance.
+Engines without the plugin ignore the key.
 """
 
 from __future__ import annotations

@@ -8,6 +8,7 @@ Generation tasks go through ``model.generate``, where CLEX's cache hook keeps ke
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -37,6 +38,49 @@ def _lm_eval():
     except ImportError as err:
         raise ImportError("clex eval lm-eval needs lm-evaluation-harness: pip install 'clex-llm[lmeval]'") from err
     return lm_eval, HFLM, TaskManager
+
+
+def _masked_hflm(HFLM):
+    """lm-eval's HFLM, each row of a right-padded log-likelihood batch given its attention mask. lm-eval pads the
+    rows of a batch with zeros and calls the model without a mask: harmless for a causal model whose rotary does
+    not look at the length, but CLEX's t follows each sequence's length, so every row would take the longest's.
+    The row lengths are read where lm-eval pads (``pad_and_concat``, patched by :func:`_recording_lengths`)."""
+
+    class MaskedHFLM(HFLM):
+        _row_lengths: list[int] | None = None
+
+        def _model_call(self, inps, attn_mask=None, labels=None):
+            lengths, self._row_lengths = self._row_lengths, None
+            if attn_mask is not None or labels is not None or not lengths or len(lengths) != inps.shape[0]:
+                return super()._model_call(inps, attn_mask, labels)
+            if min(lengths) == inps.shape[1]:  # nothing padded
+                return super()._model_call(inps)
+            ends = torch.tensor(lengths, device=inps.device)[:, None]
+            mask = torch.arange(inps.shape[1], device=inps.device)[None] < ends
+            dtype = self.mixed_precision_dtype
+            with torch.no_grad(), torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None):
+                return self.model(inps, attention_mask=mask.long()).logits
+
+    return MaskedHFLM
+
+
+@contextlib.contextmanager
+def _recording_lengths(lm):
+    """While lm-eval runs: each right-padded batch's row lengths, recorded for ``lm``'s next model call."""
+    import lm_eval.models.huggingface as hf
+
+    original = hf.pad_and_concat
+
+    def recording(max_length, tensors, padding_side="right"):
+        if padding_side == "right":
+            lm._row_lengths = [int(t.shape[-1]) for t in tensors]  # before padding: it replaces them in place
+        return original(max_length, tensors, padding_side=padding_side)
+
+    hf.pad_and_concat = recording
+    try:
+        yield
+    finally:
+        hf.pad_and_concat = original
 
 
 def _task_list(tasks: str | Sequence[str]) -> list[str]:
@@ -116,10 +160,11 @@ def evaluate_harness(
                  "methods": {}}  # fmt: skip
     for spec in methods:
         model_m = model_for_method(model, spec, torch_dtype, device)
-        lm = HFLM(pretrained=model_m, tokenizer=tok, batch_size=batch_size, device=device,
-                  max_length=max_length or _method_length(model_m, spec))  # fmt: skip
-        res = lm_eval.simple_evaluate(model=lm, tasks=list(tasks), task_manager=manager, limit=limit,
-                                      num_fewshot=num_fewshot, log_samples=log_samples)  # fmt: skip
+        lm = _masked_hflm(HFLM)(pretrained=model_m, tokenizer=tok, batch_size=batch_size, device=device,
+                                max_length=max_length or _method_length(model_m, spec))  # fmt: skip
+        with _recording_lengths(lm):
+            res = lm_eval.simple_evaluate(model=lm, tasks=list(tasks), task_manager=manager, limit=limit,
+                                          num_fewshot=num_fewshot, log_samples=log_samples)  # fmt: skip
         entry = {"results": res["results"]}
         if log_samples:
             entry["samples"] = res["samples"]
