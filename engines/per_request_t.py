@@ -39,6 +39,13 @@ def generations(L: int, T: int) -> list[dict]:
                                                     for t in range(2, T + 1)]  # fmt: skip
 
 
+def preempting(L: int, T: int) -> list[dict]:
+    """T + 2 greedy requests on prompts no other request shares (no prefix-cache sharing), each growing from L/2
+    to L + 16 tokens (t = 2, across L): together more than the KV cache of T·L + 2 blocks holds, so vLLM preempts
+    some and computes them again."""
+    return [{"start": L + 7 * k, "n": L // 2, "max_tokens": L // 2 + 16} for k in range(T + 2)]
+
+
 def t_req(need: int, L: int) -> int:
     return max(1, math.ceil(need / L))
 
@@ -47,7 +54,8 @@ def make_job(model: str, ids: list[int], L: int, T: int) -> dict:
     workload = [min(T * L - 8, L // 2 + i * (T * L) // 8) for i in range(8)]  # every band, 8 tokens each
     return {"model": model, "ids": ids, "L": L, "T": T, "dtype": "float32", "block_size": BLOCK,
             "max_num_batched_tokens": PLUGIN_STEPS, "num_blocks": T * L // BLOCK + 2, "bands": bands(L, T),
-            "generate": generations(L, T), "cache_ids": ids[1 : L - 31], "refuse_n": T * L - 8,
+            "generate": generations(L, T), "preempt": preempting(L, T), "cache_ids": ids[1 : L - 31],
+            "refuse_n": T * L - 8,
             "workload": workload, "workload_tokens": 8}  # fmt: skip
 
 
@@ -76,10 +84,11 @@ def reference(model_dir, ids: list[int], job: dict) -> dict:
     finally:
         for m in modules:
             m.t_override = None
-    for g in job["generate"]:
-        n, k = g["n"], g["max_tokens"]
-        tokens = clex.generate(model, x[:, :n], policy="frozen", max_new_tokens=k, min_new_tokens=k, do_sample=False)
-        out["generate"][(n, k)] = tokens[0, n:].tolist()
+    for g in job["generate"] + job["preempt"]:
+        s, n, k = g.get("start", 0), g["n"], g["max_tokens"]
+        tokens = clex.generate(model, x[:, s : s + n], policy="frozen", max_new_tokens=k, min_new_tokens=k,
+                               do_sample=False)  # fmt: skip
+        out["generate"][(s, n, k)] = tokens[0, n:].tolist()
     c = torch.tensor(job["cache_ids"])[None]
     tokens = clex.generate(model, c, policy="frozen", max_new_tokens=64, min_new_tokens=64, do_sample=False)
     out["cache"] = tokens[0, c.shape[1] :].tolist()
@@ -151,7 +160,7 @@ def routed(models: dict, ids: list[int], L: int, factors: list[int], refs: dict,
                                       "ok": got["shared_model"], "detail": f"{got['models']} model(s) behind "
                                       f"contexts {got['contexts']}"})  # fmt: skip
             for g in got["generate"]:
-                want = refs[T]["generate"][(g["n"], g["max_tokens"])]
+                want = refs[T]["generate"][(0, g["n"], g["max_tokens"])]
                 section["checks"].append({"T": T, "check": f"{name}: {g['max_tokens']} greedy tokens, prompt {g['n']}"
                                           f", t_req = {g['t_req']} (served at {g['served_t']}), equal clex's frozen",
                                           "ok": g["tokens"] == want, "measured": g["served_t"] != g["t_req"],
@@ -188,10 +197,11 @@ def plugin(models: dict, ids: list[int], L: int, factors: list[int], refs: dict,
                                       "ok": bool(refused) and "\n" not in refused, "detail": refused[:200]})
             if "generate" in got:
                 for g in got["generate"]:
-                    want = ref["generate"][(g["n"], g["max_tokens"])]
+                    want = ref["generate"][(g.get("start", 0), g["n"], g["max_tokens"])]
                     t = t_req(g["n"] + g["max_tokens"], L)
-                    section["checks"].append({"T": T, "check": f"{engine}: {g['max_tokens']} greedy tokens, prompt "
-                                              f"{g['n']}, t = {t}, equal clex generate --policy frozen",
+                    what = "of the concurrent requests that overflow the KV cache, " if "start" in g else ""
+                    section["checks"].append({"T": T, "check": f"{engine}: {what}{g['max_tokens']} greedy tokens, "
+                                              f"prompt {g['n']}, t = {t}, equal clex generate --policy frozen",
                                               "ok": g["tokens"] == want,
                                               "detail": f"{equal(g['tokens'], want)}/{len(want)} equal"})  # fmt: skip
                 c, want, n = got["cache"], ref["cache"], len(job["cache_ids"])

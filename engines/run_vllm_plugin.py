@@ -5,7 +5,8 @@ the vLLM virtualenv, where the plugin is installed; never imports clex.
 
 JOB: {"model", "ids", "L", "T", "dtype", "block_size", "max_num_batched_tokens" (small: long prompts are
 chunked), "num_blocks" (small: concurrent requests are preempted), "bands": [n, ...] (prompt log-probs,
-max_tokens 1), "generate": [{"n", "max_tokens"}] (greedy), "cache_ids" (a prompt sent at two t's), "refuse_n"}.
+max_tokens 1), "generate": [{"n", "max_tokens"}] (greedy), "preempt": [{"start", "n", "max_tokens"}] (greedy, prompts
+ids[start : start + n], together more than the KV cache holds), "cache_ids" (a prompt sent at two t's), "refuse_n"}.
 Every band and generation request is sent in one call, so vLLM batches requests of different profiles together.
 OUT: {"bands": {n: {"lp", "top", "t"}}, "generate": [{"n", "max_tokens", "tokens"}], "cache": [{"t", "cached"}],
 "cache_tokens": [...], "preemptions": int, "refused": str, "raised": {"lp"}, "wall_s"}.
@@ -60,8 +61,9 @@ def conformance(job: dict) -> dict:
     for n in job["bands"]:
         prompts.append(TokensPrompt(prompt_token_ids=ids[:n]))
         params.append(SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=1))
-    for g in job["generate"]:
-        prompts.append(TokensPrompt(prompt_token_ids=ids[: g["n"]]))
+    for g in job["generate"] + job["preempt"]:
+        start = g.get("start", 0)
+        prompts.append(TokensPrompt(prompt_token_ids=ids[start : start + g["n"]]))
         params.append(SamplingParams(max_tokens=g["max_tokens"], min_tokens=g["max_tokens"], temperature=0.0))
     preempted0 = counter(llm, "vllm:num_preemptions")
     t0 = time.perf_counter()
@@ -71,7 +73,7 @@ def conformance(job: dict) -> dict:
     for n, out in zip(job["bands"], outs, strict=False):
         lp, top = prompt_lp(out, ids)
         result["bands"][str(n)] = {"lp": lp, "top": top}
-    for g, out in zip(job["generate"], outs[len(job["bands"]) :], strict=True):
+    for g, out in zip(job["generate"] + job["preempt"], outs[len(job["bands"]) :], strict=True):
         result["generate"].append({**g, "tokens": list(out.outputs[0].token_ids)})
     result["preemptions"] = counter(llm, "vllm:num_preemptions") - preempted0
 
