@@ -187,3 +187,31 @@ def test_the_runner_hook_leaves_a_model_without_profiles_alone():
     runner = NS(model_config=NS(hf_config=NS()))
     assert _offset_positions(runner, (None, None, positions), None, 6)[2] is positions
     assert torch.equal(positions, torch.arange(6))
+
+
+def _engine_config(**change):
+    from types import SimpleNamespace as NS
+
+    p = Profiles(L=L, T=T, inv_freq=((1.0,),) * T)
+    model = NS(hf_config=NS(**{CONFIG_KEY: p.to_config()}), max_model_len=T * L, uses_mrope=False,
+               hf_text_config=NS(rope_parameters={"rope_type": "longrope"}))  # fmt: skip
+    config = NS(model_config=model, speculative_config=None, kv_transfer_config=None, use_v2_model_runner=False)
+    for key, value in change.items():
+        setattr(model if hasattr(model, key) else config, key, value)
+    return config
+
+
+@pytest.mark.parametrize(
+    ("change", "named"),
+    [({"max_model_len": T * L + 1}, "--max-model-len 65 exceeds the 4·16 = 64 tokens"),
+     ({"speculative_config": object()}, "speculative decoding"), ({"kv_transfer_config": object()}, "KV transfer"),
+     ({"use_v2_model_runner": True}, "VLLM_USE_V2_MODEL_RUNNER=0"), ({"uses_mrope": True}, "multimodal rope")],
+)  # fmt: skip
+def test_the_engine_config_refuses_in_one_line_what_the_plugin_cannot_keep_right(change, named):
+    from clex_vllm.plugin import _after_config
+
+    config = _engine_config()
+    assert _after_config(None, config) is config  # T·L, nothing else: served
+    with pytest.raises(ProfileError, match=named) as err:
+        _after_config(None, _engine_config(**change))
+    assert "\n" not in str(err.value)
