@@ -363,7 +363,8 @@ def write_doc(path: Path, res: dict) -> None:
         lines += ["", "With `--reuse`: engine processes whose job was identical to an earlier run's were not run "
                   "again; their numbers and wall times are that run's."]  # fmt: skip
     lines += ["", f"Preparing the model (fetch, train, export; cached between runs): {res['prepare_s']:.0f} s; "
-              f"the clex reference: {res['reference_s']:.0f} s; the whole suite: {res['total_s'] / 60:.1f} min.",
+              f"the clex reference: {res['reference_s']:.0f} s; the whole suite: {res['total_s'] / 60:.1f} min"
+              f"{' (this run, which reused the jobs named above)' if res.get('reused') else ''}.",
               ""]  # fmt: skip
     if res["failures"]:
         lines += ["Failed in this run:", ""] + [f"- {f}" for f in res["failures"]] + [""]

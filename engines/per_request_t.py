@@ -199,7 +199,7 @@ def plugin(models: dict, ids: list[int], L: int, factors: list[int], refs: dict,
                 for g in got["generate"]:
                     want = ref["generate"][(g.get("start", 0), g["n"], g["max_tokens"])]
                     t = t_req(g["n"] + g["max_tokens"], L)
-                    what = "of the concurrent requests that overflow the KV cache, " if "start" in g else ""
+                    what = f"overflowing the KV cache together (ids from {g['start']}), " if "start" in g else ""
                     section["checks"].append({"T": T, "check": f"{engine}: {what}{g['max_tokens']} greedy tokens, "
                                               f"prompt {g['n']}, t = {t}, equal clex generate --policy frozen",
                                               "ok": g["tokens"] == want,
