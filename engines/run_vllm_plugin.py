@@ -21,8 +21,7 @@ import os
 import sys
 import time
 
-os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
-os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+from run_vllm import finish, prompt_lp  # also sets vLLM's CPU cache size and log level, before vllm loads
 
 
 def make_llm(job: dict, **overrides):
@@ -40,14 +39,6 @@ def make_llm(job: dict, **overrides):
 
 def counter(llm, name: str) -> float:
     return sum(getattr(m, "value", 0) for m in llm.get_metrics() if m.name == name)
-
-
-def prompt_lp(out, ids):
-    lp, top = [], []
-    for i, entry in enumerate(out.prompt_logprobs[1:], start=1):
-        lp.append(entry[ids[i]].logprob)
-        top.append(next(tok for tok, v in entry.items() if v.rank == 1))
-    return lp, top
 
 
 def conformance(job: dict) -> dict:
@@ -125,11 +116,7 @@ def throughput(job: dict) -> dict:
 
 def main() -> None:
     job = json.load(open(sys.argv[1]))
-    result = throughput(job) if "--throughput" in sys.argv else conformance(job)
-    assert not any(m == "clex" or m.startswith("clex.") for m in sys.modules), "clex was imported"
-    with open(sys.argv[2], "w") as f:
-        json.dump(result, f)
-    os._exit(0)  # vllm-cpu's threads sometimes abort the interpreter's teardown ("terminate called …"): skip it
+    finish(throughput(job) if "--throughput" in sys.argv else conformance(job), sys.argv[2])
 
 
 if __name__ == "__main__":

@@ -165,12 +165,13 @@ def serving_hint(model_dir: str | Path, factor: int, to: str = "longrope", out: 
     from .adapters import model_config
     from .jsonfile import read_json
 
-    L = training_length(model_config(model_dir))
+    config = model_config(model_dir)
+    L = training_length(config)
     hint = serving_settings(L, factor, to)
     if to != "longrope" or out is None or factor == 1:
         return hint
     if PROFILES_KEY not in read_json(Path(out) / "config.json"):
-        why = no_profiles_reason(module_rope(model_config(model_dir)))
+        why = no_profiles_reason(module_rope(config))
         return f"{hint}\nno per-request t for it: {why}" if why else hint
     return (f"{hint}\nserve each request at its own t (1 … {factor}, from prompt + max_tokens) in one vLLM with "
             f"clex's plugin (installed with clex; into vLLM's own environment: pip install --no-deps clex-llm):\n"
