@@ -45,7 +45,7 @@ class StepClock:
 def decode(model, ids, new: int, policy: str | None, cache=None) -> tuple[float, list[float]]:
     clock = StepClock()
     kwargs = dict(max_new_tokens=new, do_sample=False, pad_token_id=0, eos_token_id=None,
-                  logits_processor=LogitsProcessorList([clock]))  # fmt: skip
+                  logits_processor=LogitsProcessorList([clock]))
     if cache is not None:
         kwargs[clex.cache.cache_kwarg(model)] = cache
     start = time.perf_counter()
@@ -100,16 +100,16 @@ def main() -> None:
         name: {"tokens_per_s": args.new / statistics.median(totals[name]),
                "ms_per_token_near_8L": 1e3 * statistics.median(near[name])}
         for name in runs
-    }  # fmt: skip
+    }
     van = results["vanilla"]["ms_per_token_near_8L"]
     ref = results["clex reference (re-rotate all keys every step)"]["ms_per_token_near_8L"]
     end = prompt + args.new
     print(f"# {args.shape}: L = {L}, prompt {prompt} (3.5·L), {args.new} new tokens, ends at n = {end} "
-          f"({end / L:.1f}·L); {torch.get_num_threads()} threads; medians of {args.repeats}")  # fmt: skip
+          f"({end / L:.1f}·L); {torch.get_num_threads()} threads; medians of {args.repeats}")
     for name, r in results.items():
         near = r["ms_per_token_near_8L"]
         print(json.dumps({"run": name, **r, "time_per_token_vs_vanilla_near_8L": near / van,
-                          "speedup_vs_reference_near_8L": ref / near}))  # fmt: skip
+                          "speedup_vs_reference_near_8L": ref / near}))
 
 
 if __name__ == "__main__":

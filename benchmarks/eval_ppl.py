@@ -53,7 +53,7 @@ def throughput(model_dir: Path, length: int, samples: int, repeats: int, data: s
 
     def ours() -> float:
         report = P.evaluate_ppl(model_dir, ["vanilla"], [length], data=data, samples=samples,
-                                tokenizer="bytes", show_progress=False)  # fmt: skip
+                                tokenizer="bytes", show_progress=False)
         return report.results[0].seconds
 
     ours()  # warm-up (and the token cache)
@@ -68,7 +68,7 @@ def throughput(model_dir: Path, length: int, samples: int, repeats: int, data: s
         "tokens_per_s_clex": tokens / statistics.median(t_ours),
         "tokens_per_s_bare": tokens / statistics.median(t_bare),
         "ratio": statistics.median(t_bare) / statistics.median(t_ours),
-    }  # fmt: skip
+    }
 
 
 def peak_memory(model_dir: Path, length: int, mode: str) -> dict:
@@ -112,14 +112,14 @@ def main() -> None:
         print(json.dumps(res))
         print(f"throughput at {res['length']} tokens × {res['windows']} windows: clex {res['tokens_per_s_clex']:.0f} "
               f"tok/s, bare loop {res['tokens_per_s_bare']:.0f} tok/s, ratio {res['ratio']:.3f} (median of "
-              f"{res['repeats']})")  # fmt: skip
+              f"{res['repeats']})")
         full = peak_memory(model_dir, args.memory_length, "full")
         chunked = peak_memory(model_dir, args.memory_length, "chunked")
         print(json.dumps(full))
         print(json.dumps(chunked))
         print(f"peak memory growth for one {args.memory_length}-token window: full logits "
               f"{full['peak_growth_mib']:.0f} MiB, chunked {chunked['peak_growth_mib']:.0f} MiB "
-              f"(losses {full['loss']:.4f} / {chunked['loss']:.4f})")  # fmt: skip
+              f"(losses {full['loss']:.4f} / {chunked['loss']:.4f})")
 
 
 if __name__ == "__main__":

@@ -50,7 +50,7 @@ def reset_peak(device: str) -> None:
 def via_clex_train(model_dir: Path, out: Path, method: str, a) -> list[float]:
     cfg = TrainConfig(model=str(model_dir), out=str(out), method=method, data=a.data, tokenizer="bytes",
                       train_length=a.length, steps=a.steps, batch_size=a.batch_size, lr=1e-5, precision=a.precision,
-                      gradient_checkpointing="on" if a.checkpointing else "off", show_progress=False)  # fmt: skip
+                      gradient_checkpointing="on" if a.checkpointing else "off", show_progress=False)
     rows = [json.loads(line) for line in (train(cfg) / "metrics.jsonl").read_text().splitlines()]
     return [a.batch_size * a.length / r["tokens_per_s"] for r in rows]
 
@@ -81,10 +81,10 @@ def via_trainer(model_dir: Path, out: Path, method: str, a, attn: str) -> list[f
     args = tf.TrainingArguments(str(out), per_device_train_batch_size=a.batch_size, max_steps=a.steps,
                                 learning_rate=1e-5, bf16=a.precision == "bf16", report_to=[], save_strategy="no",
                                 logging_steps=10**6, disable_tqdm=True, use_cpu=a.device == "cpu",
-                                **({"activation_checkpointing": True} if a.checkpointing else {}))  # fmt: skip
+                                **({"activation_checkpointing": True} if a.checkpointing else {}))
     timer = _Timer(a.device)
     trainer = CLEXTrainer(model=model, args=args, train_dataset=rows, data_collator=CLEXDataCollator(model),
-                          callbacks=[timer])  # fmt: skip
+                          callbacks=[timer])
     trainer.train()
     return timer.times
 
@@ -126,14 +126,14 @@ def main() -> None:
                 step = statistics.median(times[a.warmup_steps:] or times)
                 results.append({"path": path, "method": name, "step_s": step,
                                 "tokens_per_s": a.batch_size * a.length / step,
-                                "peak_memory_mib": peak_memory_mib(a.device)})  # fmt: skip
+                                "peak_memory_mib": peak_memory_mib(a.device)})
     for r in results:
         ref = next(x for x in results if x["path"] == r["path"] and x["method"] == "vanilla")
         r["step_ratio_vs_vanilla"] = r["step_s"] / ref["step_s"]
         r["memory_ratio_vs_vanilla"] = r["peak_memory_mib"] / ref["peak_memory_mib"]
     device = torch.cuda.get_device_name() if a.device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"# {device}; {'tiny' if a.tiny else 'SmolLM2-135M shape'}, {a.precision}, batch {a.batch_size} × "
-          f"{a.length} tokens, {a.steps} steps (median after {a.warmup_steps})")  # fmt: skip
+          f"{a.length} tokens, {a.steps} steps (median after {a.warmup_steps})")
     print("| path | method | step (s) | tokens/s | peak memory (MiB) | step ÷ vanilla | memory ÷ vanilla |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for r in results:

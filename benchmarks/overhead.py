@@ -39,7 +39,7 @@ SHAPES = {
         vocab_size=256, hidden_size=192, intermediate_size=512, num_hidden_layers=4,
         num_attention_heads=6, num_key_value_heads=6, max_position_embeddings=128,
     ),
-}  # fmt: skip
+}
 
 
 def timed(fn, sync=lambda: None) -> float:
@@ -81,7 +81,7 @@ def bench_ode(repeats: int) -> dict:
         down = dyn.down_proj.detach().T.to(dtype).requires_grad_(grad)
         grid = torch.tensor([1.0, 16.0], dtype=dtype)
         sol = odeint(reference_field(up, down, dtype), log_theta.to(dtype), grid, method="rk4",
-                     options={"step_size": 0.01})  # fmt: skip
+                     options={"step_size": 0.01})
         if grad:
             sol[-1].exp().sum().backward()
         return sol[-1]
@@ -158,7 +158,7 @@ def bench_model(shape: str, repeats: int, device: str, forward_factor: int, max_
         "forward_ratio": med["fwd_clex"] / med["fwd_vanilla"],
         "train_step_vanilla_s": med["step_vanilla"], "train_step_clex_s": med["step_clex"],
         "train_step_ratio": med["step_clex"] / med["step_vanilla"],
-    }  # fmt: skip
+    }
 
 
 def main() -> None:
@@ -174,7 +174,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"# {platform.processor() or platform.machine()}, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads, device {args.device}")  # fmt: skip
+          f"{torch.get_num_threads()} threads, device {args.device}")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     ode = bench_ode(args.ode_repeats)  # one thread: the ODE is a chain of tiny mat-vecs
@@ -183,7 +183,7 @@ def main() -> None:
     print(f"ODE 1→16, dim 128, fwd+bwd, 1 thread: ours {ode['ode_ours_ms']:.1f} ms (step {ode['ode_time_dt']}, "
           f"rel err {ode['ode_ours_max_rel_err']:.1e}) vs torchdiffeq RK4 dt=0.01 "
           f"{ode['ode_torchdiffeq_dt0.01_ms']:.0f} ms (fp32 rel err {ode['ode_reference_fp32_max_rel_err']:.1e}): "
-          f"{ode['ode_speedup']:.0f}× faster")  # fmt: skip
+          f"{ode['ode_speedup']:.0f}× faster")
     shapes = [] if args.shape == "none" else (list(SHAPES) if args.shape == "all" else [args.shape])
     for shape in shapes:
         res = bench_model(shape, args.repeats, args.device, args.forward_factor, args.max_factor)
@@ -191,7 +191,7 @@ def main() -> None:
         print(f"{shape}: forward at {res['forward_tokens']} tokens CLEX/vanilla = {res['forward_ratio']:.3f} "
               f"({res['forward_clex_s']:.3f} s / {res['forward_vanilla_s']:.3f} s); train step at {res['L']} "
               f"tokens = {res['train_step_ratio']:.3f} ({res['train_step_clex_s']:.3f} s / "
-              f"{res['train_step_vanilla_s']:.3f} s); medians of {res['repeats']}")  # fmt: skip
+              f"{res['train_step_vanilla_s']:.3f} s); medians of {res['repeats']}")
 
 
 if __name__ == "__main__":

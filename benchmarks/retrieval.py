@@ -85,7 +85,7 @@ def main() -> None:
     saved = json.loads((demo / "demo_config.json").read_text())
     saved.setdefault("extra_baselines", [])  # demo runs from before the option had none
     cfg = DemoConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()
-                        if k in {f.name for f in dataclasses.fields(DemoConfig)}})  # fmt: skip
+                        if k in {f.name for f in dataclasses.fields(DemoConfig)}})
     lengths = [int(f) * cfg.L0 for f in args.factors.split(",")]
     depths = R.parse_depths(args.depths)
     out.mkdir(parents=True, exist_ok=True)
@@ -104,7 +104,7 @@ def main() -> None:
             train_run(run_dir, model=model, method=method if name != "clex" else "clex", data=str(data),
                       steps=args.tune_steps, batch_size=cfg.batch_size, lr=args.tune_lr, seed=seed, save_every=100,
                       show_progress=False,
-                      **extra)  # fmt: skip
+                      **extra)
             timings[f"tune {name}"] = time.perf_counter() - start
             tuned.append((label + " + retrieval tuning", str(run_dir), method, seed))
         protocols["tuned"] = tuned
@@ -118,10 +118,10 @@ def main() -> None:
                 run = {"tokenizer": "bytes", "show_progress": False, "batch_size": 32}
                 if kind == "passkey":
                     rep = R.evaluate_passkey(model, [method], lengths, depths, args.trials, args.seed, intro=False,
-                                             **run)  # fmt: skip
+                                             **run)
                 else:
                     rep = R.evaluate_niah(model, [method], lengths, depths, args.trials, args.seed, needle=NEEDLE,
-                                          question=QUESTION, **run)  # fmt: skip
+                                          question=QUESTION, **run)
                 timings[f"{protocol} {kind} {label}"] = time.perf_counter() - start
                 reports.append((label, rep))
             report = merged(kind, reports, cfg.L0)

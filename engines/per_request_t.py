@@ -36,7 +36,7 @@ def generations(L: int, T: int) -> list[dict]:
     """One greedy request per profile; from t = 2 on, its prompt ends 10 tokens before (t−1)·L, so the request
     decodes across the edge at its frozen t."""
     return [{"n": L // 2, "max_tokens": TOKENS}] + [{"n": (t - 1) * L - 10, "max_tokens": TOKENS}
-                                                    for t in range(2, T + 1)]  # fmt: skip
+                                                    for t in range(2, T + 1)]
 
 
 def preempting(L: int, T: int) -> list[dict]:
@@ -56,7 +56,7 @@ def make_job(model: str, ids: list[int], L: int, T: int) -> dict:
             "max_num_batched_tokens": PLUGIN_STEPS, "num_blocks": T * L // BLOCK + 2, "bands": bands(L, T),
             "generate": generations(L, T), "preempt": preempting(L, T), "cache_ids": ids[1 : L - 31],
             "refuse_n": T * L - 8,
-            "workload": workload, "workload_tokens": 8}  # fmt: skip
+            "workload": workload, "workload_tokens": 8}
 
 
 def reference(model_dir, ids: list[int], job: dict) -> dict:
@@ -88,7 +88,7 @@ def reference(model_dir, ids: list[int], job: dict) -> dict:
     for g in job["generate"] + job["preempt"]:
         s, n, k = g.get("start", 0), g["n"], g["max_tokens"]
         tokens = clex.generate(model, x[:, s : s + n], policy="frozen", max_new_tokens=k, min_new_tokens=k,
-                               do_sample=False)  # fmt: skip
+                               do_sample=False)
         out["generate"][(s, n, k)] = tokens[0, n:].tolist()
     c = torch.tensor(job["cache_ids"])[None]
     tokens = clex.generate(model, c, policy="frozen", max_new_tokens=64, min_new_tokens=64, do_sample=False)
@@ -115,7 +115,7 @@ def compare(engine: str, T: int, L: int, got: dict, ref: dict, served: dict | No
         r = ref["bands"][int(n)]
         d = np.abs(np.asarray(e["lp"]) - r["lp"])
         row = {"engine": engine, "T": T, "n": int(n), "need": int(n) + 1, "t": r["t"], "max": float(d.max()),
-               "mean": float(d.mean()), "served": (served or {}).get(int(n), r["t"])}  # fmt: skip
+               "mean": float(d.mean()), "served": (served or {}).get(int(n), r["t"])}
         if "top" in e:
             row["greedy"] = float(np.mean(np.asarray(e["top"]) == r["top"]))
         rows.append(row)
@@ -123,7 +123,7 @@ def compare(engine: str, T: int, L: int, got: dict, ref: dict, served: dict | No
 
 
 def run(models: dict, ids: list[int], L: int, factors: list[int], engines: list[str], run_engine,
-        without_plugin: dict, log) -> dict:  # fmt: skip
+        without_plugin: dict, log) -> dict:
     """Run the per-request checks for each T; returns the section for results.json and the doc."""
     section = {"rows": [], "checks": [], "throughput": [], "walls": []}
     refs = {}
@@ -142,13 +142,13 @@ def routed(models: dict, ids: list[int], L: int, factors: list[int], refs: dict,
         job = make_job("", ids, L, T)
         base = {"L": L, "T": T, "threads": 2, "kv": "f32", "gguf": str(models["gguf"][(T, "f32")]), "ids": ids,
                 "requests": [{"n": n, "max_tokens": 1} for n in job["bands"]], "generate": job["generate"],
-                "suppress": refs[T]["eos"]}  # fmt: skip
+                "suppress": refs[T]["eos"]}
         per_t = {str(t): str(models["gguf"][(t, "f32")]) for t in range(2, T)}
         for name, extra in (("llama.cpp routed, one GGUF", {}), ("llama.cpp routed, per-t GGUFs", {"per_t": per_t})):
             if name.endswith("per-t GGUFs") and not per_t:
                 continue
             got, wall, err = run_engine("llamacpp", "run_llamacpp_routed.py", {**base, **extra},
-                                        f"routed-{'pert' if extra else 'one'}-T{T}")  # fmt: skip
+                                        f"routed-{'pert' if extra else 'one'}-T{T}")
             section["walls"].append({"engine": name, "T": T, "wall_s": wall, "error": err})
             if got is None:
                 section["checks"].append({"T": T, "check": f"{name} ran", "ok": False, "detail": err})
@@ -156,20 +156,20 @@ def routed(models: dict, ids: list[int], L: int, factors: list[int], refs: dict,
             log(f"  {name} T={T}: {wall:.0f} s")
             bands = {"bands": {str(r["n"]): r for r in got["requests"] if "lp" in r}}
             section["rows"] += compare(name, T, L, bands, refs[T], served={r["n"]: r["served_t"]
-                                                                         for r in got["requests"]})  # fmt: skip
+                                                                         for r in got["requests"]})
             section["checks"].append({"T": T, "check": f"{name}: the t = 1 and t = {T} contexts share one model",
                                       "ok": got["shared_model"], "detail": f"{got['models']} model(s) behind "
-                                      f"contexts {got['contexts']}"})  # fmt: skip
+                                      f"contexts {got['contexts']}"})
             for g in got["generate"]:
                 want = refs[T]["generate"][(0, g["n"], g["max_tokens"])]
                 section["checks"].append({"T": T, "check": f"{name}: {g['max_tokens']} greedy tokens, prompt {g['n']}"
                                           f", t_req = {g['t_req']} (served at {g['served_t']}), equal clex's frozen",
                                           "ok": g["tokens"] == want, "measured": g["served_t"] != g["t_req"],
-                                          "detail": f"{equal(g['tokens'], want)}/{len(want)} equal"})  # fmt: skip
+                                          "detail": f"{equal(g['tokens'], want)}/{len(want)} equal"})
 
 
 def plugin(models: dict, ids: list[int], L: int, factors: list[int], refs: dict, run_engine, without_plugin: dict,
-           section: dict, log) -> None:  # fmt: skip
+           section: dict, log) -> None:
     got, _, err = run_engine("vllm", "run_plugin_surface.py", {}, "plugin-surface")
     problems = got["problems"] if got else [err]
     version, tested = (got["vllm"], ", ".join(got["tested"])) if got else ("?", "?")
@@ -182,7 +182,7 @@ def plugin(models: dict, ids: list[int], L: int, factors: list[int], refs: dict,
         job = make_job(str(models["longrope"][T]), ids, L, T)
         ref = refs[T]
         for engine, script in (("vLLM + plugin, offline", "run_vllm_plugin.py"),
-                               ("vLLM + plugin, server", "run_vllm_plugin_server.py")):  # fmt: skip
+                               ("vLLM + plugin, server", "run_vllm_plugin_server.py")):
             got, wall, err = run_engine("vllm", script, job, f"plugin-{script[9:-3]}-T{T}")
             section["walls"].append({"engine": engine, "T": T, "wall_s": wall, "error": err})
             if got is None:
@@ -204,7 +204,7 @@ def plugin(models: dict, ids: list[int], L: int, factors: list[int], refs: dict,
                     section["checks"].append({"T": T, "check": f"{engine}: {what}{g['max_tokens']} greedy tokens, "
                                               f"prompt {g['n']}, t = {t}, equal clex generate --policy frozen",
                                               "ok": g["tokens"] == want,
-                                              "detail": f"{equal(g['tokens'], want)}/{len(want)} equal"})  # fmt: skip
+                                              "detail": f"{equal(g['tokens'], want)}/{len(want)} equal"})
                 c, want, n = got["cache"], ref["cache"], len(job["cache_ids"])
                 section["checks"] += [
                     {"T": T, "check": f"{engine}: a new prompt of {n} at t = 2 after t = 1 reuses no block",
@@ -216,11 +216,11 @@ def plugin(models: dict, ids: list[int], L: int, factors: list[int], refs: dict,
                      "ok": c[1]["tokens"] == want and c[2]["tokens"] == want, "detail": ""},
                     {"T": T, "check": f"{engine}: requests were preempted (small KV cache) and stayed exact",
                      "ok": got["preemptions"] > 0, "detail": f"vllm:num_preemptions {got['preemptions']:.0f}"},
-                ]  # fmt: skip
+                ]
         rates = {}
         for name, env in (("plugin", None), ("stock", without_plugin)):
             got, wall, err = run_engine("vllm", "run_vllm_plugin.py", job, f"throughput-{name}-T{T}", env=env,
-                                        argv=("--throughput",))  # fmt: skip
+                                        argv=("--throughput",))
             section["walls"].append({"engine": f"vLLM throughput ({name})", "T": T, "wall_s": wall, "error": err})
             rates[name] = got["tok_s"] if got else []
         ratio = statistics.median(rates["plugin"]) / statistics.median(rates["stock"]) if all(rates.values()) else 0
@@ -232,13 +232,13 @@ def plugin(models: dict, ids: list[int], L: int, factors: list[int], refs: dict,
 
 def failures(section: dict) -> list[str]:
     out = [f"T={c['T']}: {c['check']}: {c['detail']}" for c in section["checks"]
-           if not c["ok"] and not c.get("measured")]  # fmt: skip
+           if not c["ok"] and not c.get("measured")]
     for r in section["rows"]:
         if r["served"] != r["t"]:  # llama.cpp without a GGUF for t_req: served at T by design, measured
             continue
         if r["max"] > 1e-3 or r.get("greedy", 1.0) < 1.0:
             out.append(f"{r['engine']} T={r['T']} n={r['n']}: max |Δ log-prob| {r['max']:.1e}, greedy "
-                       f"{100 * r.get('greedy', 1.0):.1f}%")  # fmt: skip
+                       f"{100 * r.get('greedy', 1.0):.1f}%")
     return out
 
 
@@ -254,7 +254,7 @@ def doc_lines(section: dict, L: int) -> list[str]:
              "(`clex export --to gguf --factor t`) a model and context for each t in between.", "",
              "| engine | T | band (need) | requests | max \\|Δ log-prob\\| | mean \\|Δ log-prob\\| "
              "| greedy agreement |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
+             "| --- | --- | --- | --- | --- | --- | --- |"]
     groups: dict = {}
     for r in section["rows"]:
         groups.setdefault((r["engine"], r["T"], band_name(r["need"], L, r["T"]), r["served"] != r["t"]), []).append(r)
@@ -265,7 +265,7 @@ def doc_lines(section: dict, L: int) -> list[str]:
         lines.append(f"| {engine} | {T} | {band} | n = {', '.join(str(r['n']) for r in rs)} (t = "
                      f"{', '.join(map(str, ts))}{at}) | {max(r['max'] for r in rs):.1e} | "
                      f"{statistics.mean(r['mean'] for r in rs):.1e} | "
-                     f"{f'{100 * min(g):.0f}%' if g else '—'} |")  # fmt: skip
+                     f"{f'{100 * min(g):.0f}%' if g else '—'} |")
     lines += ["", "| T | check | result | detail |", "| --- | --- | --- | --- |"]
     for c in section["checks"]:
         result = "measured" if c.get("measured") else "pass" if c["ok"] else "FAIL"
@@ -275,10 +275,10 @@ def doc_lines(section: dict, L: int) -> list[str]:
                   f"{L // 2} … T·L − 8 tokens, 8 greedy tokens each, prefix cache off), prompt + generated tokens "
                   "per second, three timed repeats after one untimed pass, each side in its own vLLM process:", "",
                   "| T | plugin tok/s | stock longrope tok/s | ratio (medians) |",
-                  "| --- | --- | --- | --- |"]  # fmt: skip
+                  "| --- | --- | --- | --- |"]
         for t in section["throughput"]:
             lines.append(f"| {t['T']} | {', '.join(f'{x:.0f}' for x in t['plugin'])} | "
-                         f"{', '.join(f'{x:.0f}' for x in t['stock'])} | {t['ratio']:.3f} |")  # fmt: skip
+                         f"{', '.join(f'{x:.0f}' for x in t['stock'])} | {t['ratio']:.3f} |")
     lines += ["", "| engine | T | wall s | result |", "| --- | --- | --- | --- |"]
     for w in section["walls"]:
         lines.append(f"| {w['engine']} | {w['T']} | {w['wall_s']:.0f} | {w['error'] or 'ok'} |")

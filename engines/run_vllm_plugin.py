@@ -30,7 +30,7 @@ def make_llm(job: dict, **overrides):
     kwargs = dict(model=job["model"], skip_tokenizer_init=job.get("skip_tokenizer_init", False), dtype=job["dtype"],
                   max_model_len=job["T"] * job["L"], enforce_eager=True, seed=0, block_size=job["block_size"],
                   max_num_batched_tokens=job["max_num_batched_tokens"], enable_chunked_prefill=True,
-                  enable_prefix_caching=True, disable_log_stats=False)  # fmt: skip
+                  enable_prefix_caching=True, disable_log_stats=False)
     if job.get("num_blocks"):
         kwargs["num_gpu_blocks_override"] = job["num_blocks"]
     kwargs.update(overrides)
@@ -76,21 +76,21 @@ def conformance(job: dict) -> dict:
         hits0 = counter(llm, "vllm:prefix_cache_hits")
         out = llm.generate([TokensPrompt(prompt_token_ids=cache_ids)],
                            SamplingParams(max_tokens=max_tokens, min_tokens=max_tokens, temperature=0.0),
-                           use_tqdm=False)[0]  # fmt: skip
+                           use_tqdm=False)[0]
         result["cache"].append({"max_tokens": max_tokens, "t": -(-(n + max_tokens) // L),
                                 "cached": out.num_cached_tokens,
                                 "hits": counter(llm, "vllm:prefix_cache_hits") - hits0,
-                                "tokens": list(out.outputs[0].token_ids)})  # fmt: skip
+                                "tokens": list(out.outputs[0].token_ids)})
 
     # a client raises t (never lowers it), and a request beyond T·L is refused in one line
     n = job["bands"][0]
     out = llm.generate([TokensPrompt(prompt_token_ids=ids[:n])],
                        SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=1,
-                                      extra_args={"clex_t": job["T"]}), use_tqdm=False)[0]  # fmt: skip
+                                      extra_args={"clex_t": job["T"]}), use_tqdm=False)[0]
     result["raised"] = {"n": n, "t": job["T"], "lp": prompt_lp(out, ids)[0]}
     try:
         llm.generate([TokensPrompt(prompt_token_ids=ids[: job["refuse_n"]])],
-                     SamplingParams(max_tokens=job["T"] * L), use_tqdm=False)  # fmt: skip
+                     SamplingParams(max_tokens=job["T"] * L), use_tqdm=False)
         result["refused"] = ""
     except Exception as exc:  # the plugin's refusal
         result["refused"] = f"{type(exc).__name__}: {exc}"
@@ -110,7 +110,7 @@ def throughput(job: dict) -> dict:
         t0 = time.perf_counter()
         outs = llm.generate(prompts, params, use_tqdm=False)
         rates.append(sum(len(o.outputs[0].token_ids) + len(o.prompt_token_ids) for o in outs) /
-                     (time.perf_counter() - t0))  # fmt: skip
+                     (time.perf_counter() - t0))
     return {"tok_s": rates, "plugin": os.environ.get("VLLM_PLUGINS") is None}
 
 

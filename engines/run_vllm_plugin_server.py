@@ -24,12 +24,12 @@ def main() -> None:
     ids, T, L = job["ids"], job["T"], job["L"]
     flags = ["--max-model-len", str(T * L), "--dtype", job["dtype"], "--block-size", str(job["block_size"]),
              "--max-num-batched-tokens", str(job["max_num_batched_tokens"]), "--enable-chunked-prefill",
-             *(["--skip-tokenizer-init"] if job.get("skip_tokenizer_init") else [])]  # fmt: skip
+             *(["--skip-tokenizer-init"] if job.get("skip_tokenizer_init") else [])]
     with serving(job["model"], flags, sys.argv[2] + ".log") as (base, load_s):
 
         def complete(n: int, **extra) -> dict:
             body = {"model": job["model"], "prompt": ids[:n], "max_tokens": 1, "temperature": 0.0,
-                    "prompt_logprobs": 1, **extra}  # fmt: skip
+                    "prompt_logprobs": 1, **extra}
             return post(base + "/v1/completions", body)["choices"][0]
 
         t0 = time.perf_counter()

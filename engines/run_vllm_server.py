@@ -39,7 +39,7 @@ def serving(model: str, flags: list[str], log_path: str):
     (base url, seconds to start) and stops the server's process group on exit."""
     port = free_port()
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--host", "127.0.0.1",
-           "--port", str(port), "--enforce-eager", "--seed", "0", *flags]  # fmt: skip
+           "--port", str(port), "--enforce-eager", "--seed", "0", *flags]
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2")}
     log = open(log_path, "w")
     start = time.perf_counter()
@@ -84,14 +84,14 @@ def main() -> None:
     result = {}
     for run in job["runs"]:
         flags = ["--max-model-len", str(run["max_model_len"]), "--dtype", run["dtype"],
-                 "--max-num-batched-tokens", str(max(run["max_model_len"], 2048))]  # fmt: skip
+                 "--max-num-batched-tokens", str(max(run["max_model_len"], 2048))]
         log = sys.argv[2] + "." + "".join(c if c.isalnum() else "-" for c in run["name"]) + ".log"
         with serving(job["model"], flags, log) as (base, load_s):
             entry = {"dtype": run["dtype"], "load_s": load_s, "lengths": {}}
             for n in run["lengths"]:
                 t0 = time.perf_counter()
                 body = {"model": job["model"], "prompt": ids[:n], "max_tokens": 1, "temperature": 0.0,
-                        "prompt_logprobs": 1}  # fmt: skip
+                        "prompt_logprobs": 1}
                 try:
                     choice = post(base + "/v1/completions", body)["choices"][0]
                 except urllib.error.HTTPError as exc:  # a refused request (400): record what the server said

@@ -33,7 +33,7 @@ from clex.models import load_config, training_length
 
 
 def context_value(model: str, method: str, data: str, factors: list[int], samples: int, stride: int | None,
-                  tokenizer: str | None = "bytes") -> dict:  # fmt: skip
+                  tokenizer: str | None = "bytes") -> dict:
     """``{k: {"full": ppl, "last_L0": ppl, "worth": ratio − 1, "tokens": n}}`` for one (model, method)."""
     L0 = training_length(load_config(model))
     stride = stride or max(1, L0 // 8)
@@ -71,11 +71,11 @@ def main(argv: list[str] | None = None) -> None:
     for item in args.models:
         model, _, method = item.partition("=")
         results[item] = context_value(model, method or "vanilla", args.data, factors, args.samples, args.stride,
-                                      tokenizer)  # fmt: skip
+                                      tokenizer)
         print(f"{item}: {time.perf_counter() - began:.0f} s so far", file=sys.stderr, flush=True)
     head = "| model | " + " | ".join(f"{k}× full | {k}× last L0 | {k}× worth" for k in factors) + " |"
     lines = [f"`{args.data}`, {args.samples} windows per length, PPL per token; worth = last-L0 / full − 1", "",
-             head, "| --- |" + " --- |" * (3 * len(factors))]  # fmt: skip
+             head, "| --- |" + " --- |" * (3 * len(factors))]
     for item, per_k in results.items():
         cells = [f"{r['full']:.3f} | {r['last_L0']:.3f} | {100 * r['worth']:+.1f}%" for r in map(per_k.get, factors)]
         lines.append(f"| {item} | " + " | ".join(cells) + " |")

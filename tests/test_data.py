@@ -27,7 +27,7 @@ def test_builtin_splits_are_disjoint_complete_and_pinned():
 def _fake_package(root):
     files = {"sympy/__init__.py": "x = 1\n", "sympy/core/expr.py": "class Expr:\n    pass\n",
              "sympy/core/tests/test_expr.py": "def test(): pass\n", "sympy/test_runner.py": "t = 0\n",
-             "sympy/data.txt": "not code", "other/mod.py": "y = 2\n"}  # fmt: skip
+             "sympy/data.txt": "not code", "other/mod.py": "y = 2\n"}
     for name, text in files.items():
         (root / name).parent.mkdir(parents=True, exist_ok=True)
         (root / name).write_text(text)

@@ -15,7 +15,7 @@ from clex.demo import DemoConfig, quick_config, run_demo
 
 def _micro(out) -> DemoConfig:
     return quick_config(out=str(out), pretrain_steps=12, finetune_steps=4, save_every=5, eval_factors=(1, 2),
-                        eval_samples=2, L0=32, hidden=32, heads=2, intermediate=64)  # fmt: skip
+                        eval_samples=2, L0=32, hidden=32, heads=2, intermediate=64)
 
 
 def test_quick_demo_writes_a_complete_finite_report(tmp_path, capsys):

@@ -37,7 +37,7 @@ def test_vllm_serves_the_longrope_export_like_the_clex_model(tmp_path):
     torch.manual_seed(0)
     config = tf.LlamaConfig(vocab_size=257, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
                             num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=L,
-                            tie_word_embeddings=False)  # fmt: skip
+                            tie_word_embeddings=False)
     write_tiny_llama_gguf(tmp_path / "tiny.gguf", tf.LlamaForCausalLM(config))  # a model with a tokenizer (vLLM's)
     base = gguf_to_safetensors(tmp_path / "tiny.gguf", tmp_path / "base")
     model = clex.from_pretrained(base).eval()
@@ -51,10 +51,10 @@ def test_vllm_serves_the_longrope_export_like_the_clex_model(tmp_path):
     ids = torch.randint(0, 257, (T * L,), generator=torch.Generator().manual_seed(0)).tolist()
     n = T * L - 1  # vLLM needs room for one output token
     job = {"model": str(tmp_path / "stock"), "ids": ids,
-           "runs": [{"name": "fp32", "max_model_len": T * L, "dtype": "float32", "lengths": [n]}]}  # fmt: skip
+           "runs": [{"name": "fp32", "max_model_len": T * L, "dtype": "float32", "lengths": [n]}]}
     (tmp_path / "job.json").write_text(json.dumps(job))
     proc = subprocess.run([str(VLLM_PYTHON), str(ROOT / "engines" / "run_vllm.py"), str(tmp_path / "job.json"),
-                           str(tmp_path / "out.json")], capture_output=True, text=True, check=False)  # fmt: skip
+                           str(tmp_path / "out.json")], capture_output=True, text=True, check=False)
     assert proc.returncode == 0, proc.stdout[-1500:] + proc.stderr[-1500:]
     theirs = torch.tensor(json.loads((tmp_path / "out.json").read_text())["fp32"]["lengths"][str(n)]["lp"])
     x = torch.tensor(ids[:n])[None]

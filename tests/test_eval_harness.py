@@ -21,7 +21,7 @@ QUESTIONS = [
     {"question": "The sky is blue. The sun is yellow. The grass is green. The sky is", "choices": ["blue", "red"],
      "label": 0},
     {"question": "Here we go. There and back", "choices": ["again", "green"], "label": 0},
-]  # fmt: skip
+]
 
 
 @pytest.fixture(scope="module")
@@ -34,12 +34,12 @@ def setup(tmp_path_factory):
     tk.decoder = decoders.ByteLevel()
     tk.train_from_iterator([q["question"] + " " + " ".join(q["choices"]) for q in QUESTIONS] * 5,
                            trainers.BpeTrainer(vocab_size=300, special_tokens=["</s>"],
-                                               initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))  # fmt: skip
+                                               initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     tok = tf.PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="</s>")
     torch.manual_seed(0)
     config = tf.LlamaConfig(vocab_size=tk.get_vocab_size(), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=8,
-                            bos_token_id=None, eos_token_id=tok.eos_token_id)  # fmt: skip
+                            bos_token_id=None, eos_token_id=tok.eos_token_id)
     model_dir = root / "model"
     tf.LlamaForCausalLM(config).save_pretrained(model_dir)
     tok.save_pretrained(model_dir)
@@ -71,7 +71,7 @@ def test_lm_eval_loglikelihoods_equal_the_models_own_under_each_method(setup, mo
     model_dir, tok, tasks = setup
     methods = ["vanilla", "pi:factor=4", "clex"]
     result = evaluate_harness(str(model_dir), methods, ["clex_tiny_mc"], include_path=str(tasks), device="cpu",
-                              log_samples=True, max_length=64)  # fmt: skip
+                              log_samples=True, max_length=64)
     per_method = {}
     for spec in methods:
         model = model_for_method(str(model_dir), spec, torch.float32, "cpu")
@@ -99,7 +99,7 @@ def test_lm_eval_bridge_errors(setup, tmp_path, capsys):
     with pytest.raises(DataError, match="does not exist"):
         evaluate_harness(str(model_dir), ["vanilla"], ["clex_tiny_mc"], include_path=str(tmp_path / "nope"))
     assert main(["eval", "lm-eval", "--model", str(model_dir), "--tasks", "clex_tiny_mc", "--include-path",
-                 str(tasks), "--methods", "vanilla", "--device", "cpu", "--out", str(tmp_path / "o")]) == 0  # fmt: skip
+                 str(tasks), "--methods", "vanilla", "--device", "cpu", "--out", str(tmp_path / "o")]) == 0
     assert "clex_tiny_mc acc" in capsys.readouterr().out
     assert (tmp_path / "o" / "results.json").exists()
 
@@ -115,7 +115,7 @@ def test_lm_eval_batches_score_each_row_at_its_own_length(setup, monkeypatch, tm
     tf.LlamaForCausalLM(config).save_pretrained(tmp_path / "model")
     tok.save_pretrained(tmp_path / "model")
     result = evaluate_harness(str(tmp_path / "model"), ["clex"], ["clex_tiny_mc"], include_path=str(tasks),
-                              device="cpu", log_samples=True, max_length=64, batch_size=3)  # fmt: skip
+                              device="cpu", log_samples=True, max_length=64, batch_size=3)
     model = model_for_method(str(tmp_path / "model"), "clex", torch.float32, "cpu")
     rows = []
     for s in result["methods"]["clex"]["samples"]["clex_tiny_mc"]:

@@ -41,7 +41,7 @@ def model_dir(tmp_path):
         num_key_value_heads=2,
         max_position_embeddings=L,
         initializer_range=0.3,
-    )  # fmt: skip  (a large init: sharp attention, so position handling shows in the loss)
+    )  # a large init: sharp attention, so position handling shows in the loss
     path = tmp_path / "model"
     tf.LlamaForCausalLM(config).save_pretrained(path)
     return str(path)
@@ -49,7 +49,7 @@ def model_dir(tmp_path):
 
 def run(model_dir, corpus, **kwargs):
     defaults = dict(methods=["vanilla"], lengths=[L, 2 * L], data=corpus, samples=4, tokenizer="bytes",
-                    show_progress=False)  # fmt: skip
+                    show_progress=False)
     return P.evaluate_ppl(model_dir, **{**defaults, **kwargs})
 
 
@@ -135,7 +135,7 @@ def test_cli_writes_results(model_dir, corpus, tmp_path, capsys):
     out = tmp_path / "out"
     code = main(["eval", "ppl", "--model", model_dir, "--methods", "vanilla,yarn:factor=2,beta_fast=16,clex",
                  "--lengths", "32,64", "--data", corpus, "--samples", "2", "--tokenizer", "bytes",
-                 "--out", str(out), "--no-progress", "--per-position"])  # fmt: skip
+                 "--out", str(out), "--no-progress", "--per-position"])
     assert code == 0
     payload = json.loads((out / "results.json").read_text())
     assert payload["methods"] == ["vanilla", "yarn:factor=2,beta_fast=16", "clex"]
@@ -173,5 +173,5 @@ def test_cli_bad_input_one_clear_line(model_dir, corpus, tmp_path, capsys, args,
 def test_empty_corpus_via_cli(model_dir, tmp_path, capsys):
     (tmp_path / "blank.txt").write_text(" \n")
     argv = ["eval", "ppl", "--model", model_dir, "--lengths", "32", "--data", str(tmp_path / "blank.txt"),
-            "--tokenizer", "bytes", "--no-progress", "--out", str(tmp_path / "o")]  # fmt: skip
+            "--tokenizer", "bytes", "--no-progress", "--out", str(tmp_path / "o")]
     assert main(argv) == 2 and "no non-empty documents" in capsys.readouterr().err

@@ -33,13 +33,13 @@ def bpe():
     tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tk.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=420, special_tokens=["<s>", "</s>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())  # fmt: skip
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     text = [" ".join(R.PASSKEY_FILLER), R.PASSKEY_INTRO, R.PASSKEY_QUESTION, R.NIAH_QUESTION] * 20
     tk.train_from_iterator(text, trainer)
     tk.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
     tok = tf.PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>")
     tok.chat_template = ("{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
-                         "{% if add_generation_prompt %}assistant:{% endif %}")  # fmt: skip
+                         "{% if add_generation_prompt %}assistant:{% endif %}")
     return tok
 
 
@@ -47,7 +47,7 @@ def tiny_llama(vocab: int = 256, cls=tf.LlamaForCausalLM, L: int = 64):
     torch.manual_seed(0)
     config = tf.LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=L,
-                            eos_token_id=None, bos_token_id=None, pad_token_id=None)  # fmt: skip
+                            eos_token_id=None, bos_token_id=None, pad_token_id=None)
     return cls(config).eval()
 
 
@@ -239,11 +239,11 @@ def test_longbench_file_is_scored_end_to_end(oracle, tmp_path):
     for s in LB.longbench_samples(BYTES, 4096, records):
         Oracle.table[tuple(s.ids)] = s.answers[0]
     report = LB.evaluate_longbench(oracle, ["vanilla"], [4096], str(DATA / "longbench_tiny.jsonl"),
-                                   show_progress=False)  # fmt: skip
+                                   show_progress=False)
     assert report.rows and all(r.score == 1.0 for r in report.rows)
     # a real (random) model through the same path: every score is a number in [0, 1]
     report = LB.evaluate_longbench(tiny_llama(), ["vanilla", "clex"], [1024], str(DATA / "longbench_tiny.jsonl"),
-                                   show_progress=False)  # fmt: skip
+                                   show_progress=False)
     assert all(0.0 <= r.score <= 1.0 for r in report.rows)
     out = write_task_report(report, tmp_path)
     payload = json.loads((out / "results.json").read_text())
@@ -270,7 +270,7 @@ def test_longbench_truncates_in_the_middle_and_uses_chat_templates(bpe):
 def test_longbench_bad_records_name_the_line(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"input": "q", "context": "c", "answers": ["a"], "dataset": "hotpotqa"}\n'
-                   '{"input": "q", "context": "c", "dataset": "hotpotqa"}\n')  # fmt: skip
+                   '{"input": "q", "context": "c", "dataset": "hotpotqa"}\n')
     with pytest.raises(DataError, match=r"bad.jsonl:2: record lacks answers"):
         LB.load_records(str(bad))
     bad.write_text('{"input": "q", "context": "c", "answers": ["a"], "dataset": "nope"}\n')
@@ -303,7 +303,7 @@ def test_cli_passkey_and_errors(tmp_path, capsys):
     assert main([*argv[:-4], "--depths", "0,101", "--out", str(bad)]) == 2
     assert "percentages" in capsys.readouterr().err
     assert main(["eval", "niah", "--model", str(model_dir), "--tokenizer", "bytes", "--lengths", "40",
-                 "--out", str(bad), "--no-progress"]) == 2  # fmt: skip
+                 "--out", str(bad), "--no-progress"]) == 2
     assert "shorter than the prompt" in capsys.readouterr().err
     assert not bad.exists()  # a refused command leaves no directory behind
 

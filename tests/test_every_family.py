@@ -62,7 +62,7 @@ def _run(family: str, variant: str) -> Outcome | str:
 
 def test_the_guard_sees_the_families_people_extend():
     for family in ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3", "olmo2", "gpt_neox",
-                   "cohere2", "gpt_oss", "deepseek_v3", "granite", "smollm3", "gptj"):  # fmt: skip
+                   "cohere2", "gpt_oss", "deepseek_v3", "granite", "smollm3", "gptj"):
         assert family in FAMILIES
     assert "gpt2" not in FAMILIES and "bloom" not in FAMILIES  # no rotary embedding
 

@@ -92,7 +92,7 @@ def test_context_value_is_zero_at_L0_and_scores_the_same_tokens(corpus, tmp_path
     cv = _module("context_value")
     torch.manual_seed(0)
     config = tf.LlamaConfig(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                            num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=16)  # fmt: skip
+                            num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=16)
     tf.LlamaForCausalLM(config).save_pretrained(tmp_path / "m")
     out = cv.context_value(str(tmp_path / "m"), "clex:max_factor=4", f"{corpus}:all", [1, 4], samples=3, stride=4)
     assert out[1]["worth"] == 0 and out[1]["full"] == out[1]["last_L0"]
@@ -111,7 +111,7 @@ def test_study_trains_each_variants_own_seeds_and_tabulates_them(tmp_path, monke
     config = {"base": str(base), "out": str(tmp_path / "out"), "data": "code:validation", "factors": [1, 4],
               "samples": 2, "seeds": [0, 1, 2], "train": {"steps": 1},
               "variants": [{"name": "A", "method": "pi:factor=2"},
-                           {"name": "B", "method": "ntk:factor=2", "seeds": [2]}]}  # fmt: skip
+                           {"name": "B", "method": "ntk:factor=2", "seeds": [2]}]}
     (tmp_path / "out").mkdir()
     path = tmp_path / "study.json"
     path.write_text(json.dumps(config))

@@ -33,7 +33,7 @@ print(json.dumps({"rope": model.config.rope_parameters, "max": model.config.max_
 
 def _stock_logits(path, ids: torch.Tensor, lengths: list[int]) -> dict:
     proc = subprocess.run([sys.executable, "-c", STOCK, str(path), json.dumps(ids.tolist()), json.dumps(lengths)],
-                          capture_output=True, text=True, check=False)  # fmt: skip
+                          capture_output=True, text=True, check=False)
     assert proc.returncode == 0, proc.stderr[-2000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 

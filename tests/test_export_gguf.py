@@ -37,7 +37,7 @@ def _tiny_llama() -> tf.LlamaForCausalLM:
     torch.manual_seed(0)
     config = tf.LlamaConfig(vocab_size=257, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=L,
-                            tie_word_embeddings=False)  # fmt: skip
+                            tie_word_embeddings=False)
     return tf.LlamaForCausalLM(config).eval()
 
 
@@ -82,7 +82,7 @@ def test_fetched_model_is_plain_and_trains_saves_exports(fetched, tmp_path):
     run = train(TrainConfig(model=str(fetched), out=str(tmp_path / "run"),
                             method="clex:max_factor=4,original_max_position_embeddings=16",
                             data=str(corpus), train_length=16, steps=2, batch_size=1, lr=1e-3,
-                            show_progress=False))  # fmt: skip
+                            show_progress=False))
     model = clex.from_pretrained(run)
     assert clex.clex_modules(model) and "quantization_config" not in json.loads((run / "config.json").read_text())
     stock = export(run, tmp_path / "stock", factor=2)
@@ -141,7 +141,7 @@ def test_gguf_of_an_already_scaled_model_carries_its_own_scaling(fetched, tmp_pa
     np.testing.assert_allclose(short, (raw / module._base_inv_freq().double()).numpy(), rtol=1e-6)
     assert short.max() > 1.5  # the model's own scaling, not ones
     np.testing.assert_allclose(np.asarray(tensors["rope_factors_long.weight"].data),
-                               (raw / module.trajectory()[1].double()).numpy(), rtol=1e-6)  # fmt: skip
+                               (raw / module.trajectory()[1].double()).numpy(), rtol=1e-6)
 
 
 @pytest.mark.parametrize("outtype,ggml", [("f16", "F16"), ("q8_0", "Q8_0")])
@@ -156,7 +156,7 @@ def test_gguf_outtypes(clex_dir, tmp_path, outtype, ggml):
 @pytest.mark.parametrize("family", ["phi3", "mixtral"])
 def test_gguf_other_families(family, fetched, tmp_path):
     common = dict(vocab_size=257, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, max_position_embeddings=L)  # fmt: skip
+                  num_key_value_heads=2, max_position_embeddings=L)
     if family == "phi3":
         config = tf.Phi3Config(**common, pad_token_id=0)
     else:
@@ -183,7 +183,7 @@ def test_gguf_other_families(family, fetched, tmp_path):
 def test_gguf_refusals(clex_dir, tmp_path, capsys):
     model = tf.Qwen2ForCausalLM(tf.Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=64,
                                                num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
-                                               max_position_embeddings=L))  # fmt: skip
+                                               max_position_embeddings=L))
     clex.apply(model, "clex", max_factor=4)
     model.save_pretrained(tmp_path / "qwen2")
     with pytest.raises(ExportError, match="'qwen2' is not one of them"):
@@ -205,13 +205,13 @@ def test_gguf_refusals(clex_dir, tmp_path, capsys):
         export(tmp_path / "ls", tmp_path / "ls.gguf", to="gguf", factor=2)
     assert not (tmp_path / "q.gguf").exists() and not (tmp_path / "ls.gguf").exists()
     assert main(["export", "--model", str(tmp_path / "qwen2"), "--to", "gguf", "--factor", "2",
-                 "--out", str(tmp_path / "c.gguf")]) == 2  # fmt: skip
+                 "--out", str(tmp_path / "c.gguf")]) == 2
     assert len(capsys.readouterr().err.strip().splitlines()) == 1
 
 
 def test_export_cli_prints_the_engine_settings(clex_dir, tmp_path, capsys):
     assert main(["export", "--model", str(clex_dir), "--to", "gguf", "--factor", "2", "--outtype", "f16",
-                 "--out", str(tmp_path / "c.gguf")]) == 0  # fmt: skip
+                 "--out", str(tmp_path / "c.gguf")]) == 0
     out = capsys.readouterr().out
     assert f"-c {2 * L}" in out and f"-c {L}" in out
     assert main(["export", "--model", str(clex_dir), "--factor", "4", "--out", str(tmp_path / "lr")]) == 0
@@ -268,10 +268,10 @@ def test_llama_cpp_runs_other_families(family, fetched, tmp_path):
     if python is None:
         pytest.skip("llama-cpp-python is not installed (`make test-engines` builds it in .engines/llamacpp)")
     common = dict(vocab_size=257, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, max_position_embeddings=L)  # fmt: skip
+                  num_key_value_heads=2, max_position_embeddings=L)
     config = {"phi3": lambda: tf.Phi3Config(**common, pad_token_id=0),
               "mixtral": lambda: tf.MixtralConfig(**common, num_local_experts=2, num_experts_per_tok=1),
-              "mistral": lambda: tf.MistralConfig(**common, sliding_window=None)}[family]()  # fmt: skip
+              "mistral": lambda: tf.MistralConfig(**common, sliding_window=None)}[family]()
     torch.manual_seed(0)
     model = tf.AutoModelForCausalLM.from_config(config).eval()
     clex.apply(model, "clex", max_factor=4)

@@ -35,7 +35,7 @@ def prompt(n, batch=1, seed=0):
 
 def gen(model, ids, policy, new=3 * L, **kw):
     out = clex.generate(model, ids, policy=policy, max_new_tokens=new, do_sample=False, output_logits=True,
-                        return_dict_in_generate=True, pad_token_id=0, eos_token_id=None, **kw)  # fmt: skip
+                        return_dict_in_generate=True, pad_token_id=0, eos_token_id=None, **kw)
     return out.sequences, torch.stack(out.logits, 1)  # [B, steps, vocab]
 
 
@@ -66,7 +66,7 @@ def test_recompute_equals_the_full_forward_of_each_prefix():
     seq, logits = gen(model, ids, "recompute")  # crosses t = 2, 3, 4
     for k in range(logits.shape[1]):
         torch.testing.assert_close(logits[:, k], full_forward_logits(model, seq[:, : ids.shape[1] + k]), rtol=0,
-                                   atol=1e-5)  # fmt: skip
+                                   atol=1e-5)
 
 
 class UnrotatedCache(DynamicCache):
@@ -122,11 +122,11 @@ def test_plain_generate_uses_rerotate_and_static_cache_agrees():
     ids = prompt(L - 3)
     seq, logits = gen(model, ids, "rerotate")
     plain = model.generate(ids, max_new_tokens=3 * L, do_sample=False, output_logits=True,
-                           return_dict_in_generate=True, pad_token_id=0, eos_token_id=None)  # fmt: skip
+                           return_dict_in_generate=True, pad_token_id=0, eos_token_id=None)
     torch.testing.assert_close(torch.stack(plain.logits, 1), logits, rtol=0, atol=0)
     static = model.generate(ids, max_new_tokens=3 * L, do_sample=False, output_logits=True,
                             return_dict_in_generate=True, pad_token_id=0, eos_token_id=None,
-                            cache_implementation="static")  # fmt: skip
+                            cache_implementation="static")
     torch.testing.assert_close(torch.stack(static.logits, 1), logits, rtol=0, atol=1e-5)
 
 
@@ -205,7 +205,7 @@ def test_cli_generate_streams(tmp_path, capsys):
     from clex.cli import main
 
     argv = ["generate", "--model", str(tmp_path / "m"), "--prompt-file", str(tmp_path / "p.txt"),
-            "--max-new-tokens", "20", "--tokenizer", "bytes", "--policy", "rerotate"]  # fmt: skip
+            "--max-new-tokens", "20", "--tokenizer", "bytes", "--policy", "rerotate"]
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert len(out.encode()) >= 20 and "0123456789" not in out  # streamed new tokens only

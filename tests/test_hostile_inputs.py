@@ -44,17 +44,17 @@ def refusal(capsys, argv: list, *fragments: str) -> str:
 
 def ppl(model: Path, data: Path, out: Path) -> list:
     return ["eval", "ppl", "--model", model, "--methods", "vanilla", "--lengths", "32", "--data", data,
-            "--tokenizer", "bytes", "--samples", "1", "--no-progress", "--out", out]  # fmt: skip
+            "--tokenizer", "bytes", "--samples", "1", "--no-progress", "--out", out]
 
 
 def train_chat(model: Path, data: Path, out: Path, tokenizer: str | Path = "bytes") -> list:
     return ["train", "--model", model, "--method", "vanilla", "--format", "chat", "--data", data, "--tokenizer",
-            tokenizer, "--steps", "1", "--batch-size", "1", "--no-progress", "--out", out]  # fmt: skip
+            tokenizer, "--steps", "1", "--batch-size", "1", "--no-progress", "--out", out]
 
 
 def longbench(model: Path, data: Path, out: Path, *extra, tokenizer: str | Path = "bytes") -> list:
     return ["eval", "longbench", "--model", model, "--methods", "vanilla", "--lengths", "128", "--tokenizer",
-            tokenizer, "--data", data, "--no-progress", "--out", out, *extra]  # fmt: skip
+            tokenizer, "--data", data, "--no-progress", "--out", out, *extra]
 
 
 # --- 1. data that is not UTF-8 --------------------------------------------------------------------------------
@@ -113,7 +113,7 @@ def test_binary_stdin_is_named_by_its_line(model, capsys, monkeypatch, command):
      (b'{"messages": [{"role": "user", "content": null}]}',
       "chat.jsonl:2: message 0 field 'content' must be a string, got null")],
     ids=["not-utf8", "deep", "list", "messages-null", "message-string", "role-number", "content-null"],
-)  # fmt: skip
+)
 def test_bad_chat_records_are_named_and_can_be_skipped(model, tmp_path, capsys, line, message):
     path = tmp_path / "chat.jsonl"
     path.write_bytes(GOOD_CHAT.encode() + b"\n" + line + b"\n")
@@ -154,7 +154,7 @@ TEMPLATES = {  # name → (template, what the one line says after "chat_template
                         "3: the chat template uses an undefined name or field: 'dict object' has no attribute 'meta'"),
     "python-error": ("{{ messages | length / 0 }}",
                      "1: the chat template failed (ZeroDivisionError): division by zero"),
-}  # fmt: skip
+}
 
 
 @pytest.mark.parametrize("name", sorted(TEMPLATES))
@@ -169,7 +169,7 @@ def test_a_failing_chat_template_is_named_with_its_line(model, tmp_path, capsys,
     # clex chat: the first message fails, and so would every other one: the command stops
     monkeypatch.setattr("sys.stdin", io.StringIO("hello\nagain\n"))
     assert refusal(capsys, ["chat", "--model", model, "--tokenizer", tok_dir, "--max-new-tokens", "2"]) == \
-        f"clex chat: error: {expected}"  # fmt: skip
+        f"clex chat: error: {expected}"
     # fine-tuning on chat data with it, and LongBench with --chat on
     data = tmp_path / "chat.jsonl"
     data.write_text(GOOD_CHAT + "\n")
@@ -186,7 +186,7 @@ def test_a_working_template_is_used_as_written(tmp_path):
 
 # --- 4. records whose fields have the wrong type -------------------------------------------------------------
 RECORD = {"input": "Who?", "context": "Some context.", "answers": ["Ann"], "all_classes": None, "length": 3,
-          "dataset": "hotpotqa"}  # fmt: skip
+          "dataset": "hotpotqa"}
 BAD_FIELDS = [
     ({"context": None}, "field 'context' must be a string, got null"),
     ({"input": 12345}, "field 'input' must be a string, got a number"),
@@ -201,11 +201,11 @@ BAD_FIELDS = [
     ({"length": "long"}, "field 'length' must be null or a number, got a string"),
     ({"dataset": "passage_retrieval_en", "answers": ["the second one"]},
      "field 'answers': a passage_retrieval_en answer must name its paragraph, like 'Paragraph 3', got 'the second"),
-]  # fmt: skip
+]
 
 
 @pytest.mark.parametrize("change,message", BAD_FIELDS, ids=[f"{next(iter(c))}-{i}" for i, (c, _) in
-                                                           enumerate(BAD_FIELDS)])  # fmt: skip
+                                                           enumerate(BAD_FIELDS)])
 def test_longbench_fields_of_the_wrong_type_are_refused_before_use(model, tmp_path, capsys, change, message):
     path = tmp_path / "records.jsonl"
     path.write_text(json.dumps(RECORD) + "\n\n" + json.dumps({**RECORD, **change}) + "\n")
@@ -231,7 +231,7 @@ def test_valid_longbench_records_still_load():
      ('{"text": "ok", "meta": ' + DEEP + "}", "docs.jsonl:2: nests deeper than 64 levels"),
      ("[" * 70 + "]" * 70, "docs.jsonl:2: nests deeper than 64 levels")],
     ids=["id-list", "id-null", "text-object", "deep", "deep-within-the-limit-of-python"],
-)  # fmt: skip
+)
 def test_text_records_of_the_wrong_shape_are_named(model, tmp_path, capsys, line, message):
     path = tmp_path / "docs.jsonl"
     path.write_text('{"text": "' + "word " * 20 + '"}\n' + line + "\n")
@@ -261,9 +261,9 @@ def test_deeply_nested_json_is_refused_not_a_recursion_error(model, tmp_path, ca
      ("generate", ["--max-new-tokens", "0"], "--max-new-tokens must be an integer >= 1, got 0"),
      ("generate", ["--seed", "-1"], "--seed must be an integer in 0 … 2**64 - 1, got -1"),
      ("generate", ["--seed", str(2**64)], f"--seed must be an integer in 0 … 2**64 - 1, got {2**64}")],
-)  # fmt: skip
+)
 def test_nonsense_token_counts_are_refused_in_the_words_of_their_flag(model, tmp_path, capsys, monkeypatch, command,
-                                                                      flags, message):  # fmt: skip
+                                                                      flags, message):
     monkeypatch.setattr("sys.stdin", io.StringIO("Hello\n"))
     prompt = tmp_path / "prompt.txt"
     prompt.write_text("Hello")

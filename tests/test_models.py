@@ -300,12 +300,12 @@ def test_method_strings_parse():
     assert parse_method("yarn:factor=8,beta_fast=32") == ("yarn", {"factor": 8, "beta_fast": 32})
     assert parse_method("clex:policy=continuous,log_scale=true") == (
         "clex", {"policy": "continuous", "log_scale": True}
-    )  # fmt: skip
+    )
     with pytest.raises(ValueError, match="key=value"):
         parse_method("pi:8")
     assert set(clex.available_methods()) >= {
         "vanilla", "pi", "ntk", "dynamic", "yarn", "longrope", "llama3", "clex"
-    }  # fmt: skip
+    }
 
 
 def test_clex_config_over_plain_weights_initialises_clex_as_the_reference(tmp_path):
@@ -356,7 +356,7 @@ def _tiny(kind: str):
         "gptj": lambda: tf.GPTJConfig(vocab_size=64, n_embd=32, n_layer=1, n_head=4, rotary_dim=4, n_positions=16),
         "codegen": lambda: tf.CodeGenConfig(vocab_size=64, n_embd=32, n_layer=1, n_head=4, rotary_dim=4,
                                             n_positions=16),
-    }  # fmt: skip
+    }
     torch.manual_seed(0)
     config = configs[kind]()
     config._attn_implementation = "eager"
@@ -364,7 +364,7 @@ def _tiny(kind: str):
 
 
 COMMON_TINY = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                   num_key_value_heads=2, max_position_embeddings=16)  # fmt: skip
+                   num_key_value_heads=2, max_position_embeddings=16)
 
 REFUSED = [
     ("cohere", "clex", "model type 'cohere' rotates interleaved pairs (2i, 2i+1); CLEX builds the half-split layout"),
@@ -374,7 +374,7 @@ REFUSED = [
      "load back"),
     ("gptj", "vanilla", "model type 'gptj' applies its rotary embedding inside each attention layer"),
     ("codegen", "clex", "model type 'codegen' applies its rotary embedding inside each attention layer"),
-]  # fmt: skip
+]
 
 
 @pytest.mark.parametrize("kind, method, message", REFUSED, ids=[f"{k}-{m}" for k, m, _ in REFUSED])

@@ -135,7 +135,7 @@ def _described(path: Path, record, ino_of=lambda p: os.lstat(p).st_ino) -> bool:
     if kind == "dir":
         entries = record.get("entries")
         return isinstance(entries, dict) and set(os.listdir(path)) == set(entries) and all(
-            _plain(n) and _described(path / n, r, ino_of) for n, r in entries.items())  # fmt: skip
+            _plain(n) and _described(path / n, r, ino_of) for n, r in entries.items())
     return kind == "outdir"  # its content is judged path by path through its own manifest
 
 
@@ -239,13 +239,13 @@ def test_nothing_unrecorded_or_outside_is_removed_or_changed(scene, data):
                 record_root = out
                 for part in relative.parts[:-1]:  # the entry that covered it matched its record when removed
                     if record_root in allowed and isinstance(allowed[record_root].get(part), dict) and \
-                            allowed[record_root][part].get("type") == "outdir":  # fmt: skip
+                            allowed[record_root][part].get("type") == "outdir":
                         record_root = record_root / part
                         continue
                     break
                 name = Path(path).relative_to(record_root).parts[0]
                 assert _described_before(before, record_root / name, allowed[record_root][name], out), \
-                    f"{relative} was removed though it did not match its record"  # fmt: skip
+                    f"{relative} was removed though it did not match its record"
             else:
                 assert after[path] == was or after[path][0] == "dir", f"{relative} was changed"
         event(f"{operation}: {'some' if set(before) - set(after) else 'nothing'} removed")
@@ -284,7 +284,7 @@ def test_a_manifest_naming_anything_but_a_plain_name_is_refused_whole(tmp_path, 
     (tmp_path / "parent-file.txt").write_text("the user's")
     (out / "results.json").write_text("{}")
     entries = {name: {"type": "file", "size": 2, "sha256": hashlib.sha256(b"{}").hexdigest()},
-               "results.json": records.record_of(out / "results.json")}  # fmt: skip
+               "results.json": records.record_of(out / "results.json")}
     (out / outdir.MANIFEST).write_text(json.dumps({"clex_manifest": 2, "kind": "eval-ppl", "entries": entries}))
     with pytest.raises(outdir.OutDirError, match="is not a clex manifest .*(is not a plain file name|is longer than)"):
         outdir.claim(out, "eval-ppl", overwrite=True)

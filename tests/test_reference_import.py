@@ -24,7 +24,7 @@ def write_reference_checkpoint(path, rope_theta: float, log_scale: bool, seed: i
     config.pop("rope_parameters")
     config["rope_theta"] = rope_theta
     config["rope_scaling"] = {"type": "clex", "max_factor": 8, "param_factor": 1, "act": "tanh",
-                              "time_dt": 0.01, "factor": 1}  # fmt: skip
+                              "time_dt": 0.01, "factor": 1}
     config["log_scale"] = log_scale
     (path / "config.json").write_text(json.dumps(config))
     d = model.config.head_dim

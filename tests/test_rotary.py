@@ -35,7 +35,7 @@ def positions(n: int) -> torch.Tensor:
 @pytest.mark.parametrize(
     "policy,n,t", [("ceil", 1, 1), ("ceil", 32, 1), ("ceil", 33, 2), ("ceil", 64, 2), ("ceil", 65, 3),
                    ("continuous", 16, 1), ("continuous", 48, 1.5), ("continuous", 100, 100 / 32)],
-)  # fmt: skip
+)
 def test_scaling_factor_policies(policy, n, t):
     assert make_rotary(policy=policy).scaling_factor(n) == pytest.approx(t)
 
@@ -124,7 +124,7 @@ def test_nan_parameters_raise():
     "overrides,name",
     [(dict(max_factor=0), "max_factor"), (dict(max_factor=2.5), "max_factor"), (dict(act="gelu"), "act"),
      (dict(time_dt=0), "time_dt"), (dict(policy="floor"), "policy"), (dict(log_scale="yes"), "log_scale")],
-)  # fmt: skip
+)
 def test_bad_settings_name_themselves(overrides, name):
     with pytest.raises(ValueError, match=name):
         CLEXConfig(original_max_position_embeddings=L, **overrides)

@@ -34,7 +34,7 @@ def _left_padded(rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
 def _generate(model, ids, mask, policy, cache):
     kwargs = {"cache_implementation": "static"} if cache == "static" else {}
     return clex.generate(model, ids, policy=policy, attention_mask=mask, max_new_tokens=NEW, do_sample=False,
-                         pad_token_id=0, output_logits=True, return_dict_in_generate=True, **kwargs)  # fmt: skip
+                         pad_token_id=0, output_logits=True, return_dict_in_generate=True, **kwargs)
 
 
 @pytest.mark.parametrize("cache", ["dynamic", "static"])

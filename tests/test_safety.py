@@ -40,7 +40,7 @@ def world(tmp_path_factory):
 def _build_world(root):
     torch.manual_seed(0)
     config = tf.LlamaConfig(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=L)  # fmt: skip
+                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=L)
     model = tf.LlamaForCausalLM(config)
     model.save_pretrained(root / "base")
     clex.apply(model, "clex", max_factor=4)
@@ -57,7 +57,7 @@ def _build_world(root):
 def train_args(root, out, *extra) -> list[str]:
     return ["train", "--model", str(root / "base"), "--data", str(root / "corpus.txt"), "--tokenizer", "bytes",
             "--method", "clex:max_factor=4", "--steps", "4", "--batch-size", "2", "--lr", "1e-3", "--out", str(out),
-            "--no-progress", *extra]  # fmt: skip
+            "--no-progress", *extra]
 
 
 def snapshot(*dirs) -> dict[str, bytes]:
@@ -108,7 +108,7 @@ def test_no_checkpoint_file_is_unpickled(world, tmp_path, capsys):
     assert not [f for f in checkpoint_files if f.endswith((".pkl", ".bin", ".pt"))]  # nothing pickled is written
     # every file clex writes, plus the pickles accelerate would write (and read back) in their place
     accelerate_files = ("custom_checkpoint_0.pkl", "random_states_0.pkl", "optimizer.bin", "scheduler.bin",
-                        "pytorch_model.bin")  # fmt: skip
+                        "pytorch_model.bin")
     targets = [f"checkpoint-0000002/{f}" for f in (*checkpoint_files, *accelerate_files)]
     targets += ["train_args.json", "metrics.jsonl"]
     for i, target in enumerate(targets):
@@ -144,7 +144,7 @@ def test_overwrite_removes_only_what_clex_wrote(world, tmp_path, capsys):
     out = tmp_path / "over"
     shutil.copytree(world / "run", out)
     user = {"README.md": "notes", "tokenizer_notes.txt": "mine", "clex_results.csv": "a,b",
-            "model-backup-before-finetune.safetensors": "weights"}  # fmt: skip
+            "model-backup-before-finetune.safetensors": "weights"}
     for name, text in user.items():
         (out / name).write_text(text)
     (out / "checkpoint-0000002" / "mine.txt").write_text("inside a checkpoint")  # no longer as clex wrote it
@@ -198,7 +198,7 @@ def test_demo_overwrite_keeps_the_users_files(tmp_path):
     (("--steps", "20"), "--steps (4 → 20)"),
     (("--seed", "3"), "--seed (0 → 3)"),
     (("--clex-lr", "0"), "--clex-lr (None → 0.0)"),
-])  # fmt: skip
+])
 def test_resume_with_other_settings_is_refused(world, tmp_path, capsys, change, named):
     out = unfinished_copy(world, tmp_path)
     before = snapshot(out)
@@ -327,14 +327,14 @@ MODEL_CASES = [
     ("garbage weights", lambda p: (p / "model.safetensors").write_bytes(b"not a tensor file" * 8),
      "model.safetensors is not a readable safetensors file"),
     ("wrong CLEX shape", _wrong_clex_shape, "clex_ode.up_proj in model.safetensors is [3, 3], the config needs"),
-]  # fmt: skip
+]
 
 
 @pytest.mark.parametrize("case, damage, message", MODEL_CASES, ids=[c[0] for c in MODEL_CASES])
 @pytest.mark.parametrize("command", [
     ["info"], ["eval", "ppl", "--lengths", "32", "--tokenizer", "bytes", "--data", "CORPUS"],
     ["export", "--factor", "2", "--out", "OUT"], ["train", "--data", "CORPUS", "--tokenizer", "bytes", "--out", "OUT"],
-])  # fmt: skip
+])
 def test_a_bad_model_directory_is_named_in_one_line(world, tmp_path, capsys, case, damage, message, command):
     model = _damage(world, tmp_path, "bad", damage)
     argv = [*command, "--model", str(model)]
@@ -347,7 +347,7 @@ def test_a_bad_model_directory_is_named_in_one_line(world, tmp_path, capsys, cas
 
 
 @pytest.mark.parametrize("command", [["info"], ["eval", "ppl", "--lengths", "32", "--tokenizer", "bytes"],
-                                     ["export", "--factor", "2", "--out", "OUT"]])  # fmt: skip
+                                     ["export", "--factor", "2", "--out", "OUT"]])
 def test_a_model_without_rope_is_refused_in_one_line(world, tmp_path, capsys, command):
     argv = [str(tmp_path / "out") if a == "OUT" else a for a in [*command, "--model", str(world / "gpt2")]]
     code, err = run_cli(capsys, argv)
@@ -362,13 +362,13 @@ CHECKPOINT_CASES = [
     ("bad state", "trainer_state.json", lambda p: p.write_text('{"step": "two"}'),
      "names step 'two', not a step of this run"),
     ("missing rng", "rng-0.safetensors", lambda p: p.unlink(), "is missing"),
-]  # fmt: skip
+]
 
 
 @pytest.mark.parametrize("recorded", ["before the damage", "after the damage"])
 @pytest.mark.parametrize("case, name, damage, message", CHECKPOINT_CASES, ids=[c[0] for c in CHECKPOINT_CASES])
 def test_a_damaged_latest_checkpoint_is_named_and_an_earlier_one_used(world, tmp_path, capsys, case, name, damage,
-                                                                      message, recorded):  # fmt: skip
+                                                                      message, recorded):
     """Damage after clex recorded the checkpoint is seen by its record; a checkpoint recorded as it is (a
     manifest rewritten to match) is still checked file by file before it is believed."""
     out = unfinished_copy(world, tmp_path, "run")  # its checkpoint at step 2; one at step 3 is added
@@ -467,7 +467,7 @@ def test_an_unexpected_failure_is_one_line_and_debug_shows_the_traceback(world, 
     (("--lr", "0"), "--lr 0 freezes the base model, so only the CLEX ODE can learn"),
     (("--lr", "0", "--clex-lr", "0"), "--lr 0 freezes the base model, so only the CLEX ODE can learn"),
     (("--lr", "-1"), "learning rates must be finite and >= 0"),
-])  # fmt: skip
+])
 def test_bad_training_arguments_write_nothing(world, tmp_path, capsys, extra, message):
     out = tmp_path / "never"
     code, err = run_cli(capsys, train_args(world, out, *extra))

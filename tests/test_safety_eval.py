@@ -30,7 +30,7 @@ def save_tiny(path: Path, seed: int = 0, nan: bool = False, L: int = L) -> Path:
     torch.manual_seed(seed)
     config = tf.LlamaConfig(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=L,
-                            eos_token_id=None, bos_token_id=None, pad_token_id=None)  # fmt: skip
+                            eos_token_id=None, bos_token_id=None, pad_token_id=None)
     model = tf.LlamaForCausalLM(config).eval()
     if nan:
         with torch.no_grad():
@@ -49,7 +49,7 @@ def shared(tmp_path_factory):
     for i, n in enumerate([300, 500, 1200]):
         (corpus / f"doc{i}.txt").write_text(" ".join(rng.choice(words, n)))
     return {"model": save_tiny(root / "model"), "nan": save_tiny(root / "nan-model", nan=True), "corpus": corpus,
-            "root": root}  # fmt: skip
+            "root": root}
 
 
 def snapshot(*roots: Path) -> dict[str, bytes]:
@@ -78,13 +78,13 @@ def one_line(err: str) -> str:
 def ppl_argv(shared, out, *extra) -> list:
     return ["eval", "ppl", "--model", shared["model"], "--methods", "vanilla", "--lengths", "32,64", "--data",
             shared["corpus"], "--samples", "2", "--tokenizer", "bytes", "--no-progress", "--out", out,
-            *extra]  # fmt: skip
+            *extra]
 
 
 def passkey_argv(model, out, *extra) -> list:
     return ["eval", "passkey", "--model", model, "--tokenizer", "bytes", "--methods", "vanilla,pi:factor=2",
             "--lengths", "128", "--depths", "0,100", "--trials", "1", "--no-intro", "--no-progress", "--out", out,
-            *extra]  # fmt: skip
+            *extra]
 
 
 def fake_results(path: Path, kind: str, extra: dict | None = None) -> Path:
@@ -132,7 +132,7 @@ CASES = [
     # (id, argv builder (shared, tmp) -> argv, expected fragment of the one line)
     *[(f"{kind}-out-holding-results", lambda s, t, k=kind: [
         "eval", k, "--model", s["model"], "--out", fake_results(t / "out", f"eval-{k}"), *EVAL_KINDS[k]],
-       "already holds results") for kind in EVAL_KINDS],  # fmt: skip
+       "already holds results") for kind in EVAL_KINDS],
     ("out-with-foreign-files", lambda s, t: ppl_argv(s, _mk(t / "out", {"thesis.tex": "mine"})),
      "holds files clex did not write (thesis.tex)"),
     ("out-of-another-kind", lambda s, t: passkey_argv(s["model"], fake_results(t / "out", "eval-ppl")),
@@ -171,7 +171,7 @@ CASES = [
     ("batch-size-zero", lambda s, t: passkey_argv(s["model"], t / "out", "--batch-size", "0"),
      "--batch-size must be an integer >= 1"),
     ("ruler-samples-zero", lambda s, t: ["eval", "ruler", "--model", s["model"], "--out", t / "out", "--samples", "0",
-                                         *EVAL_KINDS["ruler"]], "--samples must be an integer >= 1"),  # fmt: skip
+                                         *EVAL_KINDS["ruler"]], "--samples must be an integer >= 1"),
     ("nan-logits-ppl", lambda s, t: [*ppl_argv(s, t / "out")[:3], s["nan"], *ppl_argv(s, t / "out")[4:]],
      "method 'vanilla' at length 32: the loss is not finite"),
     ("nan-logits-passkey", lambda s, t: passkey_argv(s["nan"], t / "out"),
@@ -187,9 +187,9 @@ CASES = [
           ("--temperature", "inf", "--temperature must be 0 (greedy) or a finite positive number, got inf"),
           ("--top-p", "0", "--top-p must be in (0, 1], got 0.0"),
           ("--top-p", "1.5", "--top-p must be in (0, 1], got 1.5"),
-      ]],  # fmt: skip
+      ]],
     ("chat-temperature-nan", lambda s, t: ["chat", "--model", s["model"], "--tokenizer", "bytes", "--temperature",
-                                           "nan"], "--temperature must be 0 (greedy)"),  # fmt: skip
+                                           "nan"], "--temperature must be 0 (greedy)"),
 ]
 
 
@@ -322,7 +322,7 @@ def test_run_key_names_what_changes_a_score(tmp_path):
     samples = [T.Sample([1, 2, 3], ["4"], 5, "passkey", 128)]
     key = T.run_key("passkey", str(model), ByteTokenizer(), samples, "rerotate", 8, torch.float32, "cpu")
     assert set(key) == {"kind", "prompts", "weights", "tokenizer", "policy", "dtype", "device", "batch_size",
-                        "versions"}  # fmt: skip
+                        "versions"}
     other = [T.Sample([1, 2, 3], ["4"], 5, "passkey", 128, stop_strings=("\n",))]
     assert T.run_key("passkey", str(model), ByteTokenizer(), other, "rerotate", 8, torch.float32, "cpu") != key
 
@@ -364,7 +364,7 @@ def test_ppl_failing_at_the_longest_length_writes_the_finished_ones(shared, tmp_
     assert f"the 1 result that finished is in {out / 'results.json'}" in line
     payload = json.loads((out / "results.json").read_text(), parse_constant=lambda c: pytest.fail(f"{c} in JSON"))
     assert payload["complete"] is False and [(r["length"], math.isfinite(r["ppl"])) for r in payload["results"]] == [
-        (32, True)]  # fmt: skip
+        (32, True)]
     code, _, err = cli(capsys, ppl_argv(shared, out))  # incomplete results are results: kept unless --overwrite
     assert code == 2 and "already holds results" in one_line(err)
 

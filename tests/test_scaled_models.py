@@ -17,9 +17,9 @@ from conftest import COMMON, randomize_clex, tokens
 
 SMALL = {k: v for k, v in COMMON.items() if k != "max_position_embeddings"}
 LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "original_max_position_embeddings": 8, "low_freq_factor": 1.0,
-          "high_freq_factor": 4.0, "rope_theta": 10000.0}  # fmt: skip
+          "high_freq_factor": 4.0, "rope_theta": 10000.0}
 LONGROPE = {"rope_type": "longrope", "short_factor": [1.0, 1.3, 1.7, 2.2], "long_factor": [1.0, 2.0, 4.5, 9.0],
-            "rope_theta": 10000.0}  # fmt: skip
+            "rope_theta": 10000.0}
 
 
 def _gemma3_linear():
@@ -28,7 +28,7 @@ def _gemma3_linear():
         layer_types=["sliding_attention", "full_attention"],
         rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
                          "full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 100000.0}},
-    )  # fmt: skip
+    )
 
 
 SCALED = {  # name -> (config, its context L)
@@ -41,7 +41,7 @@ SCALED = {  # name -> (config, its context L)
     "longrope": (lambda: tf.Phi3Config(**SMALL, pad_token_id=0, max_position_embeddings=64,
                                        original_max_position_embeddings=16, rope_parameters=dict(LONGROPE)), 64),
     "gemma3": (_gemma3_linear, 32),
-}  # fmt: skip
+}
 ADAPTIVE = ["vanilla", "clex", "clex:policy=continuous", "dynamic:factor=4"]
 FIXED = ["pi:factor=2", "ntk:factor=2", "yarn:factor=2", "llama3:factor=2", "clex"]
 
@@ -176,7 +176,7 @@ def test_composing_that_is_not_defined_is_refused():
         clex.apply(model, "dynamic:factor=2")
     config = tf.LlamaConfig(**SMALL, max_position_embeddings=32)
     config.rope_parameters = {"rope_type": "proportional", "factor": 2.0, "rope_theta": 10000.0,
-                              "partial_rotary_factor": 0.5}  # fmt: skip
+                              "partial_rotary_factor": 0.5}
     other = tf.AutoModelForCausalLM.from_config(config)
     with pytest.raises(UnsupportedModelError, match="ships rope type 'proportional'"):
         clex.apply(other, "clex")

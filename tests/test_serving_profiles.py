@@ -96,7 +96,7 @@ def test_cache_salt_names_the_profile_and_keeps_the_clients():
     [({"format": 2}, "format is 2"), ({"L": 0}, "L must be"), ({"T": 3}, "list of T = 3"),
      ({"inv_freq": [[1.0], [1.0, 2.0]]}, "one length"), ({"inv_freq": [[1.0], [float("nan")]]}, "finite positive"),
      ({"attention_scaling": -1}, "attention_scaling"), ({"T": True}, "T must be")],
-)  # fmt: skip
+)
 def test_a_malformed_entry_is_one_line_naming_the_field(change, named):
     entry = {"format": 1, "L": L, "T": 2, "inv_freq": [[1.0], [0.5]], "attention_scaling": 1.0, **change}
     with pytest.raises(ProfileError, match=named) as err:
@@ -159,7 +159,7 @@ def test_the_runner_hook_moves_each_token_to_its_requests_table():
     out = _offset_positions(runner, (None, None, padded), scheduled, len(padded))
     assert out[2] is padded  # moved in place: the buffer the model reads
     want = torch.cat([physical[:5], physical[5:6] + offset(3, L), physical[6:15] + offset(2, L),
-                      physical[15:] + offset(4, L), torch.zeros(3, dtype=physical.dtype)])  # fmt: skip
+                      physical[15:] + offset(4, L), torch.zeros(3, dtype=physical.dtype)])
     assert torch.equal(padded, want)
     table = p.cos_sin_table()
     assert int(padded.max()) < len(table)
@@ -194,7 +194,7 @@ def _engine_config(**change):
 
     p = Profiles(L=L, T=T, inv_freq=((1.0,),) * T)
     model = NS(hf_config=NS(**{CONFIG_KEY: p.to_config()}), max_model_len=T * L, uses_mrope=False,
-               hf_text_config=NS(rope_parameters={"rope_type": "longrope"}))  # fmt: skip
+               hf_text_config=NS(rope_parameters={"rope_type": "longrope"}))
     config = NS(model_config=model, speculative_config=None, kv_transfer_config=None, use_v2_model_runner=False)
     for key, value in change.items():
         setattr(model if hasattr(model, key) else config, key, value)
@@ -206,7 +206,7 @@ def _engine_config(**change):
     [({"max_model_len": T * L + 1}, "--max-model-len 65 exceeds the 4·16 = 64 tokens"),
      ({"speculative_config": object()}, "speculative decoding"), ({"kv_transfer_config": object()}, "KV transfer"),
      ({"use_v2_model_runner": True}, "VLLM_USE_V2_MODEL_RUNNER=0"), ({"uses_mrope": True}, "multimodal rope")],
-)  # fmt: skip
+)
 def test_the_engine_config_refuses_in_one_line_what_the_plugin_cannot_keep_right(change, named):
     from clex_vllm.plugin import _after_config
 

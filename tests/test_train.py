@@ -37,7 +37,7 @@ def model_dir(tmp_path):
     config = tf.LlamaConfig(
         vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=L,
-    )  # fmt: skip
+    )
     path = tmp_path / "base"
     tf.LlamaForCausalLM(config).save_pretrained(path)
     return str(path)
@@ -45,7 +45,7 @@ def model_dir(tmp_path):
 
 def cfg(model_dir, corpus, out, **kw) -> TrainConfig:
     base = dict(model=model_dir, out=str(out), method="clex:max_factor=4", data=corpus, tokenizer="bytes",
-                steps=30, batch_size=4, lr=3e-3, clex_lr=1e-2, warmup=0.1, show_progress=False)  # fmt: skip
+                steps=30, batch_size=4, lr=3e-3, clex_lr=1e-2, warmup=0.1, show_progress=False)
     return TrainConfig(**{**base, **kw})
 
 
@@ -157,7 +157,7 @@ def test_lora_freezes_base_trains_clex_saves_reloads_merges(model_dir, corpus, t
 def _cli(model_dir, corpus, out, *extra):
     return [sys.executable, "-m", "clex", "train", "--model", model_dir, "--data", corpus, "--tokenizer", "bytes",
             "--method", "clex", "--max-factor", "4", "--steps", "16", "--batch-size", "4", "--lr", "3e-3",
-            "--out", str(out), "--no-progress", *extra]  # fmt: skip
+            "--out", str(out), "--no-progress", *extra]
 
 
 def test_kill_and_resume_matches_an_uninterrupted_run(model_dir, corpus, tmp_path):
@@ -167,7 +167,7 @@ def test_kill_and_resume_matches_an_uninterrupted_run(model_dir, corpus, tmp_pat
     subprocess.run(_cli(model_dir, corpus, ref, *long), check=True, capture_output=True)
     out = tmp_path / "killed"
     proc = subprocess.Popen(_cli(model_dir, corpus, out, *long, "--save-every", "4"), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)  # fmt: skip
+                            stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while not (out / "checkpoint-0000004").exists():
         assert proc.poll() is None and time.time() < deadline, "run ended before its first checkpoint"
@@ -193,7 +193,7 @@ def test_two_processes_take_the_same_steps_as_one(model_dir, corpus, tmp_path):
     # accelerate's launcher starts one CPU process unless MPI is set up; torch's own launcher gives
     # accelerate a gloo process group (DistributedType.MULTI_CPU), as `accelerate launch` does on GPUs.
     launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
-              "-m", "clex"]  # fmt: skip
+              "-m", "clex"]
     cmd = launch + _cli(model_dir, corpus, two, "--steps", "6", "--batch-size", "2")[3:]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
     result = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -244,12 +244,12 @@ def test_fsdp_over_two_processes_takes_the_steps_of_one_and_resumes(model_dir, c
     one = tmp_path / "one"
     subprocess.run(_cli(model_dir, corpus, one, "--steps", "6"), check=True, capture_output=True)
     launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29534",
-              "-m", "clex"]  # fmt: skip
+              "-m", "clex"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
 
     def sharded(out, *extra):
         cmd = launch + _cli(model_dir, corpus, out, "--steps", "6", "--batch-size", "2", "--fsdp", "full_shard",
-                            "--save-every", "3", "--keep", "3", *extra)[3:]  # fmt: skip
+                            "--save-every", "3", "--keep", "3", *extra)[3:]
         result = subprocess.run(cmd, capture_output=True, text=True, env=env)
         assert result.returncode == 0, result.stderr[-3000:]
 
@@ -282,9 +282,9 @@ def test_fsdp_over_two_processes_takes_the_steps_of_one_and_resumes(model_dir, c
 
 def test_clex_below_the_models_training_length_is_refused_with_the_regime_explained(model_dir, corpus, tmp_path):
     with pytest.raises(TrainError, match=r"train length 16 is shorter than the model's training length L = 32: .*"
-                                         r"declare that L: --base-length 16"):  # fmt: skip
+                                         r"declare that L: --base-length 16"):
         train(cfg(model_dir, corpus, tmp_path / "short", train_length=16))
     assert not (tmp_path / "short").exists()
     run = train(cfg(model_dir, corpus, tmp_path / "declared", method=declare_length("clex", 16), train_length=16,
-                    steps=2))  # fmt: skip
+                    steps=2))
     assert clex.from_pretrained(run).config.rope_parameters["original_max_position_embeddings"] == 16

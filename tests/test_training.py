@@ -25,7 +25,7 @@ def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("training")
     torch.manual_seed(0)
     config = tf.LlamaConfig(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=L)  # fmt: skip
+                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=L)
     tf.LlamaForCausalLM(config).save_pretrained(root / "base")
     rng = np.random.default_rng(0)
     words = ["the", "state", "of", "union", "is", "strong", "congress", "people", "nation", "peace"]
@@ -64,14 +64,14 @@ def trainer_args(out, **kw) -> tf.TrainingArguments:
     base = dict(output_dir=str(out), per_device_train_batch_size=4, max_steps=STEPS, learning_rate=3e-3,
                 lr_scheduler_type="cosine", warmup_steps=0.25, weight_decay=0.0, max_grad_norm=1.0, seed=0,
                 logging_steps=1, report_to=[], save_strategy="no", use_cpu=True, dataloader_num_workers=0,
-                disable_tqdm=True)  # fmt: skip
+                disable_tqdm=True)
     return tf.TrainingArguments(**{**base, **kw})
 
 
 def run_trainer(root, out, model=None, resume=None, **kw):
     model = model or clex_model(root)
     trainer = Recording(model=model, args=trainer_args(out, **kw), train_dataset=rows_in_clex_order(root, STEPS, 4),
-                        data_collator=CLEXDataCollator(model, seed=0), clex_lr=1e-2)  # fmt: skip
+                        data_collator=CLEXDataCollator(model, seed=0), clex_lr=1e-2)
     trainer.losses = []
     trainer.train(resume_from_checkpoint=resume)
     return trainer
@@ -116,7 +116,7 @@ def test_packed_rows_get_per_segment_positions_a_block_mask_and_a_fixed_t(setup)
     collator = CLEXDataCollator(model, seed=0)
     # TRL's padding-free layout: one flattened row, positions restarting per sequence, no attention mask
     batch = collator([{"input_ids": torch.arange(20), "position_ids": torch.cat([torch.arange(12), torch.arange(8)]),
-                       "labels": torch.arange(20), "cu_seq_lens_q": torch.tensor([0, 12, 20])}])  # fmt: skip
+                       "labels": torch.arange(20), "cu_seq_lens_q": torch.tensor([0, 12, 20])}])
     assert "cu_seq_lens_q" not in batch and batch["clex_t"] == collator.last_t
     mask = batch["attention_mask"][0, 0]
     assert not mask[12:, :12].any() and mask[:12, :12].equal(torch.ones(12, 12, dtype=torch.bool).tril())
@@ -128,7 +128,7 @@ def test_packed_rows_get_per_segment_positions_a_block_mask_and_a_fixed_t(setup)
 def test_trainer_takes_the_steps_of_clex_train(setup, tmp_path):
     out = train(TrainConfig(model=str(setup / "base"), out=str(tmp_path / "cli"), method="clex:max_factor=4",
                             data=str(setup / "corpus.txt"), tokenizer="bytes", steps=STEPS, batch_size=4, lr=3e-3,
-                            clex_lr=1e-2, warmup=0.25, show_progress=False))  # fmt: skip
+                            clex_lr=1e-2, warmup=0.25, show_progress=False))
     reference = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     before = clex_model(setup).state_dict()
     trainer = run_trainer(setup, tmp_path / "hf")
@@ -179,12 +179,12 @@ def test_trl_sft_on_conversations_trains_assistant_tokens_and_saves_a_clex_model
 
     convs = [{"messages": [{"role": "user", "content": f"what is {i} plus {i}?"},
                            {"role": "assistant", "content": f"{i} plus {i} is {2 * i}."}]}
-             for i in range(16)]  # fmt: skip
+             for i in range(16)]
     tk = Tokenizer(models.BPE())
     tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tk.decoder = decoders.ByteLevel()
     bpe = trainers.BpeTrainer(vocab_size=250, special_tokens=["<|end|>", "</s>", "<pad>"],
-                              initial_alphabet=pre_tokenizers.ByteLevel.alphabet())  # fmt: skip
+                              initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tk.train_from_iterator([render_text(c["messages"]) for c in convs], bpe)
     tok = tf.PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="</s>", pad_token="<pad>")
     tok.chat_template = DEFAULT_TEMPLATE
@@ -192,9 +192,9 @@ def test_trl_sft_on_conversations_trains_assistant_tokens_and_saves_a_clex_model
     before = clex.models.clex_modules(model)[0].clex_ode.up_proj.detach().clone()
     args = trl.SFTConfig(output_dir=str(tmp_path / "sft"), max_steps=6, per_device_train_batch_size=4,
                          learning_rate=3e-3, assistant_only_loss=True, report_to=[], save_strategy="no",
-                         use_cpu=True, logging_steps=1, max_length=L * 4, disable_tqdm=True, seed=0)  # fmt: skip
+                         use_cpu=True, logging_steps=1, max_length=L * 4, disable_tqdm=True, seed=0)
     trainer = CLEXSFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(convs), processing_class=tok,
-                             clex_lr=1e-2)  # fmt: skip
+                             clex_lr=1e-2)
     seen = []
     inner = trainer.data_collator.collator
 
@@ -213,7 +213,7 @@ def test_trl_sft_on_conversations_trains_assistant_tokens_and_saves_a_clex_model
     trainer.save_model(str(tmp_path / "sft-final"))
     loaded = clex.from_pretrained(tmp_path / "sft-final")
     torch.testing.assert_close(clex.models.clex_modules(loaded)[0].clex_ode.up_proj,
-                               clex.models.clex_modules(model)[0].clex_ode.up_proj)  # fmt: skip
+                               clex.models.clex_modules(model)[0].clex_ode.up_proj)
 
 
 # --- bf16 -------------------------------------------------------------------------------------------------
@@ -222,7 +222,7 @@ def test_bf16_autocast_on_cpu_keeps_clex_fp32_with_finite_gradients_and_the_fp32
     for precision in ("fp32", "bf16"):
         cfg = TrainConfig(model=str(setup / "base"), out=str(tmp_path / precision), data=str(setup / "corpus.txt"),
                           method="clex:max_factor=16", tokenizer="bytes", steps=200, batch_size=2, lr=1e-3,
-                          clex_lr=1e-3, warmup=0.1, precision=precision, show_progress=False)  # fmt: skip
+                          clex_lr=1e-3, warmup=0.1, precision=precision, show_progress=False)
         out = train(cfg)
         runs[precision] = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
         weights = load_file(out / "model.safetensors")
@@ -247,7 +247,7 @@ def test_clex_trainer_under_fsdp_on_two_processes_takes_the_steps_of_one(setup, 
     for world in (1, 2):
         out = tmp_path / f"world{world}"
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(world), "--master_port",
-               str(29540 + world), job, str(setup), str(out)]  # fmt: skip
+               str(29540 + world), job, str(setup), str(out)]
         result = subprocess.run(cmd, capture_output=True, text=True, env=env)
         assert result.returncode == 0, result.stderr[-3000:]
         runs[world] = json.loads((out / "result.json").read_text())

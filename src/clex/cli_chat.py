@@ -59,7 +59,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     pad = getattr(tok, "pad_token_id", None) or getattr(tok, "eos_token_id", None) or 0
     torch.manual_seed(args.seed)
     generate(model, ids, policy=args.policy, max_new_tokens=args.max_new_tokens, do_sample=sampling,
-             streamer=streamer, pad_token_id=pad, **extra)  # fmt: skip
+             streamer=streamer, pad_token_id=pad, **extra)
     return 0
 
 
@@ -109,7 +109,7 @@ class _Messages:
             return input(prompt)
         except UnicodeDecodeError as err:
             raise ValueError(f"stdin:{self.line_no}: not UTF-8 text (byte 0x{err.object[err.start]:02x}); set the "
-                             "terminal to UTF-8") from None  # fmt: skip
+                             "terminal to UTF-8") from None
 
     def read(self) -> str | None:
         """The next message, or None at the end of input."""
@@ -148,7 +148,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
     interactive = sys.stdin.isatty()
     notice = lambda text: print(f"[{text}]", file=sys.stderr)  # noqa: E731
     session = ChatSession(model, tok, args.system, args.max_context, args.max_new_tokens, args.policy,
-                          args.temperature, notice)  # fmt: skip
+                          args.temperature, notice)
     if interactive:
         print("clex chat: /reset clears the history, /exit leaves; end a line with \\ to continue it", file=sys.stderr)
     messages = _Messages(interactive)
@@ -187,10 +187,10 @@ def add_chat_parsers(sub) -> None:
     ch.add_argument("--base-length", type=int, default=None, help=BASE_LENGTH_HELP)
     ch.add_argument("--system", default=None, help="a system message at the start of the conversation")
     ch.add_argument("--max-context", type=int, default=None, help="tokens of history + answer kept; the oldest "
-                    "exchanges are dropped beyond it (default: the config's max_position_embeddings)")  # fmt: skip
+                    "exchanges are dropped beyond it (default: the config's max_position_embeddings)")
     ch.add_argument("--max-new-tokens", type=int, default=256)
     ch.add_argument("--policy", default="rerotate", choices=["rerotate", "recompute", "frozen", "off"],
-                    help="CLEX KV-cache policy as the conversation grows (default: %(default)s)")  # fmt: skip
+                    help="CLEX KV-cache policy as the conversation grows (default: %(default)s)")
     ch.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
     ch.add_argument("--tokenizer", default=None, help="tokenizer directory or `bytes` (default: the model's)")
     ch.set_defaults(func=cmd_chat)
@@ -201,7 +201,7 @@ def add_chat_parsers(sub) -> None:
     ge.add_argument("--max-new-tokens", type=int, default=256)
     ge.add_argument("--policy", default="rerotate", choices=["rerotate", "recompute", "frozen", "off"],
                     help="KV cache when CLEX's t changes: rerotate cached keys once (default), recompute the "
-                    "prefix, freeze t from the final length, or off (stock behaviour)")  # fmt: skip
+                    "prefix, freeze t from the final length, or off (stock behaviour)")
     ge.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
     ge.add_argument("--top-p", type=float, default=1.0)
     ge.add_argument("--seed", type=int, default=0)

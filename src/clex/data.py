@@ -100,7 +100,7 @@ def _local(path: Path, text_field: str) -> list[Document]:
             where, record = f"{path}:{no}", json_line(line, path, no, hint)
             if not isinstance(record, dict):
                 raise DataError(f"{where}: a record must be a JSON object with a {text_field!r} field, got "
-                                f"{json_kind(record)}")  # fmt: skip
+                                f"{json_kind(record)}")
             if text_field not in record:
                 raise DataError(f"{where}: record has no field {text_field!r} (see --text-field)")
             doc_id = record.get("id", no - 1)
@@ -117,7 +117,7 @@ def _local(path: Path, text_field: str) -> list[Document]:
         if text_field not in table.column_names:
             raise DataError(f"{path}: no column {text_field!r}; columns are {table.column_names}")
         return [Document(str(i), _text(t, f"{path}: row {i}", text_field))
-                for i, t in enumerate(table.column(text_field).to_pylist())]  # fmt: skip
+                for i, t in enumerate(table.column(text_field).to_pylist())]
     raise DataError(f"{path}: unsupported file type {suffix!r} (use .txt, a folder, .jsonl or .parquet)")
 
 
@@ -132,7 +132,7 @@ def decode_text(data: bytes, name: str, line: int | None = None, fix: str = "sav
         line_start = data.rfind(newline, 0, err.start) + 1
         at = line if line is not None else data.count(newline, 0, err.start) + 1
         raise DataError(f"{name}:{at}: not UTF-8 text (byte 0x{data[err.start]:02x} at column "
-                        f"{err.start - line_start + 1}); {fix}") from None  # fmt: skip
+                        f"{err.start - line_start + 1}); {fix}") from None
 
 
 def read_text(path: str | Path) -> str:
@@ -303,7 +303,7 @@ def tokenize_documents(docs: list[Document], tokenizer, cache: bool = True) -> l
             path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as err:
             raise DataError(f"cannot create the token cache {path.parent} ({err.strerror or err}); set CLEX_CACHE "
-                            "to a folder clex may write") from None  # fmt: skip
+                            "to a folder clex may write") from None
         offsets = np.cumsum([0, *(len(x) for x in ids)])
         tmp = path.with_suffix(f".tmp{os.getpid()}.npz")
         np.savez(tmp, tokens=np.concatenate(ids) if ids else np.zeros(0, np.int32), offsets=offsets)
@@ -322,7 +322,7 @@ def _read_cache(path: Path, n_docs: int) -> list[np.ndarray] | None:
             tokens, offsets = f["tokens"], f["offsets"]
         ok = (tokens.ndim == 1 and offsets.ndim == 1 and len(offsets) == n_docs + 1 and offsets[0] == 0
               and offsets[-1] == len(tokens) and bool(np.all(np.diff(offsets) >= 0))
-              and np.issubdtype(tokens.dtype, np.integer))  # fmt: skip
+              and np.issubdtype(tokens.dtype, np.integer))
         reason = "inconsistent contents"
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:
         ok, reason = False, f"{type(err).__name__}: {str(err).splitlines()[0][:120] if str(err) else 'unreadable'}"

@@ -81,7 +81,7 @@ class DemoConfig:
             name, params = parse_method(spec)
             if name not in BASELINE_NAMES or set(params) != {"factor"} or not isinstance(params["factor"], int):
                 raise ValueError(f"extra baseline {spec!r} must be pi, yarn or ntk with an integer factor only, "
-                                 "e.g. yarn:factor=8")  # fmt: skip
+                                 "e.g. yarn:factor=8")
             if params["factor"] == self.factor:
                 raise ValueError(f"extra baseline {spec!r} repeats a main one (factor {self.factor})")
 
@@ -91,7 +91,7 @@ class DemoConfig:
 
 QUICK = dict(L0=64, layers=2, hidden=64, heads=4, intermediate=128, pretrain_steps=150, pretrain_lr=2e-3,
              batch_size=8, finetune_steps=30, lr=3e-4, factor=8, extra_baselines=(), eval_factors=(1, 2, 4, 8),
-             eval_samples=6, save_every=50)  # fmt: skip
+             eval_samples=6, save_every=50)
 
 
 def quick_config(**overrides) -> DemoConfig:
@@ -132,7 +132,7 @@ def _model_config(cfg: DemoConfig):
         vocab_size=256, hidden_size=cfg.hidden, intermediate_size=cfg.intermediate, num_hidden_layers=cfg.layers,
         num_attention_heads=cfg.heads, num_key_value_heads=cfg.heads, max_position_embeddings=cfg.L0,
         rope_theta=10000.0, bos_token_id=None, eos_token_id=None, pad_token_id=None,
-    )  # fmt: skip
+    )
 
 
 def train_run(run_dir: Path, tokenizer: str | None = "bytes", **kwargs) -> None:
@@ -160,7 +160,7 @@ def pretrain(cfg: DemoConfig, out: Path, tokenizer: str | None = "bytes") -> Non
     outdir.nest(out, "base", "train")
     train_run(out / "base", model=str(init), method="vanilla", data=cfg.train_data, steps=cfg.pretrain_steps,
               batch_size=cfg.batch_size, lr=cfg.pretrain_lr, seed=cfg.seed, save_every=cfg.save_every,
-              tokenizer=tokenizer)  # fmt: skip
+              tokenizer=tokenizer)
 
 
 def finetune(cfg: DemoConfig, out: Path, name: str, seed: int) -> None:
@@ -170,7 +170,7 @@ def finetune(cfg: DemoConfig, out: Path, name: str, seed: int) -> None:
     outdir.nest(runs, f"{name}-seed{seed}", "train")  # recorded before it is written, as the demo's
     train_run(runs / f"{name}-seed{seed}", model=str(out / "base"), method=spec, data=cfg.train_data,
            steps=cfg.finetune_steps, batch_size=cfg.batch_size, lr=cfg.lr, seed=seed, save_every=cfg.save_every,
-           **extra)  # fmt: skip
+           **extra)
 
 
 def rows(cfg: DemoConfig, out: Path) -> list[tuple[str, str, str, int | None]]:
@@ -195,18 +195,18 @@ def slug(text: str) -> str:
 
 
 def cached_ppl(model: str, method: str, lengths: list[int], data: str, samples: int, path: Path,
-               tokenizer: str | None = "bytes") -> dict:  # fmt: skip
+               tokenizer: str | None = "bytes") -> dict:
     """``{"ppl": {length: perplexity}, "seconds": …}`` of one (model, method), cached as JSON at ``path``
     (written atomically: an interrupted run never leaves half a file). Lengths missing from the cache are
     evaluated and added; every length's windows are independent of the others."""
     result = read_json(path) if path.exists() else {"ppl": {}, "seconds": 0.0}
     if not (isinstance(result.get("ppl"), dict) and isinstance(result.get("seconds"), int | float)
-            and all(isinstance(v, int | float) for v in result["ppl"].values())):  # fmt: skip
+            and all(isinstance(v, int | float) for v in result["ppl"].values())):
         raise ValueError(f"{path} is not a perplexity cache of clex's (it lacks 'ppl' or 'seconds'); move it away")
     missing = [n for n in lengths if str(n) not in result["ppl"]]
     if missing:
         report = evaluate_ppl(model, [method], missing, data=data, samples=samples, tokenizer=tokenizer,
-                              show_progress=False)  # fmt: skip
+                              show_progress=False)
         result["ppl"].update({str(r.length): r.ppl for r in report.results})
         result["seconds"] += sum(r.seconds for r in report.results)
         text = json.dumps(result, indent=2)
@@ -221,7 +221,7 @@ def evaluate_row(cfg: DemoConfig, out: Path, data: str, row) -> dict:
     lengths = [k * cfg.L0 for k in cfg.eval_factors]
     result = cached_ppl(model, method, lengths, data, cfg.eval_samples, path)
     return {"label": label, "model": model, "method": method, "seed": seed, "data": data,
-            "ppl": result["ppl"], "seconds": result["seconds"]}  # fmt: skip
+            "ppl": result["ppl"], "seconds": result["seconds"]}
 
 
 # --- the run ------------------------------------------------------------------------------------
@@ -234,12 +234,12 @@ def run_demo(cfg: DemoConfig, overwrite: bool = False, log=print) -> Path:
     ft_units = cfg.finetune_steps * 1.05  # a CLEX step costs about 5% more (benchmarks/train_step.py)
     eval_units = sum(cfg.eval_factors) * cfg.eval_samples / 48 + 5  # forward only, plus loading the model
     phases = [Phase("pretrain", f"pre-train the base model ({cfg.pretrain_steps} steps at L0 = {cfg.L0})",
-                    cfg.pretrain_steps, lambda: pretrain(cfg, out))]  # fmt: skip
+                    cfg.pretrain_steps, lambda: pretrain(cfg, out))]
     for seed in _ft_seeds(cfg):
         for name in finetune_methods(cfg):
             phases.append(Phase(f"finetune {name} seed {seed}", f"fine-tune {name} (seed {seed}, "
                                 f"{cfg.finetune_steps} steps)", ft_units,
-                                lambda name=name, seed=seed: finetune(cfg, out, name, seed)))  # fmt: skip
+                                lambda name=name, seed=seed: finetune(cfg, out, name, seed)))
     records: list[dict] = []
     for data in cfg.eval_data:
         for row in rows(cfg, out):
@@ -255,7 +255,7 @@ def run_demo(cfg: DemoConfig, overwrite: bool = False, log=print) -> Path:
             phase.run()
         except KeyboardInterrupt:
             raise Interrupted(f"interrupted during '{phase.title}'; run the same command again to continue "
-                              "where it stopped") from None  # fmt: skip
+                              "where it stopped") from None
         spent = time.perf_counter() - began
         if spent > 5 and phase.name.startswith(("pretrain", "finetune")):  # measured, not resumed from cache
             seconds_per_unit = spent / phase.units
@@ -275,7 +275,7 @@ def _check_config(cfg: DemoConfig, out: Path, overwrite: bool) -> outdir.OutDir:
     added: it changes no training); ``overwrite`` removes only what the demo wrote."""
     if out.is_dir() and not (out / outdir.MANIFEST).exists() and (out / CONFIG_FILE).exists():
         raise ValueError(f"{out} holds a demo from an older clex without a manifest (its checkpoints are pickles, "
-                         "which clex no longer reads); move it aside or choose another --out")  # fmt: skip
+                         "which clex no longer reads); move it aside or choose another --out")
     wanted = json.loads(json.dumps(cfg.budget()))
     existing = outdir.claim(out, "demo", dry_run=True)
     if existing is not None and existing.holds(CONFIG_FILE):
@@ -286,7 +286,7 @@ def _check_config(cfg: DemoConfig, out: Path, overwrite: bool) -> outdir.OutDir:
         training = lambda c: {k: v for k, v in (c or {}).items() if k != "eval_data"}  # noqa: E731
         if training(previous) != training(wanted) and not overwrite:
             raise ValueError(f"{out} holds a demo run with other settings; use another --out, or --overwrite "
-                             "(removes only what the demo wrote there)")  # fmt: skip
+                             "(removes only what the demo wrote there)")
         overwrite = overwrite and training(previous) != training(wanted)
     demo_dir = outdir.claim(out, "demo", overwrite=overwrite)
     demo_dir.check_free(*DEMO_FILES)
@@ -318,7 +318,7 @@ def verdict(cfg: DemoConfig, records: list[dict]) -> list[str]:
     rival_specs = [f"pi:factor={f}", f"yarn:factor={f}", *cfg.extra_baselines]
     rivals = {_label(s).removesuffix(" fine-tuned"): t[_label(s)] for s in rival_specs}
     claim = ("CLEX within 10% of its 1× perplexity at 4× and 8× L0 and better than "
-             + ", ".join(rivals) + " there")  # fmt: skip
+             + ", ".join(rivals) + " there")
     if not {1, 4, 8} <= set(clex):
         return [f"Verdict: not judged ({claim}): the evaluation lengths must include 1×, 4× and 8× L0."]
     lines, holds = [], True
@@ -327,14 +327,14 @@ def verdict(cfg: DemoConfig, records: list[dict]) -> list[str]:
         within = ratio <= 1.10
         holds &= within
         lines.append(f"CLEX at {k}× L0 is {ratio - 1:+.1%} from its 1× perplexity ({clex[k][0]:.3f} vs "
-                     f"{clex[1][0]:.3f}): {'within' if within else 'not within'} 10%.")  # fmt: skip
+                     f"{clex[1][0]:.3f}): {'within' if within else 'not within'} 10%.")
         for name, rival in rivals.items():
             beats = clex[k][0] < rival[k][0]
             holds &= beats
             overlap = cfg.seeds > 1 and clex[k][2] >= rival[k][1] and rival[k][2] >= clex[k][1]
             lines.append(f"CLEX {'beats' if beats else 'does not beat'} {name} at {k}× "
                          f"({clex[k][0]:.3f} vs {rival[k][0]:.3f}, {clex[k][0] / rival[k][0] - 1:+.1%})"
-                         + (" — the seed ranges overlap." if overlap else "."))  # fmt: skip
+                         + (" — the seed ranges overlap." if overlap else "."))
     head = (f"Verdict: the paper's qualitative result ({claim}) {'holds' if holds else 'does NOT hold'} in this "
             f"run ({'1 fine-tuning seed' if cfg.seeds == 1 else f'medians over {cfg.seeds} fine-tuning seeds'}).")
     return [head, *lines]
@@ -360,9 +360,9 @@ def write_demo_report(cfg: DemoConfig, out: Path, records: list[dict], timings: 
         note = f", median (range) over {cfg.seeds} fine-tuning seeds" if cfg.seeds > 1 else ", one fine-tuning seed"
         lines += [f"## Perplexity per byte on `{data}` ({cfg.eval_samples} windows per length{note})", "",
                   "| model | " + " | ".join(f"{k}× ({k * cfg.L0})" for k in cfg.eval_factors) + " |",
-                  "| --- |" + " --- |" * len(cfg.eval_factors)]  # fmt: skip
+                  "| --- |" + " --- |" * len(cfg.eval_factors)]
         lines += [f"| {label} | " + " | ".join(_cell(t.get(label, {}).get(k), cfg.seeds) for k in cfg.eval_factors)
-                  + " |" for label in labels]  # fmt: skip
+                  + " |" for label in labels]
         lines.append("")
     lines += ["![perplexity against length](ppl.png)", "", "## Budget", ""]
     model_params = sum(p.numel() for p in _load_base(out).parameters())
@@ -398,9 +398,9 @@ def write_demo_report(cfg: DemoConfig, out: Path, records: list[dict], timings: 
     demo.write_text("report.md", "\n".join(lines))
     t = summarise(cfg, records, cfg.eval_data[0])
     plot = PPLReport(model="clex demo", data=cfg.eval_data[0], training_length=cfg.L0,
-                     lengths=[k * cfg.L0 for k in cfg.eval_factors], methods=labels, settings={})  # fmt: skip
+                     lengths=[k * cfg.L0 for k in cfg.eval_factors], methods=labels, settings={})
     plot.results = [PPLResult(label, k * cfg.L0, stats[0], 0.0, 0, 0, 0.0, 0)
-                    for label, by in t.items() for k, stats in by.items()]  # fmt: skip
+                    for label, by in t.items() for k, stats in by.items()]
     demo.write("ppl.png", lambda tmp: R.plot_ppl(plot, tmp))
     demo.write_text("results.json", json.dumps({"config": cfg.budget(), "records": records}, indent=2))
     return out / "report.md"

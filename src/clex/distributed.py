@@ -29,7 +29,7 @@ def fsdp_plugin(cfg, model):
     wrap = layers + (["ClexRotary"] if clex_modules(model) else [])
     return FullyShardedDataParallelPlugin(fsdp_version=2, reshard_after_forward=True, state_dict_type="FULL_STATE_DICT",
                                           auto_wrap_policy="transformer_based_wrap", cpu_ram_efficient_loading=False,
-                                          transformer_cls_names_to_wrap=wrap)  # fmt: skip
+                                          transformer_cls_names_to_wrap=wrap)
 
 
 def require_fsdp(accelerator, plugin) -> None:
@@ -40,7 +40,7 @@ def require_fsdp(accelerator, plugin) -> None:
         return
     if accelerator.distributed_type != DistributedType.MULTI_CPU:
         raise TrainError("--fsdp shards a model over several processes: launch with `accelerate launch` or "
-                         "`python -m torch.distributed.run --nproc_per_node N -m clex train …`")  # fmt: skip
+                         "`python -m torch.distributed.run --nproc_per_node N -m clex train …`")
     fsdp_on_cpu(accelerator, plugin)
 
 

@@ -56,7 +56,7 @@ def longrope_parameters(model, factor: int) -> dict:
         raise ExportError(f"--factor {factor} exceeds the model's CLEX max_factor {cfg.max_factor}")
     if cfg.log_scale:
         raise ExportError("the model uses log_scale (attention scaled by ln n / ln L per length); longrope "
-                          "has one fixed scale, so the export would not reproduce it")  # fmt: skip
+                          "has one fixed scale, so the export would not reproduce it")
     with torch.no_grad():
         theta = module.trajectory()[factor - 1].double()
         base = module._base_inv_freq().double()
@@ -66,14 +66,14 @@ def longrope_parameters(model, factor: int) -> dict:
     scale = module._attention_scaling()
     return {"long_factor": (raw / theta.cpu()).tolist(), "short_factor": (raw / base.cpu()).tolist(),
             "factor": float(factor), "attention_factor": scale, "short_mscale": scale,
-            "long_mscale": scale}  # fmt: skip
+            "long_mscale": scale}
 
 
 def no_profiles_reason(rope: dict) -> str:
     """Why a CLEX rope (its rope parameters) cannot be served at per-request integer t; empty when it can."""
     if rope.get("policy", "ceil") != "ceil":
         return (f"the model's CLEX policy is {rope['policy']!r}: its t is not an integer, and the profiles serve "
-                "t = 1 … T")  # fmt: skip
+                "t = 1 … T")
     if (rope.get(SCALED_FROM) or {}).get("rope_type") == "longrope":
         return "the model keeps a LongRoPE base's short set below its original length, which no profile holds"
     return ""
@@ -88,11 +88,11 @@ def serving_profiles(model, factor: int) -> dict | None:
     with torch.no_grad():
         inv = [module.frequencies(float(t)).detach().cpu().float().tolist() for t in range(1, factor + 1)]
     return {"format": PROFILES_FORMAT, "L": module.settings.original_max_position_embeddings, "T": factor,
-            "inv_freq": inv, "attention_scaling": module._attention_scaling()}  # fmt: skip
+            "inv_freq": inv, "attention_scaling": module._attention_scaling()}
 
 
 def export(model_dir: str | Path, out: str | Path, to: str = "longrope", factor: int | None = None,
-           outtype: str | None = None) -> Path:  # fmt: skip
+           outtype: str | None = None) -> Path:
     """Write the CLEX model in ``model_dir`` at t = ``factor`` as a stock-transformers checkpoint (``longrope``:
     a directory) or a llama.cpp file (``gguf``: ``out`` ends in .gguf; ``outtype`` f32 (default), f16 or q8_0).
 
@@ -101,14 +101,14 @@ def export(model_dir: str | Path, out: str | Path, to: str = "longrope", factor:
         raise ExportError(f"--to must be one of {EXPORT_FORMATS}, got {to!r}")
     if outtype is not None and to != "gguf":
         raise ExportError(f"outtype {outtype!r} applies only to a GGUF export (to gguf); a {to} export keeps the "
-                          "model's weights as they are")  # fmt: skip
+                          "model's weights as they are")
     if factor is None:
         raise ExportError("--factor T is required: the exported model uses CLEX's frequencies at t = T")
     check_model_path(model_dir)
     out = Path(out)
     if out.is_symlink():  # a link (dangling or not) would be written through, or fail only after the conversion
         raise ExportError(f"{out} is a symbolic link (to {os.readlink(out)}); export writes a new path, never "
-                          "through a link: choose another output path")  # fmt: skip
+                          "through a link: choose another output path")
     outtype = outtype or "f32"
     source = Path(model_dir).resolve()
     if out.resolve() == source or source in out.resolve().parents:
@@ -187,7 +187,7 @@ def serving_settings(L: int, factor: int, to: str = "longrope") -> str:
         return (f"equal to the CLEX model at lengths {lo} < n <= {hi} when llama.cpp runs with n_ctx in "
                 f"({L}, {hi}] (e.g. -c {hi}; any n_ctx > {L} applies the T = {factor} factors at every position, "
                 f"so shorter prompts are served at t = {factor}); for prompts up to {L} tokens run a second "
-                f"context with -c {L}")  # fmt: skip
+                f"context with -c {L}")
     return (f"equal to the CLEX model at lengths {lo} < n <= {hi}; vLLM without clex's plugin: --max-model-len "
             f"{hi} (the most it accepts: prompt + max_tokens <= {hi}); any max_model_len > {L} applies long_factor at "
             f"every position, so shorter prompts are served at t = {factor}: for prompts up to {L} tokens serve it "

@@ -108,7 +108,7 @@ def _vocab(writer, model_dir: Path, vocab_size: int) -> None:
     tok_json = model_dir / "tokenizer.json"
     if not tok_json.is_file():
         raise GGUFExportError(f"{model_dir} has no tokenizer.json; llama.cpp needs the tokenizer in the GGUF: copy "
-                              "the base model's tokenizer files into the model directory")  # fmt: skip
+                              "the base model's tokenizer files into the model directory")
     spec = json.loads(tok_json.read_text(encoding="utf-8"))
     model_spec = spec.get("model") or {}
     if model_spec.get("type") != "BPE":
@@ -186,7 +186,7 @@ def write_gguf(model, model_dir: str | Path, out: str | Path, rope: dict, outtyp
     if long_factor.shape != (rope_dims // 2,):
         raise GGUFExportError(f"{len(long_factor)} rope factors for a rotary width of {rope_dims}; cannot export")
     ftype = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
-             "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[outtype]  # fmt: skip
+             "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[outtype]
     tmp = fresh_temp_file(out)  # created here, so never someone else's file
     writer = gguf.GGUFWriter(str(tmp), arch)
     try:

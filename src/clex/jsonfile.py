@@ -34,7 +34,7 @@ def _depth_ok(value: Any, limit: int) -> bool:
 
 
 def loads(text: str | bytes, where: str, *, expect: type | tuple[type, ...] | None = None,
-          max_depth: int = MAX_DEPTH) -> Any:  # fmt: skip
+          max_depth: int = MAX_DEPTH) -> Any:
     """Parse ``text`` (from ``where``: a file, or ``file:line``), refusing deep nesting and, with ``expect``,
     another top-level type."""
     try:
@@ -57,7 +57,7 @@ def loads(text: str | bytes, where: str, *, expect: type | tuple[type, ...] | No
 
 
 def read_json(path: str | Path, *, expect: type | tuple[type, ...] | None = dict, max_bytes: int = MAX_BYTES,
-              max_depth: int = MAX_DEPTH) -> Any:  # fmt: skip
+              max_depth: int = MAX_DEPTH) -> Any:
     """The JSON value in ``path`` (a JSON object unless ``expect`` says otherwise); ``FileNotFoundError``
     passes through for the caller to word, every other failure is one :class:`JSONFileError`."""
     path = Path(path)

@@ -60,15 +60,15 @@ def check_family(config, method: str, rotary_dim: int, rope: dict) -> None:
     if "llama_4_scaling_beta" in rope:
         raise UnsupportedModelError(f"model type {config.model_type!r} scales its queries by position over its rope's "
                                     "original_max_position_embeddings (llama_4_scaling_beta), a schedule a "
-                                    "length method would change; clex supports only 'vanilla' on it")  # fmt: skip
+                                    "length method would change; clex supports only 'vanilla' on it")
     if config.model_type in LOCAL_ROPE_ONLY:
         raise UnsupportedModelError(f"model type {config.model_type!r} rotates only its sliding-window layers (its "
                                     "global layers use no position encoding), so a length method has nothing to "
-                                    "scale")  # fmt: skip
+                                    "scale")
     if method in NEEDS_WIDE_ROTARY and rotary_dim <= 2:
         raise UnsupportedModelError(f"method {method!r} needs a rotary width above 2 (NTK scales the base by "
                                     f"factor^(d/(d−2))); model type {config.model_type!r} rotates {rotary_dim} "
-                                    "dims per head")  # fmt: skip
+                                    "dims per head")
 
 
 def build_rotary(cls, config, device, method: str):
@@ -82,7 +82,7 @@ def build_rotary(cls, config, device, method: str):
     except (KeyError, TypeError, ValueError, ZeroDivisionError, AttributeError, RuntimeError) as err:
         raise UnsupportedModelError(f"method {method!r} on model type {config.model_type!r}: its rotary module "
                                     f"cannot run with the method's parameters ({type(err).__name__}: "
-                                    f"{' '.join(str(err).split())[:160]})") from None  # fmt: skip
+                                    f"{' '.join(str(err).split())[:160]})") from None
     return module
 
 
@@ -94,4 +94,4 @@ def check_round_trip(config, method: str) -> None:
     except (KeyError, ValueError, TypeError) as err:
         raise UnsupportedModelError(f"method {method!r} on model type {config.model_type!r}: a checkpoint saved with "
                                     f"it would not load back ({' '.join(str(err).split())[:160]}); choose another "
-                                    "method") from None  # fmt: skip
+                                    "method") from None

@@ -63,7 +63,7 @@ def _check_factor(name: str, params: dict) -> None:
         f = params["max_factor"]
         if not isinstance(f, int) or isinstance(f, bool) or not 1 <= f <= MAX_FACTOR:
             raise ValueError(f"max_factor for method {name!r} must be an integer in 1 … {MAX_FACTOR} "
-                             f"(θ(1) … θ(max_factor) are solved as one grid), got {f!r}")  # fmt: skip
+                             f"(θ(1) … θ(max_factor) are solved as one grid), got {f!r}")
     for key in ("long_factor", "short_factor"):
         if key in params:
             v = params[key]
@@ -191,7 +191,7 @@ def check_method(spec: str) -> tuple[str, dict]:
 
 BASE_LENGTH_HELP = ("the length L the model was trained at, which every method extends from (default: the model's "
                     "context: max_position_embeddings, or factor × original length where its rope is already "
-                    "scaled); reports and plots count lengths in it")  # fmt: skip
+                    "scaled); reports and plots count lengths in it")
 
 
 def declare_length(spec: str, base_length: int | None) -> str:
@@ -206,7 +206,7 @@ def declare_length(spec: str, base_length: int | None) -> str:
     given = params.get("original_max_position_embeddings")
     if given is not None and given != base_length:
         raise ValueError(f"L given twice: original_max_position_embeddings={given} in {spec!r} and --base-length "
-                         f"{base_length} (base_length); give it once")  # fmt: skip
+                         f"{base_length} (base_length); give it once")
     if given is not None:
         return spec
     return f"{spec}{',' if ':' in spec else ':'}original_max_position_embeddings={base_length}"

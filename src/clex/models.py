@@ -102,7 +102,7 @@ def _rope_layer_type(config) -> str | None:
         raise UnsupportedModelError(f"model type {config.model_type!r} has no global ({GLOBAL_LAYER_TYPE!r}) layers in "
                                     f"this config, only {nested}: a window does not grow with the context, so a "
                                     "length method has nothing to scale ('vanilla' keeps the model as "
-                                    "shipped)")  # fmt: skip
+                                    "shipped)")
     return GLOBAL_LAYER_TYPE
 
 
@@ -119,7 +119,7 @@ def _current_rope(config) -> dict:
     if rope is None:
         raise UnsupportedModelError(f"model type {config.model_type!r}: its {layer_type!r} layers use no rotary "
                                     "embedding (only its local layers rotate, and their window does not grow "
-                                    "with the context): nothing for a length method to scale")  # fmt: skip
+                                    "with the context): nothing for a length method to scale")
     return rope
 
 
@@ -152,17 +152,17 @@ def apply(model: PreTrainedModel, method: str, **params) -> PreTrainedModel:
         raise TypeError(f"model must be a transformers model (a torch.nn.Module), got {describe(model)}")
     if not isinstance(method, str):
         raise TypeError(f"method must be a method name such as 'clex' or 'yarn:factor=8' (a str), "
-                        f"got {describe(method)}")  # fmt: skip
+                        f"got {describe(method)}")
     name, spec_params = parse_method(method)
     twice = sorted(set(spec_params) & set(params))
     if twice:
         raise ValueError(f"method parameter(s) {twice} given both in {method!r} and as keyword arguments; "
-                         "give each once")  # fmt: skip
+                         "give each once")
     return switch(model, name, {**spec_params, **params}, spec=method)
 
 
 def switch(model: PreTrainedModel, name: str, params: dict, spec: str | None = None,
-           shipped_as: tuple[dict, int] | None = None) -> PreTrainedModel:  # fmt: skip
+           shipped_as: tuple[dict, int] | None = None) -> PreTrainedModel:
     """:func:`apply` with the method already parsed. ``shipped_as`` = ``(rope, max_position_embeddings)``
     overrides what the model counts as shipped (``clex export`` writes stock factors relative to the raw θ)."""
     spec = spec or name
@@ -183,7 +183,7 @@ def switch(model: PreTrainedModel, name: str, params: dict, spec: str | None = N
             return model
         raise
     base, base_max = copy.deepcopy(shipped_as or getattr(model, "_clex_shipped", None)
-                                   or shipped(current, config.max_position_embeddings))  # fmt: skip
+                                   or shipped(current, config.max_position_embeddings))
     L = params.pop("original_max_position_embeddings", None)
     if L is None:
         L = context_length(base, base_max)
@@ -234,7 +234,7 @@ def switch(model: PreTrainedModel, name: str, params: dict, spec: str | None = N
         config.validate_rope()
     except (KeyError, TypeError) as err:  # the family's own validation (Phi-MoE wants its mscale fields)
         raise UnsupportedModelError(f"method {spec!r} on model type {config.model_type!r}: its config refuses the "
-                                    f"method's parameters ({' '.join(str(err).split())[:160]})") from None  # fmt: skip
+                                    f"method's parameters ({' '.join(str(err).split())[:160]})") from None
     check_round_trip(new_root, spec)
 
     rebuilt = []
@@ -273,13 +273,13 @@ def _clex_config(module: nn.Module, config, layer_type: str | None, rope: dict, 
     if "mrope_section" in _current_rope(config) or hasattr(getattr(module, "original", module), "mrope_section"):
         raise UnsupportedModelError(f"model type {config.model_type!r} rotates several position axes (multimodal "
                                     "rope sections); CLEX builds one axis, so 'clex' is refused for it (the other "
-                                    "methods only change the frequencies)")  # fmt: skip
+                                    "methods only change the frequencies)")
     layout = rotary_layout(module, layer_type)
     if layout != "half":
         what = "interleaved pairs (2i, 2i+1)" if layout == "interleaved" else "cos/sin in a layout of its own"
         raise UnsupportedModelError(f"model type {config.model_type!r} rotates {what}; CLEX builds the "
                                     "half-split layout, so 'clex' is refused for it (the other methods only "
-                                    "change the frequencies)")  # fmt: skip
+                                    "change the frequencies)")
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     rotary_dim = int(head_dim * _current_rope(config).get("partial_rotary_factor", 1.0))
     if rotary_dim % 2:
@@ -342,7 +342,7 @@ def _wrap(rotary: nn.Module, config: CLEXConfig, layer_type: str | None, previou
         old = previous.settings
         same_field = (previous.rotary_dim, old.param_factor, old.act, old.ode_base) == (
             wrapped.rotary_dim, config.param_factor, config.act, config.ode_base
-        )  # fmt: skip
+        )
         if same_field:
             wrapped.clex_ode.load_state_dict(previous.clex_ode.state_dict())
         else:
@@ -447,7 +447,7 @@ def from_pretrained(path: str | os.PathLike, **kwargs) -> PreTrainedModel:
     """
     if not isinstance(path, (str, os.PathLike)) or not isinstance(os.fspath(path), str):
         raise TypeError(f"path must be a model directory or a hub name (str or os.PathLike), "
-                        f"got {describe(path)}")  # fmt: skip
+                        f"got {describe(path)}")
     if not str(path).strip():
         raise ValueError("path is empty; give a model directory or a hub name")
     check_model_path(path)
@@ -526,7 +526,7 @@ def load_config(path):
             raise
         first = " ".join(str(err).split("\n")[0].split())
         raise ModelNotFoundError(f"{path} is no model directory here, and the hub could not give it "
-                                 f"({first})") from None  # fmt: skip
+                                 f"({first})") from None
 
 
 def _json_file(file: str) -> dict:
@@ -560,7 +560,7 @@ def _weight_files(path) -> list[str]:
                 f.keys()
         except (SafetensorError, OSError) as err:
             raise ModelLoadError(f"{where} is not a readable safetensors file ({err}); it is truncated or "
-                                 "damaged: save or copy the model again") from None  # fmt: skip
+                                 "damaged: save or copy the model again") from None
     return files
 
 
@@ -602,7 +602,7 @@ def _reference_layout(rope: dict, path) -> None:
     elif missing:
         have = ({"act", "time_dt"} - set(missing)).pop()
         raise ModelLoadError(f"{path}: the reference's rope_scaling has {have!r} but not {missing[0]!r} (its "
-                             f"versions write both or neither); add {missing[0]!r} to config.json")  # fmt: skip
+                             f"versions write both or neither); add {missing[0]!r} to config.json")
 
 
 def _reference_weights(path, files: list[str]) -> dict[str, torch.Tensor] | None:

@@ -65,7 +65,7 @@ class OutDir:
         self._reload()
         record = self.entries.get(name)
         return record is not None and record["type"] != "tmp" and R.present(self.path / name) and \
-            R.matches(self.path / name, record)  # fmt: skip
+            R.matches(self.path / name, record)
 
     def check_free(self, *names: str) -> None:
         """Refuse at once when a name clex is going to write is taken by something it did not write."""
@@ -82,7 +82,7 @@ class OutDir:
     def _not_ours(self, name: str) -> OutDirError:
         what = "was changed since clex wrote it" if name in self.entries else "was not written by clex"
         return OutDirError(f"{self.path / name} {what}; it is left alone: move it away or choose another "
-                           "directory")  # fmt: skip
+                           "directory")
 
     def _reload(self) -> None:
         """Take up what another handle on this directory recorded since (the demo holds several; one
@@ -215,7 +215,7 @@ class OutDir:
             shown = ", ".join(changed[:4]) + (", …" if len(changed) > 4 else "")
             raise OutDirError(f"{self.path} holds entries that were changed since clex wrote them or that clex did "
                               f"not write ({shown}); they are kept and nothing was removed: move them away, or "
-                              "choose another directory")  # fmt: skip
+                              "choose another directory")
 
     def _remove_recorded(self) -> None:
         kept = {}
@@ -328,7 +328,7 @@ def read(path: Path) -> OutDir:
         if record.get("clex_manifest") != VERSION:
             raise OutDirError(f"{file} was written by an older clex (it names files without recording their "
                               "content, so clex cannot tell them from yours); move the directory aside or choose "
-                              "another directory")  # fmt: skip
+                              "another directory")
         kind, entries = record.get("kind"), record.get("entries")
         if not isinstance(kind, str) or not isinstance(entries, dict):
             raise R.RecordError("lacks its kind or its entries")
@@ -337,7 +337,7 @@ def read(path: Path) -> OutDir:
     except (JSONFileError, R.RecordError) as err:
         why = str(err).replace(str(file), "").strip(" :")
         raise OutDirError(f"{file} is not a clex manifest ({why}); nothing there is removed: move the directory "
-                          "aside or choose another directory") from None  # fmt: skip
+                          "aside or choose another directory") from None
     except FileNotFoundError:
         raise OutDirError(f"{file} is missing") from None
     return OutDir(path, kind, entries, existed=True)
@@ -352,7 +352,7 @@ def foreign(path: Path) -> list[str]:
 
 
 def claim(path: str | Path, kind: str, *, overwrite: bool = False, source: str | Path | None = None,
-          flag: str = "--out", dry_run: bool = False) -> OutDir | None:  # fmt: skip
+          flag: str = "--out", dry_run: bool = False) -> OutDir | None:
     """Make ``path`` clex's output directory for a job of ``kind`` (created if missing).
 
     Refused: a path that is a file, a directory holding files clex did not write and no manifest, a
@@ -367,7 +367,7 @@ def claim(path: str | Path, kind: str, *, overwrite: bool = False, source: str |
         src, dst = Path(source).resolve(), path.resolve()
         if dst == src or src in dst.parents:
             raise OutDirError(f"{flag} {path} is the model directory {source} or inside it; write elsewhere so the "
-                              "model is never replaced")  # fmt: skip
+                              "model is never replaced")
     if path.is_symlink() and not path.exists():
         raise OutDirError(f"{flag} {path} is a link to nothing")
     if path.exists() and not path.is_dir():
@@ -380,7 +380,7 @@ def claim(path: str | Path, kind: str, *, overwrite: bool = False, source: str |
         out = read(path)
         if out.kind != kind and not overwrite:
             raise OutDirError(f"{flag} {path} holds clex {out.kind} output, not {kind}; choose another {flag} "
-                              "or pass --overwrite to replace what clex wrote there")  # fmt: skip
+                              "or pass --overwrite to replace what clex wrote there")
         if overwrite:
             out.check_clear()  # every recorded entry checked once, before anything is removed
         if dry_run:
@@ -394,7 +394,7 @@ def claim(path: str | Path, kind: str, *, overwrite: bool = False, source: str |
     if others:
         shown = ", ".join(others[:4]) + (", …" if len(others) > 4 else "")
         raise OutDirError(f"{flag} {path} holds files clex did not write ({shown}); choose a new or empty directory "
-                          "(clex never replaces or removes files it did not write)")  # fmt: skip
+                          "(clex never replaces or removes files it did not write)")
     if dry_run:
         return None
     out = OutDir(path, kind, {}, existed=False)
@@ -444,7 +444,7 @@ def _bad_lock(lock: Path, why: str) -> OutDirError:
 
 def _busy(path, lock: Path, holder: dict) -> OutDirError:
     return OutDirError(f"{path} is in use by another clex job (pid {holder.get('pid')} on {holder.get('host')}); "
-                       f"wait for it to finish, or remove {lock} if that job is gone")  # fmt: skip
+                       f"wait for it to finish, or remove {lock} if that job is gone")
 
 
 def check_unlocked(path: str | Path) -> None:

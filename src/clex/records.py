@@ -52,7 +52,7 @@ def check_record(name: object, record: object, depth: int = 0) -> None:
         raise RecordError(f"the entry {name!r} is not a record")
     kind = record["type"]
     fields = {"file": {"size", "sha256"}, "log": {"size", "sha256"}, "dir": {"entries"}, "outdir": set(),
-              "link": {"target"}, "tmp": {"ino"}}[kind]  # fmt: skip
+              "link": {"target"}, "tmp": {"ino"}}[kind]
     optional = {"ino"} if kind == "log" else set()
     if not fields <= set(record) - {"type", "was"} <= fields | optional:
         raise RecordError(f"the entry {name!r} has fields {sorted(record)}")
@@ -107,7 +107,7 @@ def record_of(item: Path, log: bool = False) -> dict:
     if stat.S_ISREG(info.st_mode):
         size, digest = _digest(item)
         return {"type": "log", "size": size, "sha256": digest, "ino": info.st_ino} if log else \
-            {"type": "file", "size": size, "sha256": digest}  # fmt: skip
+            {"type": "file", "size": size, "sha256": digest}
     if stat.S_ISDIR(info.st_mode):
         if (item / MANIFEST).exists():
             return {"type": "outdir"}

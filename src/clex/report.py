@@ -59,7 +59,7 @@ def _pyplot():
 
 
 def _against_length(table: dict, L: int, path, xlabel: str, ylabel: str, title: str, scale: float = 1.0,
-                    log_y: bool = False, ylim: tuple[float, float] | None = None) -> None:  # fmt: skip
+                    log_y: bool = False, ylim: tuple[float, float] | None = None) -> None:
     """One line per method: a value against length in multiples of L (log 2 axis), L marked."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
@@ -85,7 +85,7 @@ def _against_length(table: dict, L: int, path, xlabel: str, ylabel: str, title: 
 def plot_ppl(report, path: str | Path) -> None:
     """Log-scale perplexity against length in multiples of L, L marked."""
     _against_length(report.table(), report.training_length, path, "evaluation length / L", "perplexity",
-                    f"{Path(str(report.model)).name} on {report.data}", log_y=True)  # fmt: skip
+                    f"{Path(str(report.model)).name} on {report.data}", log_y=True)
 
 
 def plot_per_position(report, path: str | Path) -> None:
@@ -122,7 +122,7 @@ def task_markdown(report) -> str:
     s = report.settings
     lines = [f"# {report.kind}: {report.model}", "",
              f"Training length L = {L}; greedy generation, cache policy {s.get('policy')}, {s.get('dtype')} on "
-             f"{s.get('device')}. Scores in percent.", ""]  # fmt: skip
+             f"{s.get('device')}. Scores in percent.", ""]
 
     def table(title: str, by_method: dict) -> None:
         lines.extend([f"## {title}", "", head, rule])
@@ -143,9 +143,9 @@ def task_markdown(report) -> str:
     if len(tasks) > 1:
         table("average over tasks", report.table())
     lines.extend(["| method | task | length | depth | samples | mean prompt tokens | seconds |",
-                  "| --- | --- | --- | --- | --- | --- | --- |"])  # fmt: skip
+                  "| --- | --- | --- | --- | --- | --- | --- |"])
     lines.extend(f"| {r.method} | {r.task} | {r.length} | {'' if r.depth is None else f'{r.depth:g}'} | {r.samples} | "
-                 f"{r.prompt_tokens:.0f} | {r.seconds:.2f} |" for r in report.rows)  # fmt: skip
+                 f"{r.prompt_tokens:.0f} | {r.seconds:.2f} |" for r in report.rows)
     lines.append("")
     return "\n".join(lines)
 
@@ -154,7 +154,7 @@ def plot_task(report, path: str | Path) -> None:
     """Mean score against length in multiples of L (the average over tasks for suites)."""
     ylabel = "score (%)" if len(report.tasks()) == 1 else "mean score over tasks (%)"
     _against_length(report.table(), report.training_length, path, "prompt length / L", ylabel,
-                    f"{report.kind}: {Path(str(report.model)).name}", scale=100, ylim=(-3, 103))  # fmt: skip
+                    f"{report.kind}: {Path(str(report.model)).name}", scale=100, ylim=(-3, 103))
 
 
 def plot_heatmap(report, path: str | Path) -> None:

@@ -198,7 +198,7 @@ class ClexRotary(nn.Module):
             if not cfg.clamp:
                 raise ValueError(f"refused: sequence length {n} exceeds CLEX's max_factor·L = {cfg.max_factor}·{L} "
                                  "and clamp=False; use a shorter input, a larger max_factor, or clamp=True (keeps "
-                                 f"t = {cfg.max_factor} beyond it)")  # fmt: skip
+                                 f"t = {cfg.max_factor} beyond it)")
             if not self._warned:
                 warnings.warn(msg, stacklevel=3)
                 self._warned = True

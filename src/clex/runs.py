@@ -74,7 +74,7 @@ def _previous(out: Path) -> dict:
         return ident
     except (OSError, JSONFileError):
         raise RunError(f"{out / ARGS_FILE} is missing or damaged, so the run cannot be resumed as the same run; "
-                       "start a new --out (or --overwrite)") from None  # fmt: skip
+                       "start a new --out (or --overwrite)") from None
 
 
 def _changed(previous: dict, current: dict, keys) -> list[str]:
@@ -122,12 +122,12 @@ def preflight(out: Path, cfg) -> bool:
     outdir.check_unlocked(out)
     if out.is_dir() and not (out / outdir.MANIFEST).exists() and (out / ARGS_FILE).exists():
         raise RunError(f"{out} holds a run from an older clex without a manifest (its checkpoints are pickles, "
-                       "which clex no longer reads); move it aside or choose a new --out")  # fmt: skip
+                       "which clex no longer reads); move it aside or choose a new --out")
     existing = outdir.claim(out, KIND, overwrite=cfg.overwrite and not cfg.resume, source=cfg.model, dry_run=True)
     holds_run = existing is not None and existing.kind == KIND and existing.holds(ARGS_FILE)
     if existing is not None and ARGS_FILE in existing.entries and not holds_run and not cfg.overwrite:
         raise RunError(f"{out / ARGS_FILE} was changed since clex wrote it, so {out} cannot be continued as the "
-                       "same run; it is left alone: start a new --out")  # fmt: skip
+                       "same run; it is left alone: start a new --out")
     if cfg.resume:
         if not holds_run:
             raise RunError(f"--resume: {out} holds no run to resume")
@@ -153,7 +153,7 @@ def _refuse_changes(out: Path, previous: dict, current: dict) -> None:
     changed = _changed(previous, current, list(current))
     if changed:
         raise RunError(f"--resume with other settings than the run in {out}: {_describe(previous, current, changed)}"
-                       "; a resume continues the same run (start a new --out for new settings)")  # fmt: skip
+                       "; a resume continues the same run (start a new --out for new settings)")
 
 
 def checkpoints(out: Path) -> list[Path]:
@@ -162,7 +162,7 @@ def checkpoints(out: Path) -> list[Path]:
     run = _manifest(out)
     names = [n for n, r in run.entries.items() if r["type"] == "dir"] if run is not None else []
     return sorted(out / n for n in names if n.startswith("checkpoint-") and _checkpoint_step(out / n) >= 0 and
-                  (out / n).is_dir())  # fmt: skip
+                  (out / n).is_dir())
 
 
 def _checkpoint_step(path: Path) -> int:
@@ -210,11 +210,11 @@ class Run:
                 if changed is not None:
                     raise C.CheckpointError(f"{changed} was changed since clex wrote it")
                 return C.load(path, self.model, self.optimizer, self.scheduler, rank,
-                              step=_checkpoint_step(path), steps=steps)  # fmt: skip
+                              step=_checkpoint_step(path), steps=steps)
             except C.CheckpointError as err:
                 if self.main:
                     warn(f"{err}; {path.name} is damaged and left as it is (no longer counted as clex's), trying an "
-                         "earlier checkpoint")  # fmt: skip
+                         "earlier checkpoint")
                     self.dir.forget(path.name)
         damaged = [p for p in self.path.glob("checkpoint-*") if p.is_dir()]
         if damaged and self.main:
@@ -228,7 +228,7 @@ class Run:
         if R.present(self.path / name) and not outdir.read(self.path).holds(name):
             if self.main:
                 warn(f"{self.path / name} is not as clex wrote it; it is kept, and step {step}'s checkpoint is not "
-                     "written")  # fmt: skip
+                     "written")
             return
         if self.main:
             self.dir.temp(name, directory=True)

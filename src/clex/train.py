@@ -214,7 +214,7 @@ def train(cfg: TrainConfig) -> Path:
     ddp = DistributedDataParallelKwargs(find_unused_parameters=bool(clex_modules(model)))
     plugin = fsdp_plugin(cfg, model)
     accelerator = Accelerator(mixed_precision=fresh_precision(cfg.precision), kwargs_handlers=[ddp],
-                              fsdp_plugin=plugin)  # fmt: skip
+                              fsdp_plugin=plugin)
     if plugin is not None:
         require_fsdp(accelerator, plugin)
     tok = D.load_tokenizer(cfg.tokenizer or cfg.model)
@@ -267,7 +267,7 @@ def train(cfg: TrainConfig) -> Path:
         accelerator.wait_for_everyone()
         try:
             _loop(cfg, accelerator, model, optimizer, scheduler, run, samples, chat, L, length, per_step, start_step,
-                  base_params, clex_params)  # fmt: skip
+                  base_params, clex_params)
             _save_final(accelerator, model, run, cfg, tok)
         except KeyboardInterrupt:
             raise Interrupted(_interrupted_message(out, cfg)) from None
@@ -275,7 +275,7 @@ def train(cfg: TrainConfig) -> Path:
 
 
 def _loop(cfg, accelerator, model, optimizer, scheduler, run, samples, chat, L, length, per_step, start_step,
-          base_params, clex_params) -> int:  # fmt: skip
+          base_params, clex_params) -> int:
     name, _ = parse_method(cfg.method)
     max_factor = clex_modules(model)[0].settings.max_factor if name == "clex" else 1
     mask_dtype = _packed_mask_dtype(accelerator.unwrap_model(model), accelerator, cfg)
@@ -299,7 +299,7 @@ def _loop(cfg, accelerator, model, optimizer, scheduler, run, samples, chat, L, 
                 ids = torch.as_tensor(rows[first : first + cfg.batch_size], dtype=torch.long, device=accelerator.device)
                 batch, t_fixed = clex_batch(ids, t=t, pos=pos, **_chat_rows(chat, idx[first : first + cfg.batch_size],
                                             cfg, accelerator.device), layout=cfg.layout, chunks=cfg.chunks,
-                                            seed=cfg.seed, step=step, mask_dtype=mask_dtype)  # fmt: skip
+                                            seed=cfg.seed, step=step, mask_dtype=mask_dtype)
                 sync = micro == cfg.grad_accum - 1
                 with contextlib.nullcontext() if sync else accelerator.no_sync(model), accelerator.autocast(), \
                         fixed_t(model, t_fixed):
@@ -309,9 +309,9 @@ def _loop(cfg, accelerator, model, optimizer, scheduler, run, samples, chat, L, 
                 loss_sum += loss.detach().float()
             parts: dict[str, float] = {}
             grad_norm = clip_gradients(accelerator.clip_grad_norm_, base_params, clex_params, cfg.max_grad_norm,
-                                       cfg.clex_max_grad_norm, parts)  # fmt: skip
+                                       cfg.clex_max_grad_norm, parts)
             loss_mean = accelerator.reduce(torch.as_tensor(loss_sum / cfg.grad_accum, device=accelerator.device),
-                                           "mean").item()  # fmt: skip
+                                           "mean").item()
             if not math.isfinite(loss_mean):
                 if step == 0:
                     raise TrainError(f"the loss is {loss_mean} at step 1, before any update: the model {cfg.model} "
@@ -323,7 +323,7 @@ def _loop(cfg, accelerator, model, optimizer, scheduler, run, samples, chat, L, 
             elapsed = time.perf_counter() - began
             record = {"step": step + 1, "loss": loss_mean, "t": t, "lr": scheduler.get_last_lr()[0],
                       "grad_norm": float(grad_norm), "tokens_per_s": per_step * length / elapsed,
-                      **{f"grad_norm_{k}": v for k, v in parts.items()}}  # fmt: skip
+                      **{f"grad_norm_{k}": v for k, v in parts.items()}}
             if metrics is not None:
                 metrics.write(json.dumps(record) + "\n")
                 if step == start_step:  # recorded with content at once: a copy of the run stays recognisable
@@ -386,7 +386,7 @@ def _validate(cfg: TrainConfig) -> None:
         raise TrainError(f"learning rates must be finite and >= 0, got lr={cfg.lr}, clex_lr={cfg.clex_lr}")
     if cfg.lr == 0 and (parse_method(cfg.method)[0] != "clex" or cfg.clex_lr in (None, 0) or cfg.lora):
         raise TrainError("--lr 0 freezes the base model, so only the CLEX ODE can learn: it needs --method clex, "
-                         "--clex-lr above 0, and no --lora")  # fmt: skip
+                         "--clex-lr above 0, and no --lora")
     if cfg.layout not in LAYOUTS:
         raise TrainError(f"--layout must be one of {LAYOUTS}, got {cfg.layout!r}")
     if cfg.t_sampling not in T_SAMPLINGS:
@@ -409,9 +409,9 @@ def _validate(cfg: TrainConfig) -> None:
             raise TrainError(f"--{name.replace('_', '-')} must be an integer >= {least}, got {value!r}"
                              + (" (the checkpoints a run keeps to resume from)" if name == "keep" else ""))
     if cfg.layout == "chunks" and (isinstance(cfg.chunks, bool) or not isinstance(cfg.chunks, int) or cfg.chunks < 2
-                                   or (cfg.train_length is not None and cfg.chunks > cfg.train_length)):  # fmt: skip
+                                   or (cfg.train_length is not None and cfg.chunks > cfg.train_length)):
         raise TrainError(f"--chunks must be an integer from 2 to the train length (one run cannot span L·t'), "
-                         f"got {cfg.chunks!r}")  # fmt: skip
+                         f"got {cfg.chunks!r}")
     if cfg.train_length is not None and (isinstance(cfg.train_length, bool) or not isinstance(cfg.train_length, int)):
         raise TrainError(f"--train-length must be an integer, got {cfg.train_length!r}")
     if cfg.clex_lr is not None and not math.isfinite(cfg.clex_lr):

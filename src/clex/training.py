@@ -39,7 +39,7 @@ def _check_model(model) -> None:
 
 # --- the step's t' and positions ------------------------------------------------------------------
 def step_positions(layout: str, chunks: int, length: int, base_length: int, max_factor: int, seed: int, step: int,
-                   sampling: str = "uniform"):  # fmt: skip
+                   sampling: str = "uniform"):
     """CLEX's (t', position ids) for optimizer step ``step`` (0-based), from (seed, step) alone. Rows no
     longer than the base length take plain positions at t' = 1 (the original frequencies)."""
     g = torch.Generator().manual_seed(int(np.random.default_rng([seed, step, 7]).integers(2**62)))
@@ -66,7 +66,7 @@ def packed_clex_positions(segments: np.ndarray, t: int, layout: str, chunks: int
 
 def clex_batch(input_ids: torch.Tensor, *, labels=None, attention_mask=None, segments=None, t: int = 1, pos=None,
                layout: str = "scatter", chunks: int = 2, seed: int = 0, step: int = 0,
-               mask_dtype=torch.bool) -> tuple[dict, int | None]:  # fmt: skip
+               mask_dtype=torch.bool) -> tuple[dict, int | None]:
     """The model inputs of one training micro-batch, and the t' to fix during its forward (or None).
 
     Rows of one sequence each: ``attention_mask`` as given (padding) or all ones — never absent, since
@@ -125,7 +125,7 @@ def param_groups(model, lr: float, clex_lr: float | None = None, weight_decay: f
     if lr == 0:
         if not clex_params:
             raise ValueError("lr 0 freezes the base model and leaves nothing to train: it needs a CLEX method "
-                             "with a clex_lr above 0")  # fmt: skip
+                             "with a clex_lr above 0")
         for p in base_params:
             p.requires_grad_(False)
         base_params = []
@@ -184,7 +184,7 @@ def save_method_beside_adapter(model, method: str, path: Path) -> None:
     if modules:
         ode = modules[0].clex_ode
         save_file({"up_proj": ode.up_proj.detach().cpu().contiguous(), "down_proj": ode.down_proj.detach().cpu()},
-                  str(Path(path) / ADAPTER_CLEX_FILE))  # fmt: skip
+                  str(Path(path) / ADAPTER_CLEX_FILE))
 
 
 def load_clex_beside_adapter(model, path) -> bool:
@@ -233,7 +233,7 @@ class CLEXDataCollator:
 
     def __init__(self, model, collator=None, seed: int = 0, layout: str = "scatter", chunks: int = 2,
                  base_length: int | None = None, t_sampling: str = "uniform", grad_accum: int = 1,
-                 mask_dtype=torch.bool) -> None:  # fmt: skip
+                 mask_dtype=torch.bool) -> None:
         from .rotary import LAYOUTS, T_SAMPLINGS
 
         _check_model(model)
@@ -273,12 +273,12 @@ class CLEXDataCollator:
         ids = batch["input_ids"]
         max_factor = modules[0].settings.max_factor
         t, pos = step_positions(self.layout, self.chunks, ids.shape[1], self.base_length, max_factor, self.seed, step,
-                                self.t_sampling)  # fmt: skip
+                                self.t_sampling)
         packed = batch.get("attention_mask") is None and batch.get("position_ids") is not None
         segments = segments_from_positions(batch["position_ids"]) if packed else None
         new, t_fixed = clex_batch(ids, labels=batch.get("labels"), attention_mask=batch.get("attention_mask"),
                                   segments=segments, t=t, pos=pos, layout=self.layout, chunks=self.chunks,
-                                  seed=self.seed, step=step, mask_dtype=self.mask_dtype)  # fmt: skip
+                                  seed=self.seed, step=step, mask_dtype=self.mask_dtype)
         extra = {k: v for k, v in batch.items() if k not in new and k not in VARLEN_KEYS}
         self.last_t = t
         if t_fixed is not None:
@@ -296,16 +296,16 @@ class CLEXTrainerMixin:
     :class:`CLEXDataCollator` is wrapped in one (seeded with ``args.seed``)."""
 
     def __init__(self, *args, clex_lr: float | None = None, clex_max_grad_norm: float | None = 1.0,
-                 clex_warmup: float | None = None, clex_method: str = "clex", **kwargs) -> None:  # fmt: skip
+                 clex_warmup: float | None = None, clex_method: str = "clex", **kwargs) -> None:
         from transformers import TrainerCallback
 
         from .methods import check_method
 
         check_number("clex_lr", clex_lr, lambda x: x >= 0, "None (the learning rate) or a number >= 0", optional=True)
         check_number("clex_max_grad_norm", clex_max_grad_norm, lambda x: x > 0,
-                     "None (one joint norm) or a number > 0", optional=True)  # fmt: skip
+                     "None (one joint norm) or a number > 0", optional=True)
         check_number("clex_warmup", clex_warmup, lambda x: 0 <= x <= 1, "None or a fraction of the steps in [0, 1]",
-                     optional=True)  # fmt: skip
+                     optional=True)
         if not isinstance(clex_method, str):
             raise TypeError(f"clex_method must be a method such as 'clex' (a str), got {describe(clex_method)}")
         check_method(clex_method)
@@ -373,7 +373,7 @@ class CLEXTrainerMixin:
             return super()._clip_grad_norm(model)
         base, clex = groups[0]["params"], groups[1]["params"]
         return clip_gradients(self.accelerator.clip_grad_norm_, base, clex, self.args.max_grad_norm,
-                              self.clex_max_grad_norm)  # fmt: skip
+                              self.clex_max_grad_norm)
 
     def compute_loss(self, model, inputs, *args, **kwargs):
         with fixed_t(model, inputs.pop("clex_t", None)):

@@ -81,17 +81,17 @@ def surface() -> list[str]:
 
     need("vllm.engine.arg_utils", "EngineArgs.create_engine_config", "self")
     need("vllm.v1.engine.input_processor", "InputProcessor.process_inputs", "self", "request_id", "prompt",
-         "params", source=("cache_salt=", "max_model_len - prompt_len"))  # fmt: skip
+         "params", source=("cache_salt=", "max_model_len - prompt_len"))
     need("vllm.v1.engine", "EngineCoreRequest")
     need("vllm.model_executor.model_loader.base_loader", "BaseModelLoader.load_model", "self", "vllm_config",
-         "model_config")  # fmt: skip
+         "model_config")
     need("vllm.model_executor.layers.rotary_embedding.phi3_long_rope_scaled_rope",
          "Phi3LongRoPEScaledRotaryEmbedding.forward", "self", "positions", "query", "key",
-         source=("self.use_long_rope", "index_select(self.long_short_cos_sin_cache, 0, idx)"))  # fmt: skip
+         source=("self.use_long_rope", "index_select(self.long_short_cos_sin_cache, 0, idx)"))
     need("vllm.v1.worker.gpu_model_runner", "GPUModelRunner._preprocess", "self", "scheduler_output",
-         "num_input_tokens", source=("positions = self.positions[:num_input_tokens]",))  # fmt: skip
+         "num_input_tokens", source=("positions = self.positions[:num_input_tokens]",))
     need("vllm.v1.worker.gpu_model_runner", "GPUModelRunner._update_states",
-         source=("sampling_params=", "self.requests[req_id]"))  # fmt: skip
+         source=("sampling_params=", "self.requests[req_id]"))
     need("vllm.v1.worker.gpu_input_batch", "InputBatch.__init__", source=("num_computed_tokens_cpu",))
     need("vllm.v1.worker.gpu_input_batch", "InputBatch.req_ids")
     need("vllm.config", "VllmConfig.use_v2_model_runner")
@@ -145,7 +145,7 @@ def _after_config(engine_args, config, *args, **kwargs):
     rope = getattr(config.model_config.hf_text_config, "rope_parameters", None) or {}
     if rope.get("rope_type") != "longrope":
         raise ProfileError(f"the model carries {CONFIG_KEY} but its rope_type is {rope.get('rope_type')!r}, not "
-                           "'longrope'; re-export it with clex export --to longrope")  # fmt: skip
+                           "'longrope'; re-export it with clex export --to longrope")
     refusals = [
         (config.model_config.max_model_len > T * L,
          f"--max-model-len {config.model_config.max_model_len} exceeds the {T}·{L} = {T * L} tokens the export "
@@ -157,7 +157,7 @@ def _after_config(engine_args, config, *args, **kwargs):
         (config.model_config.uses_mrope, "multimodal rope sections are not supported with CLEX profiles"),
         (config.use_v2_model_runner, "vLLM's second model runner is not supported: the plugin moves positions in "
          "the first; set VLLM_USE_V2_MODEL_RUNNER=0"),
-    ]  # fmt: skip
+    ]
     for refused, why in refusals:
         if refused:
             raise ProfileError(f"refused: {why}")
@@ -178,7 +178,7 @@ def _admit(processor, request, *args, **kwargs):
             raise ProfileError("pooling requests are not served with CLEX profiles; send a generation request")
         if request.resumable or getattr(request, "session_id", None) is not None:
             raise ProfileError("resumable and streaming-input requests are not served with CLEX profiles: their "
-                               "length, and so their t, is not known when they are admitted")  # fmt: skip
+                               "length, and so their t, is not known when they are admitted")
         extra = dict(params.extra_args or {})
         embeds = request.prompt_embeds
         n = len(request.prompt_token_ids or []) if embeds is None else len(embeds)
@@ -204,14 +204,14 @@ def _retable(loader, model, vllm_config, model_config, *args, **kwargs):
     found = {id(m): m for m in model.modules() if isinstance(m, Phi3LongRoPEScaledRotaryEmbedding)}
     if not found:
         raise ProfileError("the model carries clex_profiles but vLLM built no longrope rotary for it; this family "
-                           "is not served with CLEX profiles")  # fmt: skip
+                           "is not served with CLEX profiles")
     for m in found.values():
         if m.rotary_dim != profiles.rotary_dim:
             raise ProfileError(f"{CONFIG_KEY} holds θ for a rotary width of {profiles.rotary_dim}, the model's is "
-                               f"{m.rotary_dim}; re-export the model")  # fmt: skip
+                               f"{m.rotary_dim}; re-export the model")
         old = m.long_short_cos_sin_cache
         m.register_buffer("long_short_cos_sin_cache", table.to(device=old.device, dtype=old.dtype),
-                          persistent=False)  # fmt: skip
+                          persistent=False)
         m.use_long_rope = False  # index by position alone: the runner has added the request's table offset
     return model
 
@@ -229,17 +229,17 @@ def _offset_positions(runner, result, scheduler_output, num_input_tokens, *args,
         extra = runner.requests[r].sampling_params.extra_args or {}
         if REQUEST_KEY not in extra:
             raise RuntimeError(f"request {r} reached the model runner without a CLEX profile (clex's admission "
-                               "did not run for it)")  # fmt: skip
+                               "did not run for it)")
         ts[i] = extra[REQUEST_KEY]
     total, scheduled = int(counts.sum()), scheduler_output.total_num_scheduled_tokens
     if total != scheduled:
         raise RuntimeError(f"clex: {total} tokens in the batch's requests, {scheduled} scheduled; the runner's "
-                           "layout changed")  # fmt: skip
+                           "layout changed")
     ends = runner.input_batch.num_computed_tokens_cpu[: len(req_ids)] + counts
     if (ends > ts * profiles.L).any():
         i = int(np.argmax(ends > ts * profiles.L))
         raise RuntimeError(f"clex: request {req_ids[i]} reached position {int(ends[i]) - 1}, beyond its profile "
-                           f"t = {int(ts[i])} (t·L = {int(ts[i]) * profiles.L})")  # fmt: skip
+                           f"t = {int(ts[i])} (t·L = {int(ts[i]) * profiles.L})")
     offsets = np.asarray(profiles.offsets(), np.int64)[ts]
     positions[:total] += torch.from_numpy(np.repeat(offsets, counts)).to(positions.device)
     return result

@@ -59,7 +59,7 @@ class Profiles:
         rows = []
         for row in inv:
             if not all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x > 0
-                       for x in row):  # fmt: skip
+                       for x in row):
                 raise ProfileError(f"{CONFIG_KEY}.inv_freq holds a value that is not a finite positive number")
             rows.append(tuple(float(x) for x in row))
         scale = entry.get("attention_scaling", 1.0)
@@ -69,7 +69,7 @@ class Profiles:
 
     def to_config(self) -> dict:
         return {"format": FORMAT, "L": self.L, "T": self.T, "inv_freq": [list(r) for r in self.inv_freq],
-                "attention_scaling": self.attention_scaling}  # fmt: skip
+                "attention_scaling": self.attention_scaling}
 
     @property
     def rotary_dim(self) -> int:

@@ -126,7 +126,7 @@ def evaluate_harness(
     if limit is not None:
         if isinstance(limit, bool) or not isinstance(limit, (int, float)):
             raise TypeError(f"limit must be a number of examples per task (or a fraction below 1), got "
-                            f"{describe(limit)}")  # fmt: skip
+                            f"{describe(limit)}")
         if not limit > 0:
             raise argument_error("limit", f"must be positive, got {limit!r}")
     for name, value in (("num_fewshot", num_fewshot), ("max_length", max_length)):
@@ -139,7 +139,7 @@ def evaluate_harness(
     if include_path is not None:
         if not isinstance(include_path, (str, Path)):
             raise TypeError(f"include_path must be a folder of lm-eval task YAMLs (str or Path), got "
-                            f"{describe(include_path)}")  # fmt: skip
+                            f"{describe(include_path)}")
         include_path = str(include_path)
         if not Path(include_path).exists():
             raise argument_error("include_path", f"{include_path!r} does not exist (a folder of lm-eval task YAMLs)")
@@ -153,18 +153,18 @@ def evaluate_harness(
     unknown = [t for t in tasks if t not in manager.all_tasks]
     if unknown:
         raise argument_error("tasks", f"names unknown lm-eval task(s) {unknown} (a local YAML task needs the folder "
-                             "holding it given as the include path)")  # fmt: skip
+                             "holding it given as the include path)")
     if ready is not None:
         ready()
     out: dict = {"model": str(model) if isinstance(model, (str, Path)) else type(model).__name__, "tasks": list(tasks),
-                 "methods": {}}  # fmt: skip
+                 "methods": {}}
     for spec in methods:
         model_m = model_for_method(model, spec, torch_dtype, device)
         lm = _masked_hflm(HFLM)(pretrained=model_m, tokenizer=tok, batch_size=batch_size, device=device,
-                                max_length=max_length or _method_length(model_m, spec))  # fmt: skip
+                                max_length=max_length or _method_length(model_m, spec))
         with _recording_lengths(lm):
             res = lm_eval.simple_evaluate(model=lm, tasks=list(tasks), task_manager=manager, limit=limit,
-                                          num_fewshot=num_fewshot, log_samples=log_samples)  # fmt: skip
+                                          num_fewshot=num_fewshot, log_samples=log_samples)
         entry = {"results": res["results"]}
         if log_samples:
             entry["samples"] = res["samples"]
@@ -191,7 +191,7 @@ def harness_markdown(result: dict) -> str:
                 if isinstance(value, (int, float)) and "_stderr" not in key and (task, key) not in cols:
                     cols.append((task, key))
     lines = [f"# lm-eval: {result['model']}", "", "| method | " + " | ".join(f"{t} {k}" for t, k in cols) + " |",
-             "| --- |" + " --- |" * len(cols)]  # fmt: skip
+             "| --- |" + " --- |" * len(cols)]
     for spec, entry in result["methods"].items():
         cells = [entry["results"].get(t, {}).get(k) for t, k in cols]
         lines.append(f"| {spec} | " + " | ".join("–" if c is None else f"{c:.4g}" for c in cells) + " |")

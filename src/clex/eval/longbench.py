@@ -87,7 +87,7 @@ def _check(rec, where: str, dataset: str | None) -> dict:
         name = name[:-2]  # LongBench-E uses the same templates and metrics
     if name not in LONGBENCH_METRICS:
         raise D.DataError(f"{where}: dataset {name!r} is not a LongBench dataset "
-                          f"(one of {', '.join(LONGBENCH_METRICS)}; or pass --dataset)")  # fmt: skip
+                          f"(one of {', '.join(LONGBENCH_METRICS)}; or pass --dataset)")
     for answer in answers:
         if (why := unscorable(name, answer)) is not None:
             raise D.DataError(f"{where}: field 'answers': {why}, got {answer[:60]!r}")
@@ -134,7 +134,7 @@ def prompt_ids(tokenizer, record: dict, length: int, chat: str = "auto") -> tupl
     if _uses_chat(tokenizer, chat, dataset):
         text = tokenizer.decode(ids, skip_special_tokens=True)
         ids = list(apply_template(tokenizer, [{"role": "user", "content": text}], add_generation_prompt=True,
-                                  tokenize=True, return_dict=False))  # fmt: skip
+                                  tokenize=True, return_dict=False))
     else:
         ids = special_prefix(tokenizer) + ids
     return ids, new
@@ -147,7 +147,7 @@ def longbench_samples(tokenizer, length: int, records: list[dict], chat: str = "
         metric = METRIC_NAMES[LONGBENCH_METRICS[rec["dataset"]]]
         stops = ("\n",) if rec["dataset"] == "samsum" else ()
         out.append(Sample(ids, rec["answers"], new, rec["dataset"], length, None, metric,
-                          {"all_classes": rec["all_classes"], "length": rec.get("length")}, stops))  # fmt: skip
+                          {"all_classes": rec["all_classes"], "length": rec.get("length")}, stops))
     return out
 
 
@@ -158,7 +158,7 @@ def score(answer: str, sample: Sample) -> float:
 def evaluate_longbench(
     model, methods, lengths, data: str, dataset: str | None = None, chat: str = "auto", limit: int | None = None,
     **run,
-) -> TaskReport:  # fmt: skip
+) -> TaskReport:
     """LongBench scores per dataset (and their average) by method × window length."""
     records = load_records(data, dataset)
     if limit is not None:
@@ -170,4 +170,4 @@ def evaluate_longbench(
         records = [r for rs in by_dataset.values() for r in rs[:limit]]
     settings = {"data": data, "chat": chat, "records": len(records), "limit": limit}
     return run_task("longbench", model, methods, lambda tok, n: longbench_samples(tok, n, records, chat), lengths,
-                    score, settings=settings, **run)  # fmt: skip
+                    score, settings=settings, **run)

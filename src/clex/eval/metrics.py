@@ -104,7 +104,7 @@ def classification(prediction: str, reference: str, all_classes: Sequence[str] =
 
 
 PARAGRAPH = {"passage_retrieval_en": (re.compile(r"Paragraph (\d+)"), "Paragraph 3"),
-             "passage_retrieval_zh": (re.compile(r"段落(\d+)"), "段落3")}  # fmt: skip
+             "passage_retrieval_zh": (re.compile(r"段落(\d+)"), "段落3")}
 
 
 def _share_equal(prediction: str, wanted: str) -> float:
@@ -141,10 +141,10 @@ LONGBENCH_METRICS = {
     "qmsum": rouge_l, "multi_news": rouge_l, "vcsum": rouge_l_zh, "trec": classification, "triviaqa": qa_f1,
     "samsum": rouge_l, "lsht": classification, "passage_retrieval_en": retrieval, "passage_count": count,
     "passage_retrieval_zh": retrieval_zh, "lcc": code_similarity, "repobench-p": code_similarity,
-}  # fmt: skip
+}
 METRIC_NAMES = {qa_f1: "qa_f1", qa_f1_zh: "qa_f1_zh", rouge_l: "rouge_l", rouge_l_zh: "rouge_l_zh",
                 classification: "classification", retrieval: "retrieval", retrieval_zh: "retrieval_zh",
-                count: "count", code_similarity: "code_sim"}  # fmt: skip
+                count: "count", code_similarity: "code_sim"}
 FIRST_LINE_ONLY = ("trec", "triviaqa", "samsum", "lsht")  # LongBench scores only the first line of these
 
 

@@ -30,7 +30,7 @@ def _refuse_results(path: Path, kind: str) -> O.OutDirError:
     command = kind.replace("-", " ", 1)
     return O.OutDirError(f"--out {path} already holds results of clex {command} ({path / RESULTS}); pass "
                          "--overwrite to replace them (only files clex wrote there are removed) or choose another "
-                         "--out")  # fmt: skip
+                         "--out")
 
 
 def _finished(out: O.OutDir) -> bool:
@@ -71,7 +71,7 @@ class EvalOut:
     """
 
     def __init__(self, path: str | Path, kind: str, overwrite: bool = False, model=None,
-                 files: tuple[str, ...] = ()) -> None:  # fmt: skip
+                 files: tuple[str, ...] = ()) -> None:
         precheck(path, kind, overwrite, model)
         self.path, self.kind, self.overwrite, self.model, self.files = Path(path), kind, overwrite, model, files
         self.created = not self.path.exists()

@@ -183,7 +183,7 @@ def check_model_arg(model) -> None:
     """``model`` is a model directory, a hub name or a model object."""
     if not isinstance(model, (str, Path, torch.nn.Module)):
         raise TypeError(f"model must be a model directory or hub name (str or Path) or a model (torch.nn.Module), "
-                        f"got {describe(model)}")  # fmt: skip
+                        f"got {describe(model)}")
 
 
 def method_list(methods: str | Sequence[str], base_length: int | None = None) -> list[str]:
@@ -197,11 +197,11 @@ def method_list(methods: str | Sequence[str], base_length: int | None = None) ->
         for spec in specs:
             if not isinstance(spec, str):
                 raise TypeError(f"methods must hold method names such as 'vanilla' or 'yarn:factor=8' (str), got "
-                                f"{describe(spec)}")  # fmt: skip
+                                f"{describe(spec)}")
             check_method(spec)
     else:
         raise TypeError(f"methods must be a list of method names such as ['vanilla', 'yarn:factor=8'], got "
-                        f"{describe(methods)}")  # fmt: skip
+                        f"{describe(methods)}")
     if not specs:
         raise argument_error("methods", "is empty; give at least one method, e.g. vanilla or yarn:factor=8")
     twice = sorted({s for s in specs if specs.count(s) > 1})
@@ -268,7 +268,7 @@ def evaluate_ppl(
         if stride > lengths[0]:
             raise argument_error("stride", f"{stride} is larger than the window (length {lengths[0]}): the "
                                  "tokens between windows would never be scored; use a stride of at most "
-                                 f"{lengths[0]}")  # fmt: skip
+                                 f"{lengths[0]}")
     data = str(data) if isinstance(data, Path) else data
     tokenizer = str(tokenizer) if isinstance(tokenizer, Path) else tokenizer
     if not isinstance(data, str):
@@ -277,7 +277,7 @@ def evaluate_ppl(
         raise TypeError(f"text_field must be a str, got {describe(text_field)}")
     if tokenizer is not None and not isinstance(tokenizer, str):
         raise TypeError(f"tokenizer must be a tokenizer directory, hub name or 'bytes' (a str), got "
-                        f"{describe(tokenizer)}")  # fmt: skip
+                        f"{describe(tokenizer)}")
     if mode not in D.CONCAT_MODES:
         raise argument_error("mode", f"must be one of {D.CONCAT_MODES}, got {mode!r}")
     device = resolve_device(device)
@@ -300,7 +300,7 @@ def evaluate_ppl(
         settings={"samples": samples, "mode": mode, "stride": stride, "dtype": str(torch_dtype).replace("torch.", ""),
                   "device": device, "tokenizer": getattr(tok, "name_or_path", None) or getattr(tok, "name", "?"),
                   "machine": platform.machine(), "torch": torch.__version__, "threads": torch.get_num_threads()},
-    )  # fmt: skip
+    )
     if ready is not None:
         ready()
     bar = _progress(sum(len(w) for w in windows.values()) * len(methods), show_progress)
@@ -348,12 +348,12 @@ def _one_length(report, model_m, spec, n, lengths, windows, stride, per_position
     nll, count, per_pos = evaluate_windows(model_m, windows[n], stride, n, bins, tick)
     if not math.isfinite(nll) or count == 0:
         raise PPLEvalError(f"method {spec!r} at length {n}: the loss is not finite ({nll}; the model's logits hold NaN "
-                           "or inf, e.g. fp16 overflow or broken weights); nothing is reported for it")  # fmt: skip
+                           "or inf, e.g. fp16 overflow or broken weights); nothing is reported for it")
     report.results.append(PPLResult(
         method=spec, length=n, ppl=math.exp(nll / count), nll_sum=nll, tokens=count, windows=len(windows[n]),
         seconds=time.perf_counter() - start, peak_memory_bytes=_peak_memory(torch.device(device)),
         per_position=None if per_pos is None else [float(x) for x in per_pos],
-    ))  # fmt: skip
+    ))
 
 
 def _sequences(docs: list[np.ndarray], n: int, mode: str, separator: int | None) -> list[np.ndarray]:
@@ -379,10 +379,10 @@ def resolve_device(device: str | torch.device | None) -> str:
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             raise argument_error("device", f"{device}: CUDA is not available here (torch {torch.__version__} sees "
-                                 "no GPU); use cpu")  # fmt: skip
+                                 "no GPU); use cpu")
         if dev.index is not None and dev.index >= torch.cuda.device_count():
             raise argument_error("device", f"{device}: only {torch.cuda.device_count()} CUDA device(s) here "
-                                 f"(cuda:0 … cuda:{torch.cuda.device_count() - 1})")  # fmt: skip
+                                 f"(cuda:0 … cuda:{torch.cuda.device_count() - 1})")
         return str(dev)
     if dev.type == "mps":
         if not torch.backends.mps.is_available():
@@ -403,7 +403,7 @@ def check_positive(name: str, value, allow_none: bool = False) -> None:
 
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-          "float16": torch.float16, "fp16": torch.float16}  # fmt: skip
+          "float16": torch.float16, "fp16": torch.float16}
 
 
 def _dtype(name: str | torch.dtype, device: str) -> torch.dtype:

