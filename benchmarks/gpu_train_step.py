@@ -28,8 +28,10 @@ import transformers as tf
 sys.path.insert(0, str(Path(__file__).parent))
 import clex  # noqa: E402
 from clex import data as D  # noqa: E402
-from clex.train import TrainConfig, pack, train  # noqa: E402
-from clex.training import CLEXDataCollator, CLEXTrainer  # noqa: E402
+from clex.training import CLEXTrainer  # noqa: E402
+from clex.training.loop import pack, train  # noqa: E402
+from clex.training.options import TrainConfig
+from clex.training.trainer import CLEXDataCollator
 from overhead import SHAPES  # noqa: E402
 
 METHODS = {"vanilla": "vanilla", "clex": "clex:max_factor=16"}

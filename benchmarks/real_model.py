@@ -22,11 +22,11 @@ from pathlib import Path
 import torch
 from transformers.utils import logging as hf_logging
 
-from clex.data import parse_length
+from clex.data.fetch import fetch
+from clex.data.tokens import parse_length
 from clex.eval.ppl import evaluate_ppl, write_report
-from clex.fetch import fetch
+from clex.eval.report import ppl_markdown
 from clex.models import training_length
-from clex.report import ppl_markdown
 
 
 def main() -> None:

@@ -26,11 +26,11 @@ from pathlib import Path
 
 import numpy as np
 
-from clex.data import ByteTokenizer
-from clex.demo import DemoConfig, finetune_methods, rows, train_run
+from clex.cli.demo import DemoConfig, finetune_methods, rows, train_run
+from clex.data.tokens import ByteTokenizer
 from clex.eval import retrieval as R
+from clex.eval.report import task_markdown
 from clex.eval.tasks import TaskReport, write_task_report
-from clex.report import task_markdown
 
 NEEDLE = "The magic number is {key}."
 QUESTION = "What is the magic number? The magic number is"

@@ -47,9 +47,10 @@ def log(msg: str) -> None:
 
 # --- the model: fetch → declare L → train → export ------------------------------------------------------
 def prepare(L: int, factors: list[int], steps: int) -> dict:
-    from clex.export import export
-    from clex.fetch import fetch
-    from clex.train import TrainConfig, train
+    from clex.data.fetch import fetch
+    from clex.serve.export import export
+    from clex.training.loop import train
+    from clex.training.options import TrainConfig
 
     WORK.mkdir(parents=True, exist_ok=True)
     fetched = fetch("smollm2", WORK / "smollm2")
@@ -91,7 +92,8 @@ def prepare(L: int, factors: list[int], steps: int) -> dict:
 
 
 def token_ids(model_dir: Path, n: int) -> list[int]:
-    from clex.data import load_documents, load_tokenizer
+    from clex.data.documents import load_documents
+    from clex.data.tokens import load_tokenizer
 
     tok = load_tokenizer(str(model_dir))
     ids: list[int] = []

@@ -64,8 +64,8 @@ def reference(model_dir, ids: list[int], job: dict) -> dict:
     import clex
 
     L = job["L"]
-    from clex.cache import eos_ids
-    from clex.data import load_tokenizer
+    from clex.data.tokens import load_tokenizer
+    from clex.generation import eos_ids
 
     model = clex.from_pretrained(model_dir, dtype=torch.float32).eval()
     modules = clex.clex_modules(model)

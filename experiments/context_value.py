@@ -29,7 +29,8 @@ import torch
 
 from clex import data as D
 from clex.eval.ppl import evaluate_windows, model_for_method, model_tokenizer_config
-from clex.models import load_config, training_length
+from clex.loading import load_config
+from clex.models import training_length
 
 
 def context_value(model: str, method: str, data: str, factors: list[int], samples: int, stride: int | None,

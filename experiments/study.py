@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from clex.demo import DemoConfig, _model_config, cached_ppl, pretrain, slug, train_run
+from clex.cli.demo import DemoConfig, _model_config, cached_ppl, pretrain, slug, train_run
 from clex.models import training_length
 
 
@@ -104,7 +104,7 @@ def train_bpe(vocab: int, data: str = "sotu:train"):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from clex.data import load_documents
+    from clex.data.documents import load_documents
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

@@ -23,7 +23,9 @@ from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 import clex
-from clex.models import UnsupportedModelError, causal_lm_class, rotary_modules, training_length
+from clex.layouts import UnsupportedModelError
+from clex.loading import causal_lm_class
+from clex.models import rotary_modules, training_length
 
 SIZES = dict(
     vocab_size=64, hidden_size=64, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,

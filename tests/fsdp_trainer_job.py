@@ -8,7 +8,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 import test_training as T  # noqa: E402
-from clex.training import CLEXDataCollator  # noqa: E402
+from clex.training.trainer import CLEXDataCollator  # noqa: E402
 
 root, out = Path(sys.argv[1]), Path(sys.argv[2])
 world = int(__import__("os").environ.get("WORLD_SIZE", "1"))

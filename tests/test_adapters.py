@@ -12,7 +12,7 @@ import torch
 import transformers as tf
 
 import clex
-from clex.cli import main
+from clex.cli.main import main
 
 LORA = "4,8,q_proj,v_proj"
 

@@ -17,14 +17,17 @@ import torch
 import transformers as tf
 
 import clex
-from clex.cli import main
-from clex.data import DataError
+import clex.loading
+import clex.serve.export
+from clex.cli.main import main
+from clex.data.types import DataError
 from clex.eval.harness import evaluate_harness
 from clex.eval.ppl import evaluate_ppl
 from clex.eval.retrieval import evaluate_passkey
-from clex.export import ExportError, export
-from clex.models import ModelLoadError, ModelNotFoundError, check_model_path
-from clex.training import CLEXDataCollator, cosine_schedule, param_groups
+from clex.loading import ModelLoadError, ModelNotFoundError, check_model_path
+from clex.serve.export import ExportError, export
+from clex.training.step import cosine_schedule, param_groups
+from clex.training.trainer import CLEXDataCollator
 
 L = 32
 VOCAB = 256
@@ -147,7 +150,7 @@ def test_hub_names_still_go_to_the_hub(monkeypatch):
         seen.append(path)
         raise RuntimeError("reached the hub")
 
-    monkeypatch.setattr(clex.models, "load_config", fake_load_config)
+    monkeypatch.setattr(clex.loading, "load_config", fake_load_config)
     for name in ("someorg/some-model", "gpt2"):
         check_model_path(name)  # no refusal: a hub name
         with pytest.raises(RuntimeError, match="reached the hub"):
@@ -412,7 +415,8 @@ def test_export_to_a_symlink_is_refused_before_any_work(world, tmp_path, capsys,
     link = _links(tmp_path)[which]
     before = tree(tmp_path)
     loaded = []
-    monkeypatch.setattr(clex.export, "from_pretrained", lambda *a, **k: loaded.append(a) or clex.from_pretrained(*a))
+    real = clex.from_pretrained
+    monkeypatch.setattr(clex.serve.export, "from_pretrained", lambda *a, **k: loaded.append(a) or real(*a))
     to = ["--to", "gguf"] if which.startswith("gguf") else []
     assert main(["export", "--model", str(world / "cx"), *to, "--factor", "2", "--out", str(link)]) == 2
     err = one_error_line(capsys)
@@ -435,7 +439,7 @@ def test_export_removes_its_temporary_directory_when_it_fails(world, tmp_path, m
 
 def test_gguf_export_removes_its_temporary_file_when_it_fails(world, tmp_path, monkeypatch):
     pytest.importorskip("gguf")
-    from clex import export_gguf
+    from clex.serve import gguf as export_gguf
 
     def broken_vocab(*args, **kwargs):
         raise export_gguf.GGUFExportError("tokenizer cannot be written")

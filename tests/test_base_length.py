@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from clex.cli import main
+from clex.cli.main import main
 from clex.methods import declare_length
 from test_eval_ppl import L, corpus, model_dir, run  # noqa: F401  (fixtures)
 

@@ -9,10 +9,13 @@ import pytest
 import torch
 import transformers as tf
 
-from clex import chat as C
-from clex.cli import main
-from clex.data import ByteTokenizer, DataError
-from clex.train import TrainConfig, train
+from clex.cli.main import main
+from clex.data import chat as C
+from clex.data.tokens import ByteTokenizer
+from clex.data.types import DataError
+from clex.serve import chat as S
+from clex.training.loop import train
+from clex.training.options import TrainConfig
 
 BYTES = ByteTokenizer()
 CONV = [
@@ -188,7 +191,7 @@ def chat_model(tmp_path_factory):
 
 
 def test_session_keeps_history_and_reset_clears_it(chat_model):
-    session = C.ChatSession(clex_load(chat_model), BYTES, system="Be brief.", max_new_tokens=6)
+    session = S.ChatSession(clex_load(chat_model), BYTES, system="Be brief.", max_new_tokens=6)
     pieces = []
     first = session.reply("What is up?", write=pieces.append)
     assert "".join(pieces) == first and len(pieces) > 1  # streamed, and the stream adds up to the answer
@@ -204,7 +207,7 @@ def test_session_keeps_history_and_reset_clears_it(chat_model):
 
 def test_session_drops_the_oldest_exchange_beyond_max_context(chat_model):
     notices = []
-    session = C.ChatSession(clex_load(chat_model), BYTES, max_context=90, max_new_tokens=8, notice=notices.append)
+    session = S.ChatSession(clex_load(chat_model), BYTES, max_context=90, max_new_tokens=8, notice=notices.append)
     session.reply("first message here")
     session.reply("second message here")
     assert notices and "dropped the oldest exchange" in notices[0]
@@ -224,8 +227,8 @@ def test_cli_chat_through_a_pipe(chat_model, monkeypatch, capsys):
 def test_stop_on_the_end_marker_even_when_it_is_a_special_token(bpe):
     end = bpe.convert_tokens_to_ids("<|end|>")
     prompt = bpe("Hi", add_special_tokens=False)["input_ids"]
-    stop = C._StopOnText(bpe, len(prompt), (C.END_MARKER,))
+    stop = S._StopOnText(bpe, len(prompt), (S.END_MARKER,))
     answer = bpe("Green.", add_special_tokens=False)["input_ids"]
     assert not bool(stop(torch.tensor([prompt + answer]), None)[0])
     assert bool(stop(torch.tensor([prompt + answer + [end]]), None)[0])
-    assert bool(C._StopOnText(BYTES, 2, (C.END_MARKER,))(torch.tensor([BYTES.encode("Hi ok<|end|>")]), None)[0])
+    assert bool(S._StopOnText(BYTES, 2, (S.END_MARKER,))(torch.tensor([BYTES.encode("Hi ok<|end|>")]), None)[0])

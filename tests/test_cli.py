@@ -7,7 +7,7 @@ import re
 import torch
 
 import clex
-from clex.cli import main
+from clex.cli.main import main
 from conftest import make_model, randomize_clex
 
 

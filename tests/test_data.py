@@ -37,7 +37,7 @@ def _fake_package(root):
 def test_code_corpus_reads_an_installed_package_and_its_wheel_alike(tmp_path):
     import zipfile
 
-    from clex import corpora
+    from clex.data import corpora
 
     files = _fake_package(tmp_path / "site")
     wheel = tmp_path / "sympy.whl"
@@ -56,7 +56,7 @@ def test_code_corpus_reads_an_installed_package_and_its_wheel_alike(tmp_path):
 def test_code_corpus_is_the_pinned_release_split_by_path():
     import importlib.metadata
 
-    from clex import corpora
+    from clex.data import corpora
 
     if importlib.metadata.version("sympy") != corpora.CODE_VERSION:  # constraints.txt pins it for `make`
         pytest.skip(f"sympy {corpora.CODE_VERSION} is not installed (the corpus would be downloaded)")

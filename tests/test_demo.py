@@ -9,8 +9,8 @@ import re
 
 import pytest
 
-from clex.cli import main
-from clex.demo import DemoConfig, quick_config, run_demo
+from clex.cli.demo import DemoConfig, quick_config, run_demo
+from clex.cli.main import main
 
 
 def _micro(out) -> DemoConfig:
@@ -95,7 +95,7 @@ def test_demo_rejects_bad_settings(tmp_path, capsys):
 
 
 def test_cached_ppl_evaluates_only_missing_lengths(tmp_path):
-    from clex.demo import cached_ppl, pretrain
+    from clex.cli.demo import cached_ppl, pretrain
 
     cfg = _micro(tmp_path / "demo")
     pretrain(cfg, tmp_path / "demo")
@@ -110,7 +110,7 @@ def test_cached_ppl_evaluates_only_missing_lengths(tmp_path):
 
 
 def test_extra_baselines_are_fine_tuned_tabulated_and_judged(tmp_path):
-    from clex.demo import finetune_methods
+    from clex.cli.demo import finetune_methods
 
     with pytest.raises(ValueError, match="repeats a main one"):
         DemoConfig(factor=8, extra_baselines=("yarn:factor=8",))

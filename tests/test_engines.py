@@ -17,7 +17,7 @@ import torch
 import transformers as tf
 
 import clex
-from clex.export import export
+from clex.serve.export import export
 from conftest import randomize_clex
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,7 +31,7 @@ def test_vllm_serves_the_longrope_export_like_the_clex_model(tmp_path):
     if os.environ.get("CLEX_ENGINE_TESTS") != "1":
         pytest.skip("vLLM takes minutes to start on a CPU: set CLEX_ENGINE_TESTS=1 to run this test")
     pytest.importorskip("gguf")
-    from clex.fetch import gguf_to_safetensors
+    from clex.data.fetch import gguf_to_safetensors
     from test_fetch import write_tiny_llama_gguf
 
     torch.manual_seed(0)

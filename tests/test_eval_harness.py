@@ -11,8 +11,8 @@ import transformers as tf
 
 pytest.importorskip("lm_eval")
 
-from clex.cli import main  # noqa: E402
-from clex.data import DataError  # noqa: E402
+from clex.cli.main import main  # noqa: E402
+from clex.data.types import DataError  # noqa: E402
 from clex.eval.harness import evaluate_harness  # noqa: E402
 from clex.eval.ppl import model_for_method  # noqa: E402
 

@@ -12,7 +12,7 @@ import transformers as tf
 
 import clex
 from clex import data as D
-from clex.cli import main
+from clex.cli.main import main
 from clex.eval import ppl as P
 
 L = 32

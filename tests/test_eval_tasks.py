@@ -11,8 +11,9 @@ import pytest
 import torch
 import transformers as tf
 
-from clex.cli import main
-from clex.data import ByteTokenizer, DataError
+from clex.cli.main import main
+from clex.data.tokens import ByteTokenizer
+from clex.data.types import DataError
 from clex.eval import longbench as LB
 from clex.eval import metrics as M
 from clex.eval import retrieval as R

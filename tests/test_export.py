@@ -10,8 +10,8 @@ import pytest
 import torch
 
 import clex
-from clex.cli import main
-from clex.export import ExportError, export
+from clex.cli.main import main
+from clex.serve.export import ExportError, export
 from conftest import L, make_model, randomize_clex, tokens
 
 STOCK = """

@@ -20,9 +20,9 @@ import torch
 import transformers as tf
 
 import clex
-from clex.cli import main
-from clex.export import ExportError, export, longrope_parameters
-from clex.fetch import gguf_to_safetensors
+from clex.cli.main import main
+from clex.data.fetch import gguf_to_safetensors
+from clex.serve.export import ExportError, export, longrope_parameters
 from conftest import randomize_clex
 
 gguf = pytest.importorskip("gguf")
@@ -77,7 +77,8 @@ def test_fetched_model_is_plain_and_trains_saves_exports(fetched, tmp_path):
     corpus = tmp_path / "corpus.txt"
     words = ["the", "state", "of", "union", "is", "strong", "congress", "people"]
     corpus.write_text(" ".join(np.random.default_rng(0).choice(words, 2000)))
-    from clex.train import TrainConfig, train
+    from clex.training.loop import train
+    from clex.training.options import TrainConfig
 
     run = train(TrainConfig(model=str(fetched), out=str(tmp_path / "run"),
                             method="clex:max_factor=4,original_max_position_embeddings=16",
@@ -110,7 +111,7 @@ def test_gguf_carries_clex_factors_and_llama_layout(clex_dir, tmp_path):
     assert not np.allclose(expected, T)  # learned: not position interpolation
     # weights in llama.cpp's names and row order: q permuted for adjacent-pair rotation
     q = model.model.layers[0].self_attn.q_proj.weight.detach().numpy()
-    from clex.export_gguf import _permute
+    from clex.serve.gguf import _permute
 
     np.testing.assert_array_equal(np.asarray(tensors["blk.0.attn_q.weight"].data), _permute(q, 4))
     assert {"token_embd.weight", "output.weight", "output_norm.weight", "blk.1.ffn_down.weight"} <= set(tensors)

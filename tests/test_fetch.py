@@ -7,7 +7,7 @@ import pytest
 import torch
 import transformers as tf
 
-from clex.fetch import FetchError, fetch, gguf_to_safetensors
+from clex.data.fetch import FetchError, fetch, gguf_to_safetensors
 
 gguf = pytest.importorskip("gguf")
 

@@ -202,7 +202,7 @@ def test_cli_generate_streams(tmp_path, capsys):
     model = sharp_clex_model()
     model.save_pretrained(tmp_path / "m")
     (tmp_path / "p.txt").write_text("0123456789:;<=>?")  # bytes below the tiny model's vocabulary of 64
-    from clex.cli import main
+    from clex.cli.main import main
 
     argv = ["generate", "--model", str(tmp_path / "m"), "--prompt-file", str(tmp_path / "p.txt"),
             "--max-new-tokens", "20", "--tokenizer", "bytes", "--policy", "rerotate"]

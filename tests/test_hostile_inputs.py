@@ -14,10 +14,11 @@ from pathlib import Path
 import pytest
 import transformers as tf
 
-from clex import chat as C
 from clex import data as D
-from clex.cachedir import cache_root
+from clex.data import chat as C
 from clex.eval import longbench as LB
+from clex.io.cachedir import cache_root
+from clex.serve import chat as S
 from test_safety_eval import cli, save_tiny
 
 NOT_UTF8 = "\u017c\u00f3\u0142w".encode("cp1250")  # Polish in a Windows code page: first byte 0xbf
@@ -276,9 +277,9 @@ def test_chat_session_refuses_the_same_counts(model):
 
     loaded = from_pretrained(model)
     with pytest.raises(D.DataError, match=r"^--max-new-tokens must be an integer >= 1, got 0$"):
-        C.ChatSession(loaded, D.ByteTokenizer(), max_new_tokens=0)
+        S.ChatSession(loaded, D.ByteTokenizer(), max_new_tokens=0)
     with pytest.raises(D.DataError, match=r"^--max-context must be an integer >= 2"):
-        C.ChatSession(loaded, D.ByteTokenizer(), max_context=-1, max_new_tokens=4)
+        S.ChatSession(loaded, D.ByteTokenizer(), max_context=-1, max_new_tokens=4)
 
 
 # --- 7. the cache directory without a home --------------------------------------------------------------------
@@ -288,7 +289,7 @@ def test_cache_root_follows_clex_cache_then_home(tmp_path, monkeypatch):
     monkeypatch.setenv("CLEX_CACHE", "")  # empty is unset, never the working directory
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     assert cache_root() == tmp_path / "home" / ".cache" / "clex"
-    from clex import corpora
+    from clex.data import corpora
 
     assert corpora.code_wheel_path().parent == tmp_path / "home" / ".cache" / "clex" / "code"
 

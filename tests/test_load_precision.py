@@ -10,7 +10,7 @@ import torch
 from torchdiffeq import odeint
 
 import clex
-from clex.models import ModelLoadError
+from clex.loading import ModelLoadError
 from conftest import L, make_model, randomize_clex, tokens
 from test_reference_import import write_reference_checkpoint
 

@@ -22,7 +22,7 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from clex import outdir, records
+from clex.io import outdir, records
 
 NAMES = ["a", "b.txt", "results.json", "sub", "...", ".clex-tmp-mine", ".clex-tmp-x", "ckpt"]
 BAD_NAMES = ["", ".", "..", "/", "/etc", "a/b", "../a", "x\0y", "sub/", "a" * 300]

@@ -11,13 +11,8 @@ from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
 import clex  # noqa: F401
-from clex.rotary import (
-    CLEXConfig,
-    ClexRotary,
-    extrapolated_positions,
-    sample_scale_factor,
-    sample_training_positions,
-)
+from clex.positions import extrapolated_positions, sample_scale_factor, sample_training_positions
+from clex.rotary import CLEXConfig, ClexRotary
 
 L = 32
 

@@ -21,8 +21,8 @@ import transformers as tf
 from safetensors.torch import load_file, save_file
 
 import clex
-from clex import outdir, records
-from clex.cli import main
+from clex.cli.main import main
+from clex.io import outdir, records
 
 L = 32
 
@@ -173,7 +173,7 @@ def test_out_equal_to_or_inside_the_model_is_refused(world, tmp_path, capsys):
 
 
 def test_demo_overwrite_keeps_the_users_files(tmp_path):
-    from clex.demo import _check_config, quick_config
+    from clex.cli.demo import _check_config, quick_config
 
     out = tmp_path / "demo"
     cfg = quick_config(out=str(out))
@@ -442,7 +442,7 @@ def test_ctrl_c_says_where_it_stopped_and_how_to_continue(world, tmp_path, capsy
 
 
 def test_an_unexpected_failure_is_one_line_and_debug_shows_the_traceback(world, capsys, monkeypatch):
-    import clex.models as M
+    import clex.loading as M
 
     def broken(*args, **kwargs):
         raise RuntimeError("deep inside a library\nwith a second line")

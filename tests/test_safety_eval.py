@@ -17,7 +17,7 @@ import torch
 import transformers as tf
 
 import clex
-from clex.cli import main
+from clex.cli.main import main
 from clex.eval import tasks as T
 
 L = 32  # the tiny model's training length
@@ -100,7 +100,7 @@ def fake_results(path: Path, kind: str, extra: dict | None = None) -> Path:
 
 def write_manifest(path: Path, kind: str, names: list[str], log: tuple[str, ...] = ()) -> None:
     """The manifest clex would have written for ``names`` as they are now."""
-    from clex.records import record_of
+    from clex.io.records import record_of
 
     entries = {name: record_of(path / name, log=name in log) for name in names}
     (path / MANIFEST).write_text(json.dumps({"clex_manifest": 2, "kind": kind, "entries": entries}))
@@ -316,7 +316,7 @@ def test_partial_from_other_weights_is_refused(tmp_path, capsys, monkeypatch):
 
 
 def test_run_key_names_what_changes_a_score(tmp_path):
-    from clex.data import ByteTokenizer
+    from clex.data.tokens import ByteTokenizer
 
     model = save_tiny(tmp_path / "model", L=64)
     samples = [T.Sample([1, 2, 3], ["4"], 5, "passkey", 128)]

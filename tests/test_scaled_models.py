@@ -11,8 +11,9 @@ import torch
 import transformers as tf
 
 import clex
-from clex.export import export
-from clex.models import UnsupportedModelError, rotary_modules, training_length
+from clex.layouts import UnsupportedModelError
+from clex.models import rotary_modules, training_length
+from clex.serve.export import export
 from conftest import COMMON, randomize_clex, tokens
 
 SMALL = {k: v for k, v in COMMON.items() if k != "max_position_embeddings"}

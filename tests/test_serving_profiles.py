@@ -12,8 +12,8 @@ import pytest
 import torch
 
 import clex
-from clex.cli import main
-from clex.export import export
+from clex.cli.main import main
+from clex.serve.export import export
 from clex_vllm.profiles import CONFIG_KEY, ProfileError, Profiles, offset
 from conftest import L, make_model, randomize_clex
 

@@ -16,8 +16,11 @@ import torch
 import transformers as tf
 
 import clex
+from clex.io.train_run import TrainError
 from clex.methods import declare_length
-from clex.train import TrainConfig, TrainError, cosine_schedule, step_positions, train
+from clex.training.loop import train
+from clex.training.options import TrainConfig
+from clex.training.step import cosine_schedule, step_positions
 
 L = 32
 
@@ -239,7 +242,7 @@ def test_refusals(model_dir, corpus, tmp_path):
 def test_fsdp_over_two_processes_takes_the_steps_of_one_and_resumes(model_dir, corpus, tmp_path):
     from safetensors.torch import load_file
 
-    from clex import outdir
+    from clex.io import outdir
 
     one = tmp_path / "one"
     subprocess.run(_cli(model_dir, corpus, one, "--steps", "6"), check=True, capture_output=True)

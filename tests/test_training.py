@@ -13,8 +13,10 @@ from safetensors.torch import load_file
 
 import clex
 from clex import data as D
-from clex.train import TrainConfig, batch_indices, pack, train
-from clex.training import CLEXDataCollator, CLEXTrainer
+from clex.training import CLEXTrainer
+from clex.training.loop import batch_indices, pack, train
+from clex.training.options import TrainConfig
+from clex.training.trainer import CLEXDataCollator
 
 L = 32
 STEPS = 12
@@ -99,7 +101,7 @@ def test_collator_positions_end_at_L_t_minus_1_and_t_is_uniform(setup):
 
 
 def test_collator_draws_what_clex_train_draws_and_accumulates_one_t_per_step(setup):
-    from clex.training import step_positions
+    from clex.training.step import step_positions
 
     model = clex_model(setup).train()
     collator = CLEXDataCollator(model, seed=5, layout="chunks", grad_accum=2)
@@ -159,13 +161,13 @@ def test_lora_through_peft_keeps_clex_trainable_and_saves_it(setup, tmp_path):
     from peft import LoraConfig, get_peft_model
 
     model = get_peft_model(clex_model(setup), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
-    before = clex.models.clex_modules(model)[0].clex_ode.up_proj.detach().clone()
+    before = clex.clex_modules(model)[0].clex_ode.up_proj.detach().clone()
     trainer = run_trainer(setup, tmp_path / "lora", model=model, max_steps=4)
     trainer.save_model(str(tmp_path / "lora-final"))
-    after = clex.models.clex_modules(model)[0].clex_ode.up_proj.detach()
+    after = clex.clex_modules(model)[0].clex_ode.up_proj.detach()
     assert not torch.equal(before, after)
     loaded = clex.from_pretrained(tmp_path / "lora-final")
-    torch.testing.assert_close(clex.models.clex_modules(loaded)[0].clex_ode.up_proj, after)
+    torch.testing.assert_close(clex.clex_modules(loaded)[0].clex_ode.up_proj, after)
 
 
 # --- TRL ------------------------------------------------------------------------------------------------
@@ -174,7 +176,7 @@ def test_trl_sft_on_conversations_trains_assistant_tokens_and_saves_a_clex_model
     from datasets import Dataset
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    from clex.chat import DEFAULT_TEMPLATE, render_text
+    from clex.data.chat import DEFAULT_TEMPLATE, render_text
     from clex.training import CLEXSFTTrainer
 
     convs = [{"messages": [{"role": "user", "content": f"what is {i} plus {i}?"},
@@ -189,7 +191,7 @@ def test_trl_sft_on_conversations_trains_assistant_tokens_and_saves_a_clex_model
     tok = tf.PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="</s>", pad_token="<pad>")
     tok.chat_template = DEFAULT_TEMPLATE
     model = clex_model(setup)
-    before = clex.models.clex_modules(model)[0].clex_ode.up_proj.detach().clone()
+    before = clex.clex_modules(model)[0].clex_ode.up_proj.detach().clone()
     args = trl.SFTConfig(output_dir=str(tmp_path / "sft"), max_steps=6, per_device_train_batch_size=4,
                          learning_rate=3e-3, assistant_only_loss=True, report_to=[], save_strategy="no",
                          use_cpu=True, logging_steps=1, max_length=L * 4, disable_tqdm=True, seed=0)
@@ -209,11 +211,11 @@ def test_trl_sft_on_conversations_trains_assistant_tokens_and_saves_a_clex_model
     learned = tok.decode(ids[labels != -100])
     assert "plus" in learned and "what is" not in learned  # assistant tokens only
     assert all(b["input_ids"].shape[1] <= 4 * L for b in seen)
-    assert not torch.equal(before, clex.models.clex_modules(model)[0].clex_ode.up_proj.detach())
+    assert not torch.equal(before, clex.clex_modules(model)[0].clex_ode.up_proj.detach())
     trainer.save_model(str(tmp_path / "sft-final"))
     loaded = clex.from_pretrained(tmp_path / "sft-final")
-    torch.testing.assert_close(clex.models.clex_modules(loaded)[0].clex_ode.up_proj,
-                               clex.models.clex_modules(model)[0].clex_ode.up_proj)
+    torch.testing.assert_close(clex.clex_modules(loaded)[0].clex_ode.up_proj,
+                               clex.clex_modules(model)[0].clex_ode.up_proj)
 
 
 # --- bf16 -------------------------------------------------------------------------------------------------

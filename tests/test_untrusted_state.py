@@ -14,9 +14,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import test_safety as S
-from clex import checkpoint as C
-from clex import outdir, records
-from clex.fetch import FetchError, fetch, gguf_to_safetensors
+from clex.data.fetch import FetchError, fetch, gguf_to_safetensors
+from clex.io import checkpoint as C
+from clex.io import outdir, records
 from test_safety import last_line, run_cli, snapshot, train_args, unfinished_copy
 from test_safety_eval import passkey_argv, save_tiny
 
@@ -279,7 +279,7 @@ def gguf(tmp_path_factory):
 
 
 def test_fetch_never_takes_a_users_folder_for_a_fetched_model(gguf, tmp_path, monkeypatch):
-    from clex import fetch as F
+    from clex.data import fetch as F
 
     # a model "shipped" in an installed package (json stands in for it): nothing is downloaded
     monkeypatch.setattr(F, "MODELS", {"smollm2": ("json", "0", "json/tiny.gguf")})
@@ -301,8 +301,8 @@ def test_fetch_never_takes_a_users_folder_for_a_fetched_model(gguf, tmp_path, mo
 # --- the moments between a command's last files ------------------------------------------------------------
 @pytest.mark.parametrize("plot", ["plot_task", "plot_heatmap"])
 def test_a_passkey_killed_while_plotting_finishes_on_the_same_command(tmp_path, capsys, monkeypatch, plot):
-    from clex import report as R
-    from clex.cli import main
+    from clex.cli.main import main
+    from clex.eval import report as R
 
     model = save_tiny(tmp_path / "model", L=64)
     out = tmp_path / "out"
@@ -323,7 +323,7 @@ def test_a_passkey_killed_while_plotting_finishes_on_the_same_command(tmp_path, 
 def _ppl_killed_at_64(tmp_path, monkeypatch) -> tuple[list[str], object, object]:
     """A perplexity run (lengths 32 and 64) stopped by Ctrl-C at 64: (its argv, its --out, the real window
     evaluator, to restore)."""
-    from clex.cli import main
+    from clex.cli.main import main
     from clex.eval import ppl as P
 
     model = save_tiny(tmp_path / "model", L=32)
@@ -345,7 +345,7 @@ def _ppl_killed_at_64(tmp_path, monkeypatch) -> tuple[list[str], object, object]
 
 
 def test_a_perplexity_run_killed_midway_finishes_on_the_same_command(tmp_path, capsys, monkeypatch):
-    from clex.cli import main
+    from clex.cli.main import main
     from clex.eval import ppl as P
 
     argv, out, real = _ppl_killed_at_64(tmp_path, monkeypatch)
@@ -439,7 +439,7 @@ def test_a_model_config_nested_too_deep_is_named(world, tmp_path, capsys):
 
 def test_task_cells_are_read_only_as_clex_recorded_them(tmp_path, capsys, monkeypatch):
     """A cell appended after clex's recorded prefix (forged, or cut by a kill) is never believed."""
-    from clex.cli import main
+    from clex.cli.main import main
     from clex.eval import tasks as T
     from test_safety_eval import GREEDY
 
@@ -470,7 +470,7 @@ def test_task_cells_are_read_only_as_clex_recorded_them(tmp_path, capsys, monkey
 
 
 def test_a_perplexity_out_changed_since_is_refused_before_any_work(tmp_path, capsys, monkeypatch):
-    from clex.cli import main
+    from clex.cli.main import main
     from clex.eval import ppl as P
 
     argv, out, real = _ppl_killed_at_64(tmp_path, monkeypatch)
@@ -483,7 +483,7 @@ def test_a_perplexity_out_changed_since_is_refused_before_any_work(tmp_path, cap
 
 
 def test_a_name_that_is_neither_here_nor_on_the_hub_is_named(tmp_path, capsys, monkeypatch):
-    from clex import models
+    from clex import loading as models
 
     def offline(*args, **kwargs):
         raise OSError("We couldn't connect to 'https://huggingface.co' to load the files.\nCheck your connection.")
@@ -497,7 +497,7 @@ def test_a_name_that_is_neither_here_nor_on_the_hub_is_named(tmp_path, capsys, m
 def test_a_run_killed_before_its_first_checkpoint_resumes_from_a_copy(world, tmp_path, capsys):
     first = tmp_path / "first"
     args = train_args(world, first, "--save-every", "3", "--steps", "4")
-    from clex import train as TR
+    from clex.training import loop as TR
 
     real = TR.Run.save_checkpoint
 

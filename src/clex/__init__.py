@@ -11,11 +11,15 @@ Public API::
     clex.restore_clex(peft_model, adapter_dir)     # CLEX back on a model peft's own loaders built
 """
 
-from .adapters import restore_clex, unfreeze_clex
-from .cache import generate
-from .methods import available_methods
-from .models import ModelLoadError, UnsupportedModelError, apply, clex_modules, from_pretrained
-from .rotary import CLEXConfig, extrapolated_positions, sample_scale_factor, sample_training_positions
+from clex import _moved, hooks  # noqa: F401  (installs the transformers hooks: rope types, CLEX at model init)
+from clex.adapters import restore_clex, unfreeze_clex
+from clex.generation import generate
+from clex.layouts import UnsupportedModelError
+from clex.loading import ModelLoadError, from_pretrained
+from clex.methods import available_methods
+from clex.models import apply
+from clex.positions import extrapolated_positions, sample_scale_factor, sample_training_positions
+from clex.rotary import CLEXConfig, clex_modules
 
 __all__ = [
     "CLEXConfig",
@@ -33,3 +37,4 @@ __all__ = [
     "unfreeze_clex",
 ]
 __version__ = "0.1.0"
+_moved.install()

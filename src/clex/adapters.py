@@ -12,18 +12,10 @@ import os
 
 from torch import nn
 
-from .models import (
-    ModelLoadError,
-    ModelNotFoundError,
-    PreTrainedModel,
-    _json_file,
-    _set_clex_weights,
-    apply,
-    clex_modules,
-    describe,
-    from_pretrained,
-    load_config,
-)
+from clex.errors import describe
+from clex.loading import ModelLoadError, ModelNotFoundError, _json_file, _set_clex_weights, from_pretrained, load_config
+from clex.models import PreTrainedModel, apply
+from clex.rotary import clex_modules
 
 ADAPTER_METHOD_FILE, ADAPTER_CLEX_FILE = "clex_method.json", "clex_ode.safetensors"  # beside a LoRA adapter
 

@@ -29,7 +29,8 @@ import math
 import torch
 from transformers import modeling_rope_utils as mru
 
-from .methods import _rope_dims, plain_inv_freq
+from clex.errors import UnsupportedModel
+from clex.methods import _rope_dims, plain_inv_freq
 
 SCALED_FROM = "scaled_from"  # the key under which a method's rope parameters keep the shipped rope
 SHIPPED_LENGTH = "max_position_embeddings"  # inside SCALED_FROM: the shipped config's max_position_embeddings
@@ -37,8 +38,6 @@ COMPOSABLE = ("linear", "ntk", "yarn", "llama3", "longrope")  # static per-pair 
 PLAIN = ("default", "dynamic")  # the raw θ inside the model's context
 
 
-class CompositionError(ValueError):
-    """A model's own rope scaling that a method cannot be composed with."""
 
 
 def context_length(rope: dict, max_position_embeddings: int) -> int:
@@ -72,11 +71,11 @@ def compose(rope: dict, base: dict, shipped_length: int, model_type: str) -> dic
     if kind in PLAIN:
         return rope
     if kind not in COMPOSABLE:
-        raise CompositionError(f"model type {model_type!r} ships rope type {kind!r}, which clex cannot compose "
+        raise UnsupportedModel(f"model type {model_type!r} ships rope type {kind!r}, which clex cannot compose "
                                f"methods with (it composes with {', '.join(COMPOSABLE)}); only 'vanilla' keeps "
                                "it")
     if kind == "longrope" and rope["rope_type"] == "dynamic":
-        raise CompositionError(f"method 'dynamic' on model type {model_type!r}: its 'longrope' switches factor "
+        raise UnsupportedModel(f"method 'dynamic' on model type {model_type!r}: its 'longrope' switches factor "
                                "sets at its original length, which dynamic NTK cannot keep; use clex or a "
                                "fixed-factor method")
     base = copy.deepcopy(base)

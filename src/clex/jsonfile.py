@@ -14,12 +14,13 @@ import stat
 from pathlib import Path
 from typing import Any
 
+from clex.errors import DamagedFile
+
 MAX_DEPTH = 64
 MAX_BYTES = 16 << 20
 
 
-class JSONFileError(ValueError):
-    """A JSON file or record that cannot be read as one; the message names it and says why."""
+JSONFileError = DamagedFile  # the name the readers raise
 
 
 def _depth_ok(value: Any, limit: int) -> bool:

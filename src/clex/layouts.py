@@ -13,9 +13,9 @@ import inspect
 import torch
 from torch import nn
 
+from clex.errors import UnsupportedModel
 
-class UnsupportedModelError(ValueError):
-    """The model has no rotary position embedding that clex can replace, or one a method cannot be right on."""
+UnsupportedModelError = UnsupportedModel  # the older name
 
 
 # Families whose rope reaches only sliding-window layers (global layers use no position encoding, decided in

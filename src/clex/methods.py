@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import modeling_rope_utils as mru
 
-from .rotary import MAX_FACTOR, CLEXConfig
+from clex.rotary import MAX_FACTOR, CLEXConfig
 
 
 @dataclass(frozen=True)

@@ -25,13 +25,8 @@ from dataclasses import asdict, dataclass, fields
 import torch
 from torch import nn
 
-from .dynamics import CLEXDynamics, validate_dynamics
-from .positions import (  # noqa: F401  (the training positions' old home)
-    LAYOUTS,
-    T_SAMPLINGS,
-    extrapolated_positions,
-    sample_scale_factor,
-    sample_training_positions,
+from clex.dynamics import CLEXDynamics, validate_dynamics
+from clex.positions import (
     token_lengths,
 )
 

@@ -15,10 +15,9 @@ from pathlib import Path
 
 import torch
 
-from .. import data as D
-from ..methods import parse_method
-from ..models import describe
-from .ppl import (
+from clex import data as D
+from clex.errors import describe
+from clex.eval.ppl import (
     _dtype,
     argument_error,
     check_model_arg,
@@ -28,6 +27,7 @@ from .ppl import (
     model_tokenizer_config,
     resolve_device,
 )
+from clex.methods import parse_method
 
 
 def _lm_eval():
@@ -175,7 +175,7 @@ def evaluate_harness(
 
 def _method_length(model, spec: str) -> int:
     """The context a method is meant for: its factor × L, else the config's maximum (CLEX: max_factor × L)."""
-    from ..models import training_length
+    from clex.models import training_length
 
     mpe = model.config.get_text_config().max_position_embeddings
     factor = parse_method(spec)[1].get("factor")
@@ -200,7 +200,7 @@ def harness_markdown(result: dict) -> str:
 
 def write_harness(result: dict, out) -> Path:
     """``results.json`` and ``results.md`` in ``out`` (a path, or an :class:`clex.outdir.OutDir` the CLI claimed)."""
-    from .output import as_outdir
+    from clex.io.eval_run import as_outdir
 
     out = as_outdir(out, "eval-lm-eval")
     text = json.dumps(result, indent=2, default=str)

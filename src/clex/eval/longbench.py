@@ -14,11 +14,11 @@ from __future__ import annotations
 from functools import cache
 from pathlib import Path
 
-from .. import data as D
-from ..chat import apply_template
-from ..jsonfile import read_json
-from .metrics import LONGBENCH_METRICS, METRIC_NAMES, longbench_score, missing_package, unscorable
-from .tasks import Sample, TaskReport, run_task, special_prefix
+from clex import data as D
+from clex.data.chat import apply_template
+from clex.eval.metrics import LONGBENCH_METRICS, METRIC_NAMES, longbench_score, missing_package, unscorable
+from clex.eval.tasks import Sample, TaskReport, run_task, special_prefix
+from clex.jsonfile import read_json
 
 NO_CHAT = ("trec", "triviaqa", "samsum", "lsht", "lcc", "repobench-p")  # LongBench feeds these raw
 REQUIRED = ("input", "context", "answers")

@@ -26,9 +26,11 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from .. import data as D
-from ..methods import check_method, declare_length, split_methods
-from ..models import check_model_path, describe, from_pretrained, load_config, training_length, use_method
+from clex import data as D
+from clex.errors import BadInput, describe
+from clex.loading import check_model_path, from_pretrained, load_config
+from clex.methods import check_method, declare_length, split_methods
+from clex.models import training_length, use_method
 
 LOGIT_CHUNK = 1024  # positions per LM-head chunk
 
@@ -312,7 +314,7 @@ def evaluate_ppl(
     return report
 
 
-class PPLEvalError(D.DataError):
+class PPLEvalError(BadInput):
     """One (method, length) of a perplexity evaluation failed; ``partial_report`` holds what finished."""
 
 
@@ -432,8 +434,8 @@ def write_report(report: PPLReport, out, error: str | None = None, interrupted: 
     an :class:`clex.outdir.OutDir` the CLI claimed). With ``error``, the report is what finished before it:
     ``results.json`` says ``"complete": false`` and the error; ``interrupted`` marks a run stopped by the user,
     which the same command run again replaces (a failed run's results are kept unless ``--overwrite``)."""
-    from .. import report as R
-    from .output import as_outdir
+    from clex.eval import report as R
+    from clex.io.eval_run import as_outdir
 
     out = as_outdir(out, "eval-ppl")
     results = [asdict(r) for r in report.results]

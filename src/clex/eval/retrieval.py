@@ -20,9 +20,9 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 
-from .. import data as D
-from ..data import encode
-from .tasks import Sample, TaskReport, run_task, special_prefix
+from clex import data as D
+from clex.data.tokens import encode
+from clex.eval.tasks import Sample, TaskReport, run_task, special_prefix
 
 PASSKEY_INTRO = (
     "There is an important info hidden inside a lot of irrelevant text. Find it and memorize them. "

@@ -22,10 +22,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .. import data as D
-from .metrics import string_match_all
-from .retrieval import PASSKEY_FILLER, sentences
-from .tasks import Sample, TaskReport, run_task, special_prefix
+from clex import data as D
+from clex.eval.metrics import string_match_all
+from clex.eval.retrieval import PASSKEY_FILLER, sentences
+from clex.eval.tasks import Sample, TaskReport, run_task, special_prefix
 
 NOISE = " ".join(PASSKEY_FILLER)
 NEEDLE = "One of the special magic {kind} for {key} is: {value}."

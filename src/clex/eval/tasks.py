@@ -22,11 +22,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .. import data as D
-from ..cache import eos_ids, generate, until_eos
-from ..jsonfile import JSONFileError, loads
-from ..models import training_length
-from .ppl import _dtype, check_positive, model_for_method, model_tokenizer_config, resolve_device
+from clex import data as D
+from clex.errors import NonFiniteLogits
+from clex.eval.ppl import _dtype, check_positive, model_for_method, model_tokenizer_config, resolve_device
+from clex.generation import eos_ids, generate, refuse_nan, until_eos
+from clex.jsonfile import JSONFileError, loads
+from clex.models import training_length
 
 
 @dataclass
@@ -94,14 +95,6 @@ class TaskReport:
 ScoreFn = Callable[[str, Sample], float]
 
 
-class NonFiniteLogits(RuntimeError):
-    """The model produced NaN logits while generating (its answers would be garbage, not wrong)."""
-
-
-def _check_logits(input_ids, scores):
-    if torch.isnan(scores).any():
-        raise NonFiniteLogits("NaN logits")
-    return scores
 
 
 def greedy_answers(
@@ -132,7 +125,7 @@ def greedy_answers(
             with torch.no_grad():
                 seqs = generate(model, ids, policy=policy, max_new_tokens=new, do_sample=False, pad_token_id=pad,
                                 eos_token_id=eos or None, attention_mask=torch.ones_like(ids),
-                                logits_processor=LogitsProcessorList([_check_logits]), **kwargs)
+                                logits_processor=LogitsProcessorList([refuse_nan]), **kwargs)
             for i, row in zip(chunk, seqs[:, n:].tolist(), strict=True):
                 out[i] = _cut(D.decode(tokenizer, until_eos(row, eos)), stops)
             if progress:
@@ -185,8 +178,8 @@ def run_task(
     loaded (the CLI claims ``--out`` there). ``base_length`` declares the training length L every method extends
     from (default: the model's own).
     """
-    from ..cache import POLICIES
-    from .ppl import _progress, argument_error, check_model_arg, length_list, method_list
+    from clex.cache import POLICIES
+    from clex.eval.ppl import _progress, argument_error, check_model_arg, length_list, method_list
 
     check_model_arg(model)
     methods = method_list(methods, base_length)  # unknown or malformed methods fail before any work
@@ -271,7 +264,7 @@ def run_key(kind: str, model, tokenizer, samples: Sequence[Sample], policy: str,
 
     import transformers
 
-    from .. import __version__
+    from clex import __version__
 
     prompts = hashlib.sha256(kind.encode())
     for s in samples:
@@ -324,7 +317,7 @@ def weights_identity(model, _depth: int = 0) -> str:
             digest.update(f"{item.name}:{_file_digest(item)}".encode())
         adapter = path / "adapter_config.json"
         if adapter.exists() and _depth == 0:
-            from ..adapters import adapter_base
+            from clex.adapters import adapter_base
 
             try:
                 base = adapter_base(path)  # the base the loader will use
@@ -366,7 +359,7 @@ class _Checkpoint:
     def __init__(self, path: str | Path | None, key: dict, claimed: object = None):
         import hashlib
 
-        from ..outdir import OutDir
+        from clex.io.outdir import OutDir
 
         self.path = Path(path) if path is not None else None
         # in a claimed --out the file is an append-only entry of its manifest (recorded as it grows)
@@ -424,8 +417,8 @@ def write_task_report(report: TaskReport, out) -> Path:
     """``results.json`` (each row's score also under its metric's name), ``predictions.jsonl``,
     ``results.md``, ``<kind>.png`` and, for tasks with depths, ``<kind>_heatmap.png``, in ``out`` (a path,
     or an :class:`clex.outdir.OutDir` the CLI claimed), each recorded in its manifest before written."""
-    from .. import report as R
-    from .output import as_outdir
+    from clex.eval import report as R
+    from clex.io.eval_run import as_outdir
 
     out = as_outdir(out, f"eval-{report.kind}")
     payload = {k: v for k, v in asdict(report).items() if k not in ("rows", "predictions")}

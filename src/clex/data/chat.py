@@ -23,7 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
-from . import data as D
+from clex import data as D
+from clex.errors import BadInput
 
 ROLES = ("system", "user", "assistant")
 BAD_RECORD_ACTIONS = ("error", "skip")
@@ -36,7 +37,7 @@ DEFAULT_TEMPLATE = (
 )
 
 
-class ChatDataError(D.DataError):
+class ChatDataError(BadInput):
     """A conversation record that cannot be used; the message names the record."""
 
 
@@ -145,11 +146,11 @@ def prompt_ids(tokenizer, messages: Sequence[dict]) -> list[int]:
     return _render(tokenizer, messages, add_generation_prompt=True)
 
 
-def _template(tokenizer) -> str | None:
+def own_template(tokenizer) -> str | None:
     return getattr(tokenizer, "chat_template", None) or None
 
 
-class ChatTemplateError(ValueError):
+class ChatTemplateError(BadInput):
     """A chat template that does not parse or fails as it renders. Every conversation would fail the same way,
     so it ends the command (never a skipped record or a per-message notice); the message names its file."""
 
@@ -157,7 +158,7 @@ class ChatTemplateError(ValueError):
 def template_source(tokenizer, template: str | None = None) -> tuple[str, bool]:
     """(where ``template`` — by default the tokenizer's — was read from, whether that is the template's own
     file, so that its line numbers are the file's)."""
-    template = template or _template(tokenizer)
+    template = template or own_template(tokenizer)
     if template is None or template == DEFAULT_TEMPLATE:
         return "clex's default chat template", True
     name = getattr(tokenizer, "name_or_path", "") or ""
@@ -203,7 +204,7 @@ def apply_template(tokenizer, messages: Sequence[dict], **kwargs):
 def _render(tokenizer, messages: Sequence[dict], add_generation_prompt: bool) -> list[int]:
     if isinstance(tokenizer, D.ByteTokenizer):
         return tokenizer.encode(render_text(messages, add_generation_prompt))
-    out = apply_template(tokenizer, messages, chat_template=_template(tokenizer) or DEFAULT_TEMPLATE,
+    out = apply_template(tokenizer, messages, chat_template=own_template(tokenizer) or DEFAULT_TEMPLATE,
                          add_generation_prompt=add_generation_prompt, tokenize=True, return_dict=False)
     return list(out)
 
@@ -211,7 +212,7 @@ def _render(tokenizer, messages: Sequence[dict], add_generation_prompt: bool) ->
 def encode_conversation(tokenizer, messages: Sequence[dict], where: str = "conversation"):
     """(ids, labels) lists: labels equal ids on assistant tokens (the answer and the template's end marker
     after it) and IGNORE elsewhere."""
-    template = None if isinstance(tokenizer, D.ByteTokenizer) else (_template(tokenizer) or DEFAULT_TEMPLATE)
+    template = None if isinstance(tokenizer, D.ByteTokenizer) else (own_template(tokenizer) or DEFAULT_TEMPLATE)
     if template is not None and "{% generation %}" in template.replace("{%- generation %}", "{% generation %}"):
         out = apply_template(tokenizer, messages, chat_template=template, tokenize=True, return_dict=True,
                              return_assistant_tokens_mask=True)
@@ -318,160 +319,5 @@ def packed_inputs(segments, dtype=None):
     return mask, index - last_start
 
 
-# --- a chat session (``clex chat``) ---------------------------------------------------------------------
-END_MARKER = "<|end|>"  # the default template's end of a turn
 
 
-class _StopOnText:
-    """Stops generation once the new text contains a stop string (for templates whose end of turn is text)."""
-
-    def __init__(self, tokenizer, prompt_length: int, stops: Sequence[str]):
-        self.tokenizer, self.prompt_length, self.stops = tokenizer, prompt_length, stops
-
-    def __call__(self, input_ids, scores, **kwargs):
-        import torch
-
-        # the marker may be a special token: keep special tokens in the text
-        text = D.decode(self.tokenizer, input_ids[0, self.prompt_length :].tolist(), skip_special_tokens=False)
-        done = any(s in text for s in self.stops)
-        return torch.full((input_ids.shape[0],), done, dtype=torch.bool, device=input_ids.device)
-
-
-class _Sink:
-    """A ``generate`` streamer that writes the answer as it grows, holding back what may be a stop string."""
-
-    def __init__(self, tokenizer, write, stops: Sequence[str]):
-        self.tokenizer, self.write, self.stops = tokenizer, write, stops
-        self.ids: list[int] = []
-        self.shown = 0
-        self.prompt_seen = False
-
-    def _visible(self, final: bool) -> str:
-        text = D.decode(self.tokenizer, self.ids)
-        if not final:  # an incomplete multi-byte character waits too
-            text = text.rstrip("\ufffd")
-        for s in self.stops:
-            text = text.split(s, 1)[0]
-        if not final:  # a tail that could start a stop string waits for the next token
-            hold = max((k for s in self.stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
-            text = text[: len(text) - hold]
-        return text
-
-    def put(self, value) -> None:
-        if not self.prompt_seen:
-            self.prompt_seen = True
-            return
-        self.ids.extend(int(v) for v in value.reshape(-1).tolist())
-        text = self._visible(final=False)
-        if len(text) > self.shown:
-            self.write(text[self.shown :])
-            self.shown = len(text)
-
-    def end(self) -> None:
-        text = self._visible(final=True)
-        if len(text) > self.shown:
-            self.write(text[self.shown :])
-        self.shown = len(text)
-
-
-class _NaNLogits(RuntimeError):
-    pass
-
-
-def _refuse_nan(input_ids, scores):
-    """A logits processor: NaN logits stop generation (their argmax or sample would be garbage)."""
-    import torch
-
-    if torch.isnan(scores).any():
-        raise _NaNLogits
-    return scores
-
-
-def check_sampling(temperature: float, top_p: float | None = None) -> None:
-    """Sampling settings ``clex chat`` / ``clex generate`` accept: temperature 0 (greedy) or a finite
-    positive number, top-p in (0, 1]; anything else is refused, never silently greedy."""
-    import math
-
-    if not isinstance(temperature, (int, float)) or not math.isfinite(temperature) or temperature < 0:
-        raise D.DataError(f"--temperature must be 0 (greedy) or a finite positive number, got {temperature!r}")
-    if top_p is not None and (not isinstance(top_p, (int, float)) or not 0 < top_p <= 1):
-        raise D.DataError(f"--top-p must be in (0, 1], got {top_p!r}")
-
-
-def check_token_counts(max_new_tokens: int, max_context: int | None = None) -> None:
-    """Token budgets ``clex chat`` / ``clex generate`` accept, each refused in the words of its own flag."""
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise D.DataError(f"--max-new-tokens must be an integer >= 1, got {max_new_tokens!r}")
-    if max_context is not None and (isinstance(max_context, bool) or not isinstance(max_context, int)
-                                    or max_context < 2):
-        raise D.DataError(f"--max-context must be an integer >= 2 (a prompt token and an answer token), got "
-                          f"{max_context!r}")
-
-
-class ChatSession:
-    """A conversation with a model: the history is kept and re-rendered with the chat template at each turn;
-    the oldest exchanges are dropped (``notice`` is called) when prompt + answer budget outgrow
-    ``max_context``. Generation is greedy unless ``temperature`` > 0, through ``clex.generate`` (CLEX's t
-    follows the conversation's length under the cache ``policy``)."""
-
-    def __init__(self, model, tokenizer, system: str | None = None, max_context: int | None = None,
-                 max_new_tokens: int = 256, policy: str = "rerotate", temperature: float = 0.0, notice=None):
-        self.model, self.tokenizer, self.system = model, tokenizer, system
-        check_token_counts(max_new_tokens, max_context)
-        self.max_context = max_context or model.config.get_text_config().max_position_embeddings
-        if self.max_context <= max_new_tokens:
-            raise D.DataError(f"--max-context ({self.max_context}) must exceed --max-new-tokens ({max_new_tokens})")
-        check_sampling(temperature)
-        self.max_new_tokens, self.policy, self.temperature = max_new_tokens, policy, temperature
-        self.notice = notice or (lambda text: None)
-        self.history: list[dict] = []
-        self.last_prompt: list[int] = []
-        uses_default = isinstance(tokenizer, D.ByteTokenizer) or not _template(tokenizer)
-        self.stops = (END_MARKER,) if uses_default else ()
-
-    def reset(self) -> None:
-        self.history = []
-
-    def _messages(self) -> list[dict]:
-        return ([{"role": "system", "content": self.system}] if self.system else []) + self.history
-
-    def reply(self, text: str, write=None) -> str:
-        """The model's answer to ``text`` (streamed through ``write`` as it is generated)."""
-        import torch
-        from transformers import StoppingCriteriaList
-
-        from .cache import eos_ids, generate, until_eos
-
-        self.history.append({"role": "user", "content": text})
-        ids = prompt_ids(self.tokenizer, self._messages())
-        while len(ids) + self.max_new_tokens > self.max_context and len(self.history) > 1:
-            starts = [i for i, m in enumerate(self.history) if m["role"] == "user" and i > 0]
-            self.history = self.history[starts[0] :]
-            self.notice(f"history: dropped the oldest exchange to fit --max-context {self.max_context}")
-            ids = prompt_ids(self.tokenizer, self._messages())
-        if len(ids) + self.max_new_tokens > self.max_context:
-            self.history.pop()
-            raise D.DataError(f"this message alone needs {len(ids)} tokens + {self.max_new_tokens} to answer, "
-                              f"beyond --max-context {self.max_context}")
-        self.last_prompt = ids
-        device = next(self.model.parameters()).device
-        x = torch.tensor([ids], dtype=torch.long, device=device)
-        sink = _Sink(self.tokenizer, write or (lambda s: None), self.stops)
-        sampling = self.temperature > 0
-        extra = {"do_sample": True, "temperature": self.temperature} if sampling else {"do_sample": False}
-        eos = eos_ids(self.model, self.tokenizer)
-        criteria = StoppingCriteriaList([_StopOnText(self.tokenizer, len(ids), self.stops)] if self.stops else [])
-        try:
-            with torch.no_grad():
-                out = generate(self.model, x, policy=self.policy, max_new_tokens=self.max_new_tokens, streamer=sink,
-                               stopping_criteria=criteria, attention_mask=torch.ones_like(x),
-                               pad_token_id=eos[0] if eos else 0, logits_processor=[_refuse_nan],
-                               **extra)
-        except _NaNLogits:
-            self.history.pop()
-            raise D.DataError("the model's logits are NaN (broken weights, or fp16 overflow); no answer") from None
-        answer = D.decode(self.tokenizer, until_eos(out[0, len(ids) :].tolist(), eos))
-        for s in self.stops:
-            answer = answer.split(s, 1)[0]
-        self.history.append({"role": "assistant", "content": answer})
-        return answer

@@ -18,10 +18,11 @@ from pathlib import Path
 
 import numpy as np
 
-from . import checkpoint as C
-from . import outdir
-from . import records as R
-from .jsonfile import JSONFileError, loads, read_json
+from clex.errors import BadInput
+from clex.io import checkpoint as C
+from clex.io import outdir
+from clex.io import records as R
+from clex.jsonfile import JSONFileError, loads, read_json
 
 STATE_FILE = C.STATE_FILE
 ARGS_FILE = "train_args.json"
@@ -32,8 +33,7 @@ KIND = "train"
 NOT_IDENTITY = ("out", "save_every", "keep", "resume", "overwrite", "show_progress", "gradient_checkpointing")
 
 
-class TrainError(ValueError):
-    """A training request that cannot be run as asked; the message says what to change."""
+TrainError = BadInput  # the name training code raises
 
 
 RunError = TrainError  # an output directory or resume request that cannot be honoured

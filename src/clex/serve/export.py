@@ -26,20 +26,21 @@ from pathlib import Path
 
 import torch
 
+from clex.composed import SCALED_FROM
+from clex.errors import BadInput
+from clex.io.outdir import fresh_temp_dir
+from clex.loading import check_model_path, from_pretrained
+from clex.methods import plain_inv_freq
+from clex.models import module_rope, switch, training_length
+from clex.rotary import clex_modules
 from clex_vllm.profiles import CONFIG_KEY as PROFILES_KEY
 from clex_vllm.profiles import FORMAT as PROFILES_FORMAT
-
-from .composed import SCALED_FROM
-from .methods import plain_inv_freq
-from .models import check_model_path, clex_modules, from_pretrained, module_rope, switch, training_length
-from .outdir import fresh_temp_dir
 
 EXPORT_FORMATS = ("longrope", "gguf")
 TOKENIZER_FILES = ("tokenizer*", "special_tokens_map.json", "chat_template.jinja", "vocab.json", "merges.txt")
 
 
-class ExportError(ValueError):
-    """An export that cannot be done as asked; the message says why."""
+ExportError = BadInput  # the name export code raises
 
 
 def longrope_parameters(model, factor: int) -> dict:
@@ -114,7 +115,7 @@ def export(model_dir: str | Path, out: str | Path, to: str = "longrope", factor:
     if out.resolve() == source or source in out.resolve().parents:
         raise ExportError(f"--out {out} is inside --model {model_dir}; write the export somewhere else")
     if to == "gguf":
-        from .export_gguf import GGUF_TYPES, GGUFExportError, check_family, write_gguf
+        from clex.serve.gguf import GGUF_TYPES, check_family, write_gguf
 
         if out.suffix != ".gguf":
             raise ExportError(f"--to gguf writes one file: --out must end in .gguf, got {out}")
@@ -128,19 +129,13 @@ def export(model_dir: str | Path, out: str | Path, to: str = "longrope", factor:
         raise ExportError(f"{out} exists and is not empty; choose a new --out")
     model = from_pretrained(model_dir)
     if to == "gguf":
-        try:
-            check_family(model.config.get_text_config())
-        except GGUFExportError as exc:
-            raise ExportError(str(exc)) from None
+        check_family(model.config.get_text_config())
     rope = longrope_parameters(model, factor)
     profiles = serving_profiles(model, factor) if to == "longrope" else None
     plain = {k: v for k, v in module_rope(model).items() if k in ("rope_theta", "partial_rotary_factor")}
     switch(model, "longrope", rope, shipped_as=({"rope_type": "default", **plain}, training_length(model)))
     if to == "gguf":
-        try:
-            return write_gguf(model, model_dir, out, model.config.rope_parameters, outtype)
-        except GGUFExportError as exc:
-            raise ExportError(str(exc)) from None
+        return write_gguf(model, model_dir, out, model.config.rope_parameters, outtype)
     if profiles is not None:  # read by clex's vLLM plugin; engines without it ignore the key
         setattr(model.config, PROFILES_KEY, profiles)
     tmp = fresh_temp_dir(out)  # clex's own name beside --out, never one someone else may own
@@ -162,8 +157,8 @@ def export(model_dir: str | Path, out: str | Path, to: str = "longrope", factor:
 def serving_hint(model_dir: str | Path, factor: int, to: str = "longrope", out: str | Path | None = None) -> str:
     """:func:`serving_settings` for the model in ``model_dir`` (its training length L from its config), and, for a
     ``longrope`` export at ``out``, how to serve it at each request's own t with clex's vLLM plugin."""
-    from .adapters import model_config
-    from .jsonfile import read_json
+    from clex.adapters import model_config
+    from clex.jsonfile import read_json
 
     config = model_config(model_dir)
     L = training_length(config)

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from clex.errors import BadInput
 
-class DataError(ValueError):
-    """A data source or request that cannot be served; the message says what to change."""
+DataError = BadInput  # the name data code raises
 
 
 @dataclass(frozen=True)

@@ -23,12 +23,13 @@ import shutil
 import stat
 from pathlib import Path
 
+from clex.errors import DamagedFile
+
 TMP_PREFIX = ".clex-tmp-"  # clex's own temporaries: removed only when recorded
 TYPES = ("file", "log", "dir", "outdir", "link", "tmp")
 
 
-class RecordError(ValueError):
-    """A manifest entry that is not a record clex writes."""
+RecordError = DamagedFile  # a manifest entry that is not a record clex writes
 
 
 def check_name(name: object) -> str:
@@ -99,7 +100,7 @@ def _digest(path: Path, limit: int | None = None) -> tuple[int, str]:
 
 def record_of(item: Path, log: bool = False) -> dict:
     """The record of what is at ``item`` now."""
-    from .outdir import MANIFEST
+    from clex.io.outdir import MANIFEST
 
     info = os.lstat(item)
     if stat.S_ISLNK(info.st_mode):
@@ -182,7 +183,7 @@ _nesting = [0]
 def _outdir_matches(path: Path) -> bool:
     """A nested output directory matches when its own manifest is valid, nothing in it is foreign or
     changed, and no job holds it; an empty one (a kill before its manifest was written) matches too."""
-    from . import outdir
+    from clex.io import outdir
 
     if not os.listdir(path):
         return True
@@ -219,7 +220,7 @@ def remove(root: Path, name: str, record: dict) -> None:
 
 
 def _remove_outdir(path: Path) -> None:
-    from . import outdir
+    from clex.io import outdir
 
     if not os.listdir(path):
         path.rmdir()

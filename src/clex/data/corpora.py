@@ -19,9 +19,9 @@ import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
-from .cachedir import cache_root
-from .data_types import DataError, Document
-from .jsonfile import loads
+from clex.data.types import DataError, Document
+from clex.io.cachedir import cache_root
+from clex.jsonfile import loads
 
 CODE_PACKAGE, CODE_VERSION = "sympy", "1.14.0"
 

@@ -25,12 +25,13 @@ from pathlib import Path
 
 import torch
 
-from . import outdir
-from .eval.ppl import PPLReport, PPLResult, evaluate_ppl
-from .jsonfile import read_json
-from .methods import parse_method
-from .runs import checkpoints, finished
-from .train import ARGS_FILE, Interrupted, TrainConfig, train
+from clex.eval.ppl import PPLReport, PPLResult, evaluate_ppl
+from clex.io import outdir
+from clex.io.train_run import ARGS_FILE, checkpoints, finished
+from clex.jsonfile import read_json
+from clex.methods import parse_method
+from clex.training.loop import Interrupted, train
+from clex.training.options import TrainConfig
 
 CONFIG_FILE = "demo_config.json"
 BASELINE_NAMES = {"pi": "PI", "yarn": "YaRN", "ntk": "NTK"}
@@ -349,7 +350,7 @@ def _cell(stats: tuple[float, float, float] | None, seeds: int) -> str:
 
 
 def write_demo_report(cfg: DemoConfig, out: Path, records: list[dict], timings: dict) -> Path:
-    from . import report as R
+    from clex.eval import report as R
 
     labels = list(dict.fromkeys(r["label"] for r in records))
     lines = ["# clex demo: CLEX against PI, YaRN and NTK on a tiny byte-level Llama", ""]
@@ -407,7 +408,7 @@ def write_demo_report(cfg: DemoConfig, out: Path, records: list[dict], timings: 
 
 
 def _load_base(out: Path):
-    from .models import from_pretrained
+    from clex.loading import from_pretrained
 
     return from_pretrained(out / "base")
 

@@ -6,39 +6,18 @@ import argparse
 import os
 import sys
 
-from .methods import BASE_LENGTH_HELP
-
-
-class _ByteStreamer:
-    """Streams byte-level tokens to stdout as UTF-8 (``generate``'s streamer protocol)."""
-
-    def __init__(self) -> None:
-        import codecs
-
-        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        self.prompt_done = False
-
-    def put(self, value) -> None:
-        if not self.prompt_done:  # the first call carries the prompt
-            self.prompt_done = True
-            return
-        sys.stdout.write(self.decoder.decode(bytes(int(v) for v in value.reshape(-1).tolist())))
-        sys.stdout.flush()
-
-    def end(self) -> None:
-        sys.stdout.write(self.decoder.decode(b"", final=True) + "\n")
-        sys.stdout.flush()
+from clex.methods import BASE_LENGTH_HELP
+from clex.serve.chat import TextSink
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
     """Generate from a prompt, streaming to stdout, with a KV-cache policy for CLEX models."""
     import torch
-    from transformers import TextStreamer
 
-    from .cache import generate
-    from .chat import check_sampling, check_token_counts
-    from .data import ByteTokenizer, encode, load_tokenizer
-    from .models import from_pretrained
+    from clex.data.tokens import encode, load_tokenizer
+    from clex.generation import generate
+    from clex.loading import from_pretrained
+    from clex.serve.chat import check_sampling, check_token_counts
 
     check_sampling(args.temperature, args.top_p)
     check_token_counts(args.max_new_tokens)
@@ -53,19 +32,20 @@ def cmd_generate(args: argparse.Namespace) -> int:
     vocab = model.config.get_text_config().vocab_size
     if int(ids.max()) >= vocab:
         raise ValueError(f"the tokenizer gives id {int(ids.max())}, beyond the model's vocabulary of {vocab}")
-    streamer = _ByteStreamer() if isinstance(tok, ByteTokenizer) else TextStreamer(tok, skip_prompt=True)
+    streamer = TextSink(tok, lambda text: (sys.stdout.write(text), sys.stdout.flush()))
     sampling = args.temperature > 0
     extra = {"temperature": args.temperature, "top_p": args.top_p} if sampling else {}
     pad = getattr(tok, "pad_token_id", None) or getattr(tok, "eos_token_id", None) or 0
     torch.manual_seed(args.seed)
     generate(model, ids, policy=args.policy, max_new_tokens=args.max_new_tokens, do_sample=sampling,
              streamer=streamer, pad_token_id=pad, **extra)
+    print()
     return 0
 
 
 def _read_prompt(path: str) -> str:
     """The prompt file's text (``-``: stdin), UTF-8; anything else is refused naming the file and line."""
-    from .data import decode_text, read_text
+    from clex.data.documents import decode_text, read_text
 
     if path == "-":
         return decode_text(_stdin_bytes(), "stdin", fix="send UTF-8 text")
@@ -99,7 +79,7 @@ class _Messages:
     def _line(self, prompt: str) -> str:
         self.line_no += 1
         if self.raw is not None:
-            from .data import decode_text
+            from clex.data.documents import decode_text
 
             line = next(self.raw, None)
             if line is None:
@@ -131,10 +111,13 @@ def cmd_chat(args: argparse.Namespace) -> int:
     on stdin it reads one message per line and writes one answer per line (newlines escaped as \\n)."""
     from transformers.utils import logging as hf_logging
 
-    from .chat import ChatSession, check_sampling, check_token_counts
-    from .data import DataError, load_tokenizer
-    from .methods import declare_length
-    from .models import from_pretrained, use_method
+    from clex.data.chat import ChatTemplateError
+    from clex.data.tokens import load_tokenizer
+    from clex.data.types import DataError
+    from clex.loading import from_pretrained
+    from clex.methods import declare_length
+    from clex.models import use_method
+    from clex.serve.chat import ChatSession, check_sampling, check_token_counts
 
     check_sampling(args.temperature)
     check_token_counts(args.max_new_tokens, args.max_context)
@@ -172,6 +155,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
                 print()
             else:
                 print(_escape(session.reply(text)), flush=True)
+        except ChatTemplateError:  # every message would fail the same way
+            raise
         except DataError as err:
             notice(str(err))
             if not interactive:

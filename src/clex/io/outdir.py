@@ -29,8 +29,9 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from . import records as R
-from .jsonfile import JSONFileError, read_json
+from clex.errors import BadInput
+from clex.io import records as R
+from clex.jsonfile import JSONFileError, read_json
 
 MANIFEST = ".clex-manifest.json"
 LOCK = ".clex-lock"
@@ -43,7 +44,7 @@ def _own(name: str) -> bool:
     return name in (MANIFEST, LOCK) or name.startswith(TMP_PREFIX)
 
 
-class OutDirError(ValueError):
+class OutDirError(BadInput):
     """An output directory clex may not write into as asked; the message says what to do."""
 
 

@@ -28,15 +28,15 @@ from pathlib import Path
 
 import numpy as np
 
-from .outdir import fresh_temp_file
+from clex.errors import BadInput
+from clex.io.outdir import fresh_temp_file
 
 # model_type → llama.cpp architecture name (gguf.MODEL_ARCH member)
 GGUF_ARCHS = {"llama": "LLAMA", "mistral": "LLAMA", "mixtral": "LLAMA", "phi3": "PHI3"}
 GGUF_TYPES = ("f32", "f16", "q8_0")
 
 
-class GGUFExportError(ValueError):
-    """A GGUF export that cannot be done as asked; the message says why."""
+GGUFExportError = BadInput  # the name GGUF export code raises
 
 
 def _gguf():

@@ -15,8 +15,8 @@ from __future__ import annotations
 import contextlib
 from pathlib import Path
 
-from .. import outdir as O
-from ..jsonfile import JSONFileError, read_json
+from clex.io import outdir as O
+from clex.jsonfile import JSONFileError, read_json
 
 RESULTS = "results.json"
 PARTIAL = "partial.jsonl"  # finished cells of a task evaluation, read back by a re-run

