@@ -30,7 +30,6 @@ import re
 import shlex
 import shutil
 import sys
-import tomllib
 from pathlib import Path
 
 import pytest
@@ -311,7 +310,7 @@ def test_shell_line_names_what_exists(block, line, words, workdir):
         missing = [w for w in words[1:] if not w.startswith("-") and "=" not in w and w not in targets]
         assert not missing, f"{block.page}:{line}: no Makefile target {missing}"
     elif program in ("pip", "pip3") and words[1:2] == ["install"]:
-        extras = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"])
+        extras = _extras()
         for word in words[2:]:
             found = re.fullmatch(r"(?:\.|clex-llm)\[([^\]]*)\]", word)
             if found:
@@ -320,8 +319,15 @@ def test_shell_line_names_what_exists(block, line, words, workdir):
     elif program in ("python", "python3") and words[1:2] and words[1].endswith(".py"):
         assert (ROOT / words[1]).is_file(), f"{block.page}:{line}: no file {words[1]}"
     else:
-        assert program in EXTERNAL, (f"{block.page}:{line}: `{' '.join(words)}` is not a clex, make, pip or python "
-                                     "line; mark the block `<!-- not run: reason -->` or list the program in EXTERNAL")
+        why = "not a clex, make, pip or python line: mark the block `<!-- not run: reason -->`, or add it to EXTERNAL"
+        assert program in EXTERNAL, f"{block.page}:{line}: `{' '.join(words)}` is {why}"
+
+
+def _extras() -> set[str]:
+    """The extras pyproject.toml defines (read without tomllib, which Python 3.10 lacks)."""
+    section = re.search(r"^\[project\.optional-dependencies\]\n(.*?)(?=^\[)", (ROOT / "pyproject.toml").read_text(),
+                        re.S | re.M)  # fmt: skip
+    return set(re.findall(r"^([\w-]+)\s*=", section.group(1), re.M))
 
 
 def _check_repo_paths(words: list[str]) -> None:
