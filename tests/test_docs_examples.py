@@ -372,10 +372,18 @@ def test_every_page_has_checked_examples():
     assert "README.md" in pages and "docs/training.md" in pages
 
 
+def _anchors(path: Path) -> set[str]:
+    """The anchors GitHub gives the headings of ``path``."""
+    headings = re.findall(r"^#+ (.+)$", re.sub(r"^```.*?^```", "", path.read_text(), flags=re.S | re.M), re.M)
+    return {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-") for h in headings}
+
+
 def test_relative_links_between_pages_resolve():
     for page in PAGES:
-        for target in re.findall(r"\]\(([^)#:]+\.md)(?:#[^)]*)?\)", page.read_text()):
-            assert (page.parent / target).is_file(), f"{page.relative_to(ROOT)} links to missing {target}"
+        for target, anchor in re.findall(r"\]\(([^)#:]+\.md)(?:#([^)]*))?\)", page.read_text()):
+            where = page.parent / target
+            assert where.is_file(), f"{page.relative_to(ROOT)} links to missing {target}"
+            assert not anchor or anchor in _anchors(where), f"{page.relative_to(ROOT)}: no #{anchor} in {target}"
 
 
 if __name__ == "__main__":  # pragma: no cover
