@@ -22,7 +22,7 @@ import torch
 import transformers as tf
 
 import clex
-from clex.rotary import ClexRotary
+from clex.rotary import CLEXRotary
 
 SHAPES = {
     "tiny": dict(vocab_size=256, hidden_size=192, intermediate_size=512, num_hidden_layers=4, num_attention_heads=6,
@@ -53,11 +53,11 @@ def rotary_alone(model, shape, repeats: int, one_rule, per_row_rule) -> dict:
         for r in range(repeats):
             rules = (("per-row", per_row_rule), ("one t", one_rule))
             for rule, impl in rules if r % 2 == 0 else rules[::-1]:
-                ClexRotary.token_factors = impl
+                CLEXRotary.token_factors = impl
                 start = time.perf_counter()
                 rot(x, positions)
                 times[rule].append(time.perf_counter() - start)
-        ClexRotary.token_factors = per_row_rule
+        CLEXRotary.token_factors = per_row_rule
         rot._attend = None
         med = {rule: statistics.median(v) * 1e3 for rule, v in times.items()}
         out[name] = {"per_row_ms": med["per-row"], "one_t_ms": med["one t"], "ratio": med["per-row"] / med["one t"]}
@@ -84,7 +84,7 @@ def main() -> None:
     for i, n in enumerate(lengths):
         mask[i, longest - n :] = 1
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    per_row = ClexRotary.token_factors
+    per_row = CLEXRotary.token_factors
 
     def forward():
         with torch.no_grad():
@@ -101,11 +101,11 @@ def main() -> None:
         for r in range(args.repeats):
             rules = (("per-row", per_row), ("one t", one_t))
             for rule, impl in rules if r % 2 == 0 else rules[::-1]:  # alternate which goes first
-                ClexRotary.token_factors = impl
+                CLEXRotary.token_factors = impl
                 start = time.perf_counter()
                 outputs[rule] = fn()
                 times[rule].append(time.perf_counter() - start)
-        ClexRotary.token_factors = per_row
+        CLEXRotary.token_factors = per_row
         assert torch.equal(outputs["per-row"], outputs["one t"]), "the rules disagree on a batch sharing one t"
         med = {rule: statistics.median(v) for rule, v in times.items()}
         results[name] = {"per_row_s": med["per-row"], "one_t_s": med["one t"],

@@ -28,7 +28,8 @@ from pathlib import Path
 import torch
 
 from clex import data as D
-from clex.eval.ppl import evaluate_windows, model_for_method, model_tokenizer_config
+from clex.eval.common import model_for_method, model_tokenizer_config
+from clex.eval.ppl import evaluate_windows
 from clex.loading import load_config
 from clex.models import training_length
 

@@ -4,7 +4,7 @@
 carries RoPE (``rope_parameters``, or ``rotary_dim`` for GPT-J-style rotary inside attention). ``check()``
 runs every method on a tiny model of it, plain and already scaled (a YaRN block), and returns one
 :class:`Outcome` per (family, variant). Used by ``tests/test_every_family.py``; ``python tests/families.py``
-writes the families tables of the README and ``docs/families.md`` from the same run.
+writes both families tables of ``docs/families.md`` (the summary and the per-family table) from the same run.
 """
 
 from __future__ import annotations
@@ -269,7 +269,7 @@ def table(outcomes: list[Outcome], not_built: dict[str, str]) -> str:
 
 
 def summary(outcomes: list[Outcome], not_built: dict[str, str]) -> str:
-    """The README's families table: families grouped by what clex does on them as shipped and already scaled."""
+    """``docs/families.md``'s summary: families grouped by what clex does on them as shipped and already scaled."""
     cells: dict[str, dict[str, str]] = {}
     for o in outcomes:
         cells.setdefault(o.family, {})[o.variant] = _cell(o)
@@ -316,12 +316,12 @@ def all_outcomes() -> tuple[list[Outcome], dict[str, str]]:
     return outcomes, not_built
 
 
-def write_block(path, text: str) -> None:
-    """Replace the families table block of ``path`` with ``text``."""
+def write_block(path, text: str, name: str = "table") -> None:
+    """Replace the ``families <name>`` block of ``path`` with ``text``."""
     from pathlib import Path
 
     path = Path(path)
-    start, end = "<!-- families table: start -->", "<!-- families table: end -->"
+    start, end = f"<!-- families {name}: start -->", f"<!-- families {name}: end -->"
     body = path.read_text()
     new = re.sub(re.escape(start) + r"\n.*?\n" + re.escape(end), lambda _: f"{start}\n{text}\n{end}", body,
                  flags=re.S)
@@ -338,7 +338,7 @@ if __name__ == "__main__":
     warnings.simplefilter("ignore")
     results, missing = all_outcomes()
     root = Path(__file__).resolve().parents[1]
-    write_block(root / "README.md", summary(results, missing))
+    write_block(root / "docs" / "families.md", summary(results, missing), "summary")
     write_block(root / "docs" / "families.md", table(results, missing))
     print(summary(results, missing))
     for o in results:

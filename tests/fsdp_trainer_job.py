@@ -14,7 +14,7 @@ root, out = Path(sys.argv[1]), Path(sys.argv[2])
 world = int(__import__("os").environ.get("WORLD_SIZE", "1"))
 model = T.clex_model(root)
 sharded = {"fsdp": "full_shard", "fsdp_config": {"fsdp_version": 2, "reshard_after_forward": True,
-           "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer", "ClexRotary"]}} if world > 1 else {}
+           "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer", "CLEXRotary"]}} if world > 1 else {}
 args = T.trainer_args(out, per_device_train_batch_size=4 // world, max_steps=6, **sharded)
 trainer = T.Recording(model=model, args=args, train_dataset=T.rows_in_clex_order(root, 6, 4),
                       data_collator=CLEXDataCollator(model, seed=0), clex_lr=1e-2)

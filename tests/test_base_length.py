@@ -65,5 +65,5 @@ def test_a_bad_base_length_is_one_line_and_writes_nothing(model_dir, corpus, tmp
     argv = [corpus if a == "CORPUS" else a for a in argv]
     assert main([*argv, "--model", model_dir, "--base-length", "0", "--out", str(out)]) == 2
     err = capsys.readouterr().err.strip()
-    assert "base_length (--base-length) must be a positive integer" in err and len(err.splitlines()) == 1
+    assert "--base-length must be a positive integer" in err and len(err.splitlines()) == 1
     assert not out.exists()

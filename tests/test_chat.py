@@ -125,7 +125,7 @@ def test_bad_records_name_the_record_and_skip_on_request(tmp_path):
         with pytest.warns(UserWarning, match="skipped"):
             assert len(C.load_conversations(str(path), "skip", stats)) == 1
         assert stats.skipped == 1
-    with pytest.raises(DataError, match="on-bad-record"):
+    with pytest.raises(DataError, match="`on_bad_record` must be one of"):
         C.load_conversations(str(path), "ignore")
     with pytest.raises(DataError, match="not found"):
         C.load_conversations(str(tmp_path / "missing.jsonl"))
@@ -174,7 +174,7 @@ def clex_load(path):
 
 
 def test_pack_needs_chat_format(tmp_path):
-    with pytest.raises(ValueError, match="--pack applies to --format chat"):
+    with pytest.raises(ValueError, match="`pack` applies to `format` chat"):
         train(TrainConfig(model="x", out=str(tmp_path), pack=True))
 
 
@@ -212,7 +212,7 @@ def test_session_drops_the_oldest_exchange_beyond_max_context(chat_model):
     session.reply("second message here")
     assert notices and "dropped the oldest exchange" in notices[0]
     assert "first message" not in BYTES.decode(session.last_prompt)
-    with pytest.raises(DataError, match="beyond --max-context"):
+    with pytest.raises(DataError, match="beyond `max_context`"):
         session.reply("x" * 200)
 
 

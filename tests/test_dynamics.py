@@ -15,7 +15,7 @@ def log_theta(d: int, base: float) -> torch.Tensor:
 
 
 def reference_trajectory(dyn: CLEXDynamics, log_theta0: torch.Tensor, times, steps_per_unit=200):
-    """Classic RK4 on the reference's field in z = log θ (README, "The solver"), written independently of
+    """Classic RK4 on the reference's field in z = log θ (docs/design.md §2–3), written independently of
     clex.dynamics: dz/dt = σ(x @ W_up^T) @ W_down^T + ξ(t), x = z + log θ_ntk(t), base ode_base."""
     d, base = dyn.rotary_dim, dyn.ode_base
     up, down = dyn.up_proj.detach().double(), dyn.down_proj.detach().double()

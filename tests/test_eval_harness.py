@@ -13,8 +13,8 @@ pytest.importorskip("lm_eval")
 
 from clex.cli.main import main  # noqa: E402
 from clex.data.types import DataError  # noqa: E402
+from clex.eval.common import model_for_method  # noqa: E402
 from clex.eval.harness import evaluate_harness  # noqa: E402
-from clex.eval.ppl import model_for_method  # noqa: E402
 
 QUESTIONS = [
     {"question": "The grass is", "choices": ["green", "blue", "loud"], "label": 0},

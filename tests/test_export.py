@@ -80,7 +80,7 @@ def test_export_refusals(tmp_path):
     for bad in (0, -1, 1.5):
         with pytest.raises(ExportError, match="integer t >= 1"):
             export(tmp_path / "clex", tmp_path / "o3", factor=bad)
-    with pytest.raises(ExportError, match="--to must be one of"):
+    with pytest.raises(ExportError, match="`to` must be one of"):
         export(tmp_path / "clex", tmp_path / "o4", to="onnx", factor=2)
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "keep.txt").write_text("mine")

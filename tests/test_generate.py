@@ -33,8 +33,8 @@ def prompt(n, batch=1, seed=0):
     return torch.randint(3, 64, (batch, n), generator=torch.Generator().manual_seed(seed))
 
 
-def gen(model, ids, policy, new=3 * L, **kw):
-    out = clex.generate(model, ids, policy=policy, max_new_tokens=new, do_sample=False, output_logits=True,
+def gen(model, ids, cache_mode, new=3 * L, **kw):
+    out = clex.generate(model, ids, cache_mode=cache_mode, max_new_tokens=new, do_sample=False, output_logits=True,
                         return_dict_in_generate=True, pad_token_id=0, eos_token_id=None, **kw)
     return out.sequences, torch.stack(out.logits, 1)  # [B, steps, vocab]
 
@@ -93,15 +93,15 @@ class UnrotatedCache(DynamicCache):
         return raw * emb.cos() + rotate_half(raw) * emb.sin(), values
 
 
-@pytest.mark.parametrize("t_policy", ["ceil", "continuous"])
-def test_rerotate_equals_per_step_rerotation_of_unrotated_keys(t_policy):
+@pytest.mark.parametrize("t_rule", ["ceil", "continuous"])
+def test_rerotate_equals_per_step_rerotation_of_unrotated_keys(t_rule):
     model = sharp_clex_model()
-    clex.apply(model, "clex", policy=t_policy)  # keeps the weights; continuous: t changes every token
+    clex.apply(model, "clex", t_rule=t_rule)  # keeps the weights; continuous: t changes every token
     ids = prompt(L - 3)
     seq, logits = gen(model, ids, "rerotate")  # crosses t = 2, 3, 4
     # teacher-forced emulation over the same tokens, stock cache policy off so the hook stays out
     rot = clex.clex_modules(model)[0]
-    rot.policy = "off"
+    rot.cache_mode = "off"
     cache = UnrotatedCache(model)
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -110,7 +110,7 @@ def test_rerotate_equals_per_step_rerotation_of_unrotated_keys(t_policy):
         for k in range(ids.shape[1], seq.shape[1] - 1):
             out = model(seq[:, k : k + 1], past_key_values=cache, use_cache=True)
             emulated.append(out.logits[:, -1])
-    rot.policy = "rerotate"
+    rot.cache_mode = "rerotate"
     torch.testing.assert_close(logits, torch.stack(emulated, 1), rtol=0, atol=1e-5)
     # and it is not the stock behaviour: keys left with stale frequencies give other logits
     stale_seq, stale = gen(model, ids, "off")
@@ -130,16 +130,16 @@ def test_plain_generate_uses_rerotate_and_static_cache_agrees():
     torch.testing.assert_close(torch.stack(static.logits, 1), logits, rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize("policy", ["rerotate", "recompute"])
-def test_left_padded_batch_across_several_t_boundaries(policy):
+@pytest.mark.parametrize("cache_mode", ["rerotate", "recompute"])
+def test_left_padded_batch_across_several_t_boundaries(cache_mode):
     model = sharp_clex_model()
     short, long = prompt(L - 6, seed=1), prompt(L + 5, seed=2)
     pad = torch.zeros(1, long.shape[1] - short.shape[1], dtype=torch.long)
     batch = torch.cat([torch.cat([pad, short], 1), long])
     mask = torch.cat([torch.cat([torch.zeros_like(pad), torch.ones_like(short)], 1), torch.ones_like(long)])
-    seq, logits = gen(model, batch, policy, new=2 * L, attention_mask=mask)  # t goes 2 → 4
+    seq, logits = gen(model, batch, cache_mode, new=2 * L, attention_mask=mask)  # t goes 2 → 4
     # the longer row decides t for the batch; alone, the longer row generates the same
-    seq_long, logits_long = gen(model, long, policy, new=2 * L)
+    seq_long, logits_long = gen(model, long, cache_mode, new=2 * L)
     assert torch.equal(seq[1], seq_long[0])
     torch.testing.assert_close(logits[1], logits_long[0], rtol=0, atol=1e-4)
     assert (seq[0, -2 * L :] != 0).any() and torch.isfinite(logits).all()
@@ -163,14 +163,24 @@ def test_cache_kwarg_names_what_the_forward_takes():
     assert clex.cache.cache_kwarg(model.model) in inspect.signature(model.model.forward).parameters
 
 
-def test_policy_off_warns_and_bad_policy_raises():
+def test_cache_mode_off_warns_and_a_bad_mode_raises():
     model = sharp_clex_model()
     with pytest.warns(UserWarning, match="t changed from 1 to 2"):
         gen(model, prompt(L - 2), "off", new=4)
-    with pytest.raises(ValueError, match="policy"):
-        clex.generate(model, prompt(4), policy="sometimes", max_new_tokens=2)
+    with pytest.raises(ValueError, match="cache_mode must be one of"):
+        clex.generate(model, prompt(4), cache_mode="sometimes", max_new_tokens=2)
     with pytest.raises(ValueError, match="max_new_tokens"):
-        clex.generate(model, prompt(4), policy="frozen")
+        clex.generate(model, prompt(4), cache_mode="frozen")
+
+
+def test_the_older_name_policy_still_sets_the_cache_mode():
+    model = sharp_clex_model()
+    ids = prompt(L - 2)
+    new = clex.generate(model, ids, cache_mode="recompute", max_new_tokens=4, do_sample=False)
+    old = clex.generate(model, ids, policy="recompute", max_new_tokens=4, do_sample=False)
+    assert torch.equal(new, old)
+    with pytest.raises(ValueError, match="cache_mode must be one of"):
+        clex.generate(model, ids, policy="sometimes", max_new_tokens=2)
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt_neox", "gemma3_text", "qwen3", "phi"])
@@ -190,7 +200,7 @@ def test_rerotated_keys_equal_a_fresh_prefill_at_the_new_t(family):
     for layer in range(first_clex + 1):
         torch.testing.assert_close(cache.layers[layer].keys, fresh.layers[layer].keys, rtol=0, atol=1e-5)
     stale = DynamicCache(config=model.config)
-    clex.clex_modules(model)[0].policy = "off"
+    clex.clex_modules(model)[0].cache_mode = "off"
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model(ids[:, :L], past_key_values=stale, use_cache=True)

@@ -276,9 +276,9 @@ def test_chat_session_refuses_the_same_counts(model):
     from clex import from_pretrained
 
     loaded = from_pretrained(model)
-    with pytest.raises(D.DataError, match=r"^--max-new-tokens must be an integer >= 1, got 0$"):
+    with pytest.raises(D.DataError, match=r"^`max_new_tokens` must be an integer >= 1, got 0$"):
         S.ChatSession(loaded, D.ByteTokenizer(), max_new_tokens=0)
-    with pytest.raises(D.DataError, match=r"^--max-context must be an integer >= 2"):
+    with pytest.raises(D.DataError, match=r"^`max_context` must be an integer >= 2"):
         S.ChatSession(loaded, D.ByteTokenizer(), max_context=-1, max_new_tokens=4)
 
 

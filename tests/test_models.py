@@ -175,11 +175,11 @@ def test_reapplying_clex_keeps_learned_weights_and_settings():
     clex.apply(model, "clex", max_factor=4, act="silu", log_scale=True)
     randomize_clex(model)
     learned = clex.clex_modules(model)[0].clex_ode.down_proj.clone()
-    clex.apply(model, "clex", policy="continuous")
+    clex.apply(model, "clex", t_rule="continuous")
     (module,) = clex.clex_modules(model)
     assert torch.equal(module.clex_ode.down_proj, learned)
     cfg = module.settings
-    assert (cfg.policy, cfg.max_factor, cfg.act, cfg.log_scale) == ("continuous", 4, "silu", True)
+    assert (cfg.t_rule, cfg.max_factor, cfg.act, cfg.log_scale) == ("continuous", 4, "silu", True)
     with pytest.warns(UserWarning, match="different field"):
         clex.apply(model, "clex", act="tanh")
     assert not clex.clex_modules(model)[0].clex_ode.down_proj.any()  # untrained again
@@ -231,7 +231,7 @@ def test_models_without_rope_are_refused(config):
     model = tf.AutoModelForCausalLM.from_config(config)
     with pytest.raises(clex.UnsupportedModelError, match=config.model_type) as err:
         clex.apply(model, "clex")
-    assert "README" in str(err.value) and "\n" not in str(err.value)
+    assert "docs/families.md" in str(err.value) and "\n" not in str(err.value)
 
 
 @pytest.mark.parametrize(
@@ -403,3 +403,24 @@ def test_interleaved_families_still_take_the_frequency_methods(kind, tmp_path):
     model.save_pretrained(tmp_path)
     with torch.no_grad():
         torch.testing.assert_close(clex.from_pretrained(tmp_path).eval()(ids).logits, scaled, rtol=0, atol=1e-6)
+
+
+def test_policy_the_older_name_of_t_rule_is_still_accepted(tmp_path):
+    """In a spec, as a keyword, and in a config saved before the rename: each gives the same CLEX model."""
+    by_spec = clex.apply(make_model("llama"), "clex:policy=continuous")
+    by_keyword = clex.apply(make_model("llama"), "clex", policy="continuous")
+    for model in (by_spec, by_keyword):
+        assert clex.clex_modules(model)[0].settings.t_rule == "continuous"
+    with pytest.raises(ValueError, match="both given and differ"):
+        clex.apply(make_model("llama"), "clex:t_rule=ceil", policy="continuous")
+    by_keyword.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    rope = config["rope_parameters"]
+    assert rope["t_rule"] == "continuous" and "policy" not in rope
+    rope["policy"] = rope.pop("t_rule")  # as a config saved before the rename says it
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    loaded = clex.from_pretrained(tmp_path, attn_implementation="eager").eval()
+    assert clex.clex_modules(loaded)[0].settings.t_rule == "continuous"
+    x = tokens(3 * L)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x).logits, by_keyword(x).logits, rtol=0, atol=0)

@@ -12,15 +12,15 @@ from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
 import clex  # noqa: F401
 from clex.positions import extrapolated_positions, sample_scale_factor, sample_training_positions
-from clex.rotary import CLEXConfig, ClexRotary
+from clex.rotary import CLEXConfig, CLEXRotary
 
 L = 32
 
 
-def make_rotary(**overrides) -> ClexRotary:
+def make_rotary(**overrides) -> CLEXRotary:
     config = LlamaConfig(hidden_size=64, num_attention_heads=4, max_position_embeddings=L)
     settings = CLEXConfig(original_max_position_embeddings=L, **overrides)
-    return ClexRotary(LlamaRotaryEmbedding(config), settings)
+    return CLEXRotary(LlamaRotaryEmbedding(config), settings)
 
 
 def positions(n: int) -> torch.Tensor:
@@ -28,11 +28,11 @@ def positions(n: int) -> torch.Tensor:
 
 
 @pytest.mark.parametrize(
-    "policy,n,t", [("ceil", 1, 1), ("ceil", 32, 1), ("ceil", 33, 2), ("ceil", 64, 2), ("ceil", 65, 3),
+    "t_rule,n,t", [("ceil", 1, 1), ("ceil", 32, 1), ("ceil", 33, 2), ("ceil", 64, 2), ("ceil", 65, 3),
                    ("continuous", 16, 1), ("continuous", 48, 1.5), ("continuous", 100, 100 / 32)],
 )
-def test_scaling_factor_policies(policy, n, t):
-    assert make_rotary(policy=policy).scaling_factor(n) == pytest.approx(t)
+def test_scaling_factor_rules(t_rule, n, t):
+    assert make_rotary(t_rule=t_rule).scaling_factor(n) == pytest.approx(t)
 
 
 def test_beyond_max_factor_warns_once_and_clamps():
@@ -85,7 +85,7 @@ def test_frequencies_follow_t_and_cache_tracks_parameter_updates():
 
 def test_continuous_t_between_grid_points():
     torch.manual_seed(0)
-    rot = make_rotary(policy="continuous", max_factor=4)
+    rot = make_rotary(t_rule="continuous", max_factor=4)
     with torch.no_grad():
         rot.clex_ode.down_proj.normal_(0, 0.05)
         mid = rot.frequencies(2.5)  # continued from the cached grid point θ(2)
@@ -118,7 +118,7 @@ def test_nan_parameters_raise():
 @pytest.mark.parametrize(
     "overrides,name",
     [(dict(max_factor=0), "max_factor"), (dict(max_factor=2.5), "max_factor"), (dict(act="gelu"), "act"),
-     (dict(time_dt=0), "time_dt"), (dict(policy="floor"), "policy"), (dict(log_scale="yes"), "log_scale")],
+     (dict(time_dt=0), "time_dt"), (dict(t_rule="floor"), "t_rule"), (dict(log_scale="yes"), "log_scale")],
 )
 def test_bad_settings_name_themselves(overrides, name):
     with pytest.raises(ValueError, match=name):

@@ -31,20 +31,20 @@ def _left_padded(rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     return ids, mask
 
 
-def _generate(model, ids, mask, policy, cache):
+def _generate(model, ids, mask, cache_mode, cache):
     kwargs = {"cache_implementation": "static"} if cache == "static" else {}
-    return clex.generate(model, ids, policy=policy, attention_mask=mask, max_new_tokens=NEW, do_sample=False,
+    return clex.generate(model, ids, cache_mode=cache_mode, attention_mask=mask, max_new_tokens=NEW, do_sample=False,
                          pad_token_id=0, output_logits=True, return_dict_in_generate=True, **kwargs)
 
 
 @pytest.mark.parametrize("cache", ["dynamic", "static"])
-@pytest.mark.parametrize("policy", ["rerotate", "recompute", "frozen", "off"])
-def test_each_row_of_a_left_padded_batch_generates_as_it_does_alone(model, policy, cache):
+@pytest.mark.parametrize("cache_mode", ["rerotate", "recompute", "frozen", "off"])
+def test_each_row_of_a_left_padded_batch_generates_as_it_does_alone(model, cache_mode, cache):
     rows = [tokens(n, seed=n)[0] for n in LENGTHS]
     ids, mask = _left_padded(rows)
-    batch = _generate(model, ids, mask, policy, cache)
+    batch = _generate(model, ids, mask, cache_mode, cache)
     for i, row in enumerate(rows):
-        alone = _generate(model, row[None], torch.ones_like(row[None]), policy, cache)
+        alone = _generate(model, row[None], torch.ones_like(row[None]), cache_mode, cache)
         steps = len(alone.logits)  # alone stops at its end-of-sequence token; the batch goes on for the others
         for step in range(steps):
             torch.testing.assert_close(batch.logits[step][i], alone.logits[step][0], rtol=0, atol=1e-5)

@@ -322,7 +322,7 @@ def _wrong_clex_shape(path):
 MODEL_CASES = [
     ("max_factor 0", _edit_rope(max_factor=0), "config.json: invalid rope parameters: max_factor must be"),
     ("act relu", _edit_rope(act="relu"), "config.json: invalid rope parameters: act must be one of"),
-    ("policy floor", _edit_rope(policy="floor"), "config.json: invalid rope parameters: policy must be one of"),
+    ("t_rule floor", _edit_rope(t_rule="floor"), "config.json: invalid rope parameters: t_rule must be one of"),
     ("truncated weights", _truncate, "model.safetensors is not a readable safetensors file"),
     ("garbage weights", lambda p: (p / "model.safetensors").write_bytes(b"not a tensor file" * 8),
      "model.safetensors is not a readable safetensors file"),

@@ -161,7 +161,7 @@ CASES = [
     ("absurd-max-factor", lambda s, t: ppl_argv(s, t / "out", "--methods", "clex:max_factor=1000000000"),
      "max_factor for method 'clex' must be an integer in 1 … 1024"),
     ("bad-clex-setting", lambda s, t: ppl_argv(s, t / "out", "--methods", "clex:policy=floor"),
-     "method 'clex:policy=floor': policy must be one of"),
+     "method 'clex:policy=floor': t_rule must be one of"),
     ("stride-larger-than-window", lambda s, t: ppl_argv(s, t / "out", "--stride", "33"),
      "--stride 33 is larger than the window (length 32)"),
     ("stride-zero", lambda s, t: ppl_argv(s, t / "out", "--stride", "0"), "--stride must be an integer >= 1"),

@@ -43,7 +43,7 @@ SCALED = {  # name -> (config, its context L)
                                        original_max_position_embeddings=16, rope_parameters=dict(LONGROPE)), 64),
     "gemma3": (_gemma3_linear, 32),
 }
-ADAPTIVE = ["vanilla", "clex", "clex:policy=continuous", "dynamic:factor=4"]
+ADAPTIVE = ["vanilla", "clex", "clex:t_rule=continuous", "dynamic:factor=4"]
 FIXED = ["pi:factor=2", "ntk:factor=2", "yarn:factor=2", "llama3:factor=2", "clex"]
 
 

@@ -104,13 +104,13 @@ def test_a_malformed_entry_is_one_line_naming_the_field(change, named):
     assert "\n" not in str(err.value)
 
 
-def test_a_continuous_policy_export_has_no_profiles_and_says_why(tmp_path, capsys):
+def test_a_continuous_t_rule_export_has_no_profiles_and_says_why(tmp_path, capsys):
     model = make_model("llama")
-    clex.apply(model, "clex", max_factor=2, policy="continuous")
+    clex.apply(model, "clex", max_factor=2, t_rule="continuous")
     model.save_pretrained(tmp_path / "clex")
     assert main(["export", "--model", str(tmp_path / "clex"), "--factor", "2", "--out", str(tmp_path / "x")]) == 0
     assert CONFIG_KEY not in json.loads((tmp_path / "x" / "config.json").read_text())
-    assert "no per-request t for it: the model's CLEX policy is 'continuous'" in capsys.readouterr().out
+    assert "no per-request t for it: the model's CLEX t_rule is 'continuous'" in capsys.readouterr().out
 
 
 def test_export_prints_the_serve_command(exported, tmp_path, capsys):

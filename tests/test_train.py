@@ -136,7 +136,7 @@ def test_lr_zero_freezes_the_model_and_trains_only_the_ode(model_dir, corpus, tm
     assert all(r["grad_norm_base"] == 0 for r in records)
     assert all(r["grad_norm_clex"] > 0 for r in records if r["t"] > 1) and any(r["t"] > 1 for r in records)
     for bad in (dict(clex_lr=None), dict(clex_lr=0.0), dict(method="yarn:factor=4", clex_lr=None)):
-        with pytest.raises(TrainError, match="--lr 0 freezes the base model"):
+        with pytest.raises(TrainError, match="`lr` 0 freezes the base model"):
             train(cfg(model_dir, corpus, tmp_path / "refused", lr=0.0, **bad))
         assert not (tmp_path / "refused").exists()
 
@@ -212,7 +212,7 @@ def test_refusals(model_dir, corpus, tmp_path):
     train(cfg(model_dir, corpus, out, steps=2))
     with pytest.raises(TrainError, match="already holds a finished training run"):
         train(cfg(model_dir, corpus, out, steps=2))
-    with pytest.raises(TrainError, match=r"other settings .*--batch-size \(4 → 2\)"):
+    with pytest.raises(TrainError, match=r"other settings .*`batch_size` \(4 → 2\)"):
         train(cfg(model_dir, corpus, out, steps=2, batch_size=2, resume=True))
     train(cfg(model_dir, corpus, out, steps=2, overwrite=True))  # replaces it
     with pytest.raises(TrainError, match="longer than vanilla supports"):
@@ -225,17 +225,17 @@ def test_refusals(model_dir, corpus, tmp_path):
     tiny.write_text("too short " * 5)
     with pytest.raises(TrainError, match="fewer than one global batch"):
         train(cfg(model_dir, str(tiny), tmp_path / "t"))
-    with pytest.raises(TrainError, match="--lora must look like"):
+    with pytest.raises(TrainError, match="`lora` must look like"):
         train(cfg(model_dir, corpus, tmp_path / "l", lora="eight"))
     with pytest.raises(TrainError, match="holds no run"):
         train(cfg(model_dir, corpus, tmp_path / "nothing", resume=True))
     with pytest.raises(ValueError, match="unknown method"):
         train(cfg(model_dir, corpus, tmp_path / "m", method="warp"))
-    with pytest.raises(TrainError, match="--t-sampling must be one of"):
+    with pytest.raises(TrainError, match="`t_sampling` must be one of"):
         train(cfg(model_dir, corpus, tmp_path / "s", t_sampling="normal"))
-    with pytest.raises(TrainError, match="--clex-warmup must be a fraction"):
+    with pytest.raises(TrainError, match="`clex_warmup` must be a fraction"):
         train(cfg(model_dir, corpus, tmp_path / "w", clex_warmup=2.0))
-    with pytest.raises(TrainError, match=r"--t-sampling \('uniform' → 'log'\)"):
+    with pytest.raises(TrainError, match=r"`t_sampling` \('uniform' → 'log'\)"):
         train(cfg(model_dir, corpus, out, steps=2, t_sampling="log", resume=True))
 
 
@@ -285,7 +285,7 @@ def test_fsdp_over_two_processes_takes_the_steps_of_one_and_resumes(model_dir, c
 
 def test_clex_below_the_models_training_length_is_refused_with_the_regime_explained(model_dir, corpus, tmp_path):
     with pytest.raises(TrainError, match=r"train length 16 is shorter than the model's training length L = 32: .*"
-                                         r"declare that L: --base-length 16"):
+                                         r"declare that L: `base_length` 16"):
         train(cfg(model_dir, corpus, tmp_path / "short", train_length=16))
     assert not (tmp_path / "short").exists()
     run = train(cfg(model_dir, corpus, tmp_path / "declared", method=declare_length("clex", 16), train_length=16,

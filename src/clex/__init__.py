@@ -4,7 +4,7 @@ Public API::
 
     clex.apply(model, "clex", max_factor=16)      # or "yarn:factor=8", "pi", "ntk", "dynamic", …
     clex.from_pretrained(path)                     # clex, reference-CLEX or plain checkpoints
-    clex.generate(model, ids, policy="rerotate")   # generation with a KV cache kept right as t changes
+    clex.generate(model, ids, cache_mode="rerotate")   # generation with a KV cache kept right as t changes
     clex.available_methods()
     clex.sample_training_positions(L, max_factor, generator)   # a CLEX training step's (t', position_ids)
     clex.unfreeze_clex(peft_model)                 # CLEX trainable again after peft's get_peft_model

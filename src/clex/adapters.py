@@ -13,7 +13,7 @@ import os
 from torch import nn
 
 from clex.errors import describe
-from clex.loading import ModelLoadError, ModelNotFoundError, _json_file, _set_clex_weights, from_pretrained, load_config
+from clex.loading import ModelLoadError, ModelNotFoundError, _json_file, _set_clex_weights, from_pretrained
 from clex.models import PreTrainedModel, apply
 from clex.rotary import clex_modules
 
@@ -37,14 +37,6 @@ def adapter_base(path) -> str:
         raise ModelNotFoundError(f"{adapter_file} names the base model {base}, which is not there; put it back or "
                                  "edit base_model_name_or_path")
     return base  # a hub name
-
-
-def model_config(path):
-    """The config of the model in ``path``; for a LoRA run, its base model's (whose training length the run
-    keeps)."""
-    if os.path.exists(os.path.join(path, "adapter_config.json")):
-        return load_config(adapter_base(path))
-    return load_config(path)
 
 
 def _adapter_method(path) -> dict | None:
@@ -90,7 +82,7 @@ def restore_clex(model: nn.Module, adapter_dir) -> nn.Module:
 
 
 def from_adapter(path, **kwargs) -> PreTrainedModel:
-    """A LoRA run saved by ``clex train`` without --merge: the base model with the run's method and
+    """A LoRA run saved by ``clex train`` without `merge`: the base model with the run's method and
     CLEX weights, the adapter merged in."""
     from peft import PeftModel
 

@@ -1,4 +1,4 @@
-"""Generation when t changes: keep a CLEX model's KV cache right (``clex.generate``).
+"""The KV-cache modes: keep a CLEX model's cache right when t changes (docs/design.md §7).
 
 Keys in the cache were rotated with θ(t) of the step that wrote them. When t changes, every cached
 key at position m is rotated once more by ``m·(θ(t') − θ(t))`` — rotations compose — so the cache
@@ -6,10 +6,10 @@ equals keys rotated with the new frequencies: the reference's semantics (it re-r
 keys at every step) at O(changes of t) instead of O(steps).
 
 A forward pre-hook on the decoder (installed with every CLEX module) does it before the step whose
-t differs from the cache's. Each row of a batch has its own t (``ClexRotary.token_factors``): the hook
+t differs from the cache's. Each row of a batch has its own t (``CLEXRotary.token_factors``): the hook
 records the attention mask of the step's tokens for the rotary module, keeps one t per row in the cache,
 and rotates the keys of the rows whose t changed (the others stay exactly as they are).
-Policies (``ClexRotary.policy``):
+Cache modes (``CLEXRotary.cache_mode``):
 
 * ``rerotate`` (default, also for plain ``model.generate``): re-rotate the cached keys in place;
 * ``recompute``: re-run the prefill over the whole sequence so far at the new t (``clex.generate``
@@ -27,9 +27,9 @@ import warnings
 import torch
 from torch import nn
 
-from clex.rotary import ClexRotary
+from clex.rotary import CLEXRotary
 
-POLICIES = ("rerotate", "recompute", "frozen", "off")
+CACHE_MODES = ("rerotate", "recompute", "frozen", "off")
 
 
 def install_cache_hook(decoder: nn.Module, attr: str) -> None:
@@ -44,7 +44,7 @@ def install_cache_hook(decoder: nn.Module, attr: str) -> None:
     decoder.register_forward_pre_hook(functools.partial(_cache_hook, attr), with_kwargs=True)
 
 
-def _warn_gaps(rot: ClexRotary, decoder: nn.Module, kwargs) -> None:
+def _warn_gaps(rot: CLEXRotary, decoder: nn.Module, kwargs) -> None:
     """Once per model: gapped ``position_ids`` without an attention mask or a KV cache (a training forward),
     which transformers reads as packed sequences (attention blocked at every gap), so the logits are not
     those of one sequence."""
@@ -67,7 +67,7 @@ def _warn_gaps(rot: ClexRotary, decoder: nn.Module, kwargs) -> None:
 
 def _cache_hook(attr: str, decoder: nn.Module, args, kwargs):
     rot = getattr(decoder, attr, None)
-    if not isinstance(rot, ClexRotary):
+    if not isinstance(rot, CLEXRotary):
         return None
     _warn_gaps(rot, decoder, kwargs)
     rot._attend = _current_mask(kwargs, args)
@@ -85,15 +85,15 @@ def _cache_hook(attr: str, decoder: nn.Module, args, kwargs):
     t_old, t_new = torch.broadcast_tensors(torch.as_tensor(t_old, dtype=torch.float64), t_new)
     if torch.equal(t_old, t_new):
         return None
-    if rot.policy == "rerotate":
+    if rot.cache_mode == "rerotate":
         rerotate(rot, decoder, cache, t_old, t_new, kwargs.get("attention_mask"))
-    elif rot.policy == "recompute":
+    elif rot.cache_mode == "recompute":
         _recompute(rot, decoder, cache, t_new, kwargs.get("attention_mask"))
-    elif rot.policy == "off" and "t" not in rot._decode_warned:
+    elif rot.cache_mode == "off" and "t" not in rot._decode_warned:
         rot._decode_warned.add("t")
         warnings.warn(
             f"CLEX's t changed from {float(t_old.max()):g} to {float(t_new.max()):g} while decoding with a KV cache "
-            "and cache policy 'off': keys cached earlier keep the old frequencies, as stock transformers does for "
+            "and cache mode 'off': keys cached earlier keep the old frequencies, as stock transformers does for "
             "dynamic rope",
             stacklevel=2,
         )
@@ -109,7 +109,7 @@ def _current_mask(kwargs, args) -> torch.Tensor | None:
     return mask[:, -q:]
 
 
-def row_factors(rot: ClexRotary, positions: torch.Tensor) -> torch.Tensor:
+def row_factors(rot: CLEXRotary, positions: torch.Tensor) -> torch.Tensor:
     """Each row's t for this step (float64, one per row): the largest t among its tokens (0, a LongRoPE base's
     short set, counts as 1)."""
     keys, _ = rot.token_factors(positions)
@@ -161,7 +161,7 @@ def _mask_2d(attention_mask: torch.Tensor) -> torch.Tensor:
     return attention_mask
 
 
-def _clex_layers(decoder: nn.Module, rot: ClexRotary, n_layers: int) -> list[int]:
+def _clex_layers(decoder: nn.Module, rot: CLEXRotary, n_layers: int) -> list[int]:
     """Indices of the layers whose keys CLEX rotates (Gemma 3: the global ones only)."""
     layer_types = getattr(decoder.config, "layer_types", None)
     if rot.layer_type is None or not layer_types:
@@ -170,7 +170,7 @@ def _clex_layers(decoder: nn.Module, rot: ClexRotary, n_layers: int) -> list[int
 
 
 @torch.no_grad()
-def rerotate(rot: ClexRotary, decoder: nn.Module, cache, t_old, t_new, attention_mask=None) -> None:
+def rerotate(rot: CLEXRotary, decoder: nn.Module, cache, t_old, t_new, attention_mask=None) -> None:
     """Rotate every cached key of the CLEX layers from θ(t_old) to θ(t_new), in place: one t per row (tensors of
     the batch size) or one for all (floats). A row whose t did not change is left exactly as it is."""
     theta_old, theta_new = _row_thetas(rot, t_old), _row_thetas(rot, t_new)
@@ -196,7 +196,7 @@ def rerotate(rot: ClexRotary, decoder: nn.Module, cache, t_old, t_new, attention
         keys[:, :, slot, : 2 * half] = rotated.to(keys.dtype)
 
 
-def _row_thetas(rot: ClexRotary, t) -> torch.Tensor:
+def _row_thetas(rot: CLEXRotary, t) -> torch.Tensor:
     """θ(t) per row ([rows, d/2]) for a tensor of t per row, or [1, d/2] for one t."""
     if not torch.is_tensor(t) or t.dim() == 0:
         return rot.frequencies(float(t))[None]
@@ -221,14 +221,14 @@ def _slots(layer) -> tuple[int, int, slice]:
 
 
 @torch.no_grad()
-def _recompute(rot: ClexRotary, decoder: nn.Module, cache, t_new: float, attention_mask=None) -> None:
+def _recompute(rot: CLEXRotary, decoder: nn.Module, cache, t_new: float, attention_mask=None) -> None:
     """Re-run the decoder over the sequence so far at t_new and replace the cache's contents."""
     from transformers import DynamicCache
 
     prefix = rot._recorded_ids
     past = cache.get_seq_length()
     if prefix is None or prefix.shape[1] != past:
-        raise RuntimeError("cache policy 'recompute' needs clex.generate(..., policy='recompute')")
+        raise RuntimeError("cache mode 'recompute' needs clex.generate(..., cache_mode='recompute')")
     mask = _mask_2d(attention_mask)[:, :past] if attention_mask is not None else None
     positions = _slot_positions(mask, prefix.shape[0], past, prefix.device)
     fresh = DynamicCache(config=decoder.config)

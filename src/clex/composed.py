@@ -1,4 +1,5 @@
-"""Methods on an already-scaled model: the rope a model ships with is kept, and every method composes with it.
+"""Methods on an already-scaled model (docs/design.md §8): the rope a model ships with is kept, and every
+method composes with it.
 
 Most models people extend ship a scaled rope (Llama 3.x ``llama3``, Qwen with ``yarn``, Gemma 3 ``linear`` on
 its global layers, Phi-3 long ``longrope``). A method starts from the frequencies such a model actually uses,
@@ -15,7 +16,7 @@ The shipped rope is kept in the new rope parameters under ``scaled_from`` (with 
 table is wrapped once so that every rotary module built from such a config computes ``θ_b · m``.
 
 ``longrope`` switches between two factor sets at its original length L0: the composed methods use the long set
-(the frequencies at the model's full context); CLEX at t = 1 keeps the switch (``ClexRotary`` asks
+(the frequencies at the model's full context); CLEX at t = 1 keeps the switch (``CLEXRotary`` asks
 :func:`base_frequencies` for the short set below L0). ``dynamic`` is the plain θ inside its context, so methods
 start from θ there. Any other rope type cannot be composed with, and is refused in one line.
 """

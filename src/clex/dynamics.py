@@ -1,6 +1,6 @@
 """The CLEX frequency ODE and its solver. No model code lives here.
 
-State: ``z(t) = log θ(t)`` over the ``d/2`` rotary pairs, ``z(1) = log θ``. Field (README, "The solver")::
+State: ``z(t) = log θ(t)`` over the ``d/2`` rotary pairs, ``z(1) = log θ``. Field (docs/design.md §2–3)::
 
     dz/dt = W_down · σ(W_up · (z + log θ_ntk(t))) + ξ(t),   ξ(t) = d/dt log θ_ntk(t)
 

@@ -1,9 +1,15 @@
 """The errors clex raises, and the argument checks that raise them.
 
-Three kinds mean something to a caller: ``BadInput`` (an argument, option or input file to fix),
-``UnsupportedModel`` (a model clex cannot apply a method to) and ``DamagedFile`` (a file clex wrote or reads
-that is malformed or changed). All are ``ClexError``; the first two are also ``ValueError``. Messages speak
-the API's words (``max_factor``); the CLI names its flags (``--max-factor``) at its one boundary.
+Three kinds mean something to a caller: ``BadInput`` (an argument, option, input file or output directory
+to change), ``UnsupportedModel`` (a model clex cannot apply a method to) and ``DamagedFile`` (a file or model
+directory that cannot be read as what it should be), each a ``ClexError`` and a ``ValueError``; ``NonFiniteLogits``
+(a ``RuntimeError``) stops a generation whose logits turned NaN. A few
+subclasses exist where code catches one case apart (``OutDirError``, ``ChatDataError``, ``ChatTemplateError``,
+``PPLEvalError``, ``ModelNotFoundError``), and the older names (``DataError``, ``TrainError``, …) stay as aliases.
+
+A message names an argument as the Python API spells it, in single backticks (`max_factor`); the command line
+puts its flag (--max-factor) in that place at its one boundary (``clex.cli.main.flag_words``), so a library
+caller never reads a flag it has no way to pass.
 """
 
 from __future__ import annotations
@@ -28,6 +34,11 @@ class UnsupportedModel(ClexError, ValueError):
 class DamagedFile(ClexError, ValueError):
     """A file or model directory that cannot be read as what it should be: malformed, truncated, changed since
     clex wrote it, or missing. The message names the file."""
+
+
+class OutDirError(BadInput):
+    """An output directory clex may not write into as asked (another job's, someone else's files, a run with
+    other settings); the message says what to do."""
 
 
 class NonFiniteLogits(ClexError, RuntimeError):

@@ -10,9 +10,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from clex.cache import POLICIES
+from clex.cache import CACHE_MODES
 from clex.errors import NonFiniteLogits
-from clex.rotary import ClexRotary, clex_modules
+from clex.rotary import CLEXRotary, clex_modules
 
 
 def refuse_nan(input_ids, scores):
@@ -33,6 +33,17 @@ def eos_ids(model, tokenizer) -> list[int]:
     return [int(x) for x in (ids if isinstance(ids, (list, tuple)) else [ids])]
 
 
+def pad_id(tokenizer, model=None) -> int:
+    """The one id that pads: the tokenizer's pad token, else the first end-of-sequence id, else 0. Padding is
+    masked out of attention and loss, and a finished row is cut at its end-of-sequence id, so the choice never
+    reaches a score or an answer; it only has to be a valid id."""
+    pad = getattr(tokenizer, "pad_token_id", None)
+    if pad is None:
+        eos = eos_ids(model, tokenizer)
+        pad = eos[0] if eos else 0
+    return int(pad)
+
+
 def until_eos(row: list[int], eos: list[int]) -> list[int]:
     """``row`` up to (not including) its first end-of-sequence id."""
     for j, tok in enumerate(row):
@@ -41,8 +52,8 @@ def until_eos(row: list[int], eos: list[int]) -> list[int]:
     return row
 
 
-def frozen_factors(rot: ClexRotary, input_ids: torch.Tensor, attention_mask, max_new: int):
-    """The ``frozen`` policy's t: each row's from its own prompt length (its attended tokens) + max_new_tokens;
+def frozen_factors(rot: CLEXRotary, input_ids: torch.Tensor, attention_mask, max_new: int):
+    """The ``frozen`` mode's t: each row's from its own prompt length (its attended tokens) + max_new_tokens;
     one float when every row gets the same."""
     if isinstance(attention_mask, torch.Tensor):
         lengths = attention_mask.to(torch.long).sum(-1).tolist()
@@ -53,9 +64,9 @@ def frozen_factors(rot: ClexRotary, input_ids: torch.Tensor, attention_mask, max
 
 
 class _RecordIds:
-    """A logits processor that only records the sequence so far (for the recompute policy)."""
+    """A logits processor that only records the sequence so far (for the recompute mode)."""
 
-    def __init__(self, modules: list[ClexRotary]):
+    def __init__(self, modules: list[CLEXRotary]):
         self.modules = modules
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
@@ -74,7 +85,7 @@ def _vocab_size(model) -> int | None:
         return getattr(text, "vocab_size", None)
 
 
-def check_generate_args(model, input_ids, policy: str, kwargs: dict) -> torch.Tensor:
+def check_generate_args(model, input_ids, cache_mode: str, kwargs: dict) -> torch.Tensor:
     """Refuse what ``model.generate`` would answer with an indexing or shape error deep inside the model, in
     ``clex.generate``'s words; returns ``input_ids`` as int64. One row is ``input_ids[None]``: a 1-D tensor is
     refused, so the result always has the shape of the input plus the new tokens."""
@@ -98,8 +109,8 @@ def check_generate_args(model, input_ids, policy: str, kwargs: dict) -> torch.Te
     if low < 0 or (vocab is not None and high >= vocab):
         where = f"the model's vocabulary of {vocab} ids (0 … {vocab - 1})" if vocab else "the vocabulary"
         raise ValueError(f"input_ids holds token id {low if low < 0 else high}, outside {where}")
-    if not isinstance(policy, str) or policy not in POLICIES:
-        raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
+    if not isinstance(cache_mode, str) or cache_mode not in CACHE_MODES:
+        raise ValueError(f"cache_mode must be one of {CACHE_MODES}, got {cache_mode!r}")
     mask = kwargs.get("attention_mask")
     if isinstance(mask, torch.Tensor) and mask.shape != input_ids.shape:
         raise ValueError(f"attention_mask has shape {list(mask.shape)}, input_ids {list(input_ids.shape)}: "
@@ -119,33 +130,35 @@ def check_generate_args(model, input_ids, policy: str, kwargs: dict) -> torch.Te
     return input_ids if input_ids.dtype == torch.long else input_ids.long()
 
 
-def generate(model, input_ids: torch.Tensor, policy: str = "rerotate", **generate_kwargs):
-    """``model.generate`` for a CLEX model with a cache policy (see the module docstring).
+def generate(model, input_ids: torch.Tensor, cache_mode: str = "rerotate", *, policy: str | None = None,
+             **generate_kwargs):
+    """``model.generate`` for a CLEX model with a cache mode (``clex.cache``; ``policy`` is its older name).
 
     ``input_ids`` is a [batch, length] tensor of ids in the model's vocabulary (checked first, with one clear
     error). Returns what ``model.generate`` returns. Models without CLEX generate as usual.
     """
     from transformers import LogitsProcessorList
 
-    input_ids = check_generate_args(model, input_ids, policy, generate_kwargs)
+    cache_mode = policy if policy is not None else cache_mode
+    input_ids = check_generate_args(model, input_ids, cache_mode, generate_kwargs)
     modules = clex_modules(model)
-    saved = [(m.policy, m.t_override, m._recorded_ids) for m in modules]
+    saved = [(m.cache_mode, m.t_override, m._recorded_ids) for m in modules]
     processors = LogitsProcessorList(generate_kwargs.pop("logits_processor", None) or [])
     try:
         for m in modules:
-            m.policy = policy
-            if policy == "frozen":
+            m.cache_mode = cache_mode
+            if cache_mode == "frozen":
                 max_new = generate_kwargs.get("max_new_tokens")
                 if max_new is None:
-                    raise ValueError("policy 'frozen' needs max_new_tokens (t is fixed from the final length)")
+                    raise ValueError("cache mode 'frozen' needs max_new_tokens (t is fixed from the final length)")
                 m.t_override = frozen_factors(m, input_ids, generate_kwargs.get("attention_mask"), max_new)
-            if policy == "recompute":
+            if cache_mode == "recompute":
                 m._recorded_ids = input_ids
-        if policy == "recompute":
+        if cache_mode == "recompute":
             processors.insert(0, _RecordIds(modules))
         return model.generate(input_ids, logits_processor=processors, **generate_kwargs)
     finally:
         for m, (p, t, ids) in zip(modules, saved, strict=True):
-            m.policy, m.t_override, m._recorded_ids = p, t, ids
+            m.cache_mode, m.t_override, m._recorded_ids = p, t, ids
 
 

@@ -1,4 +1,4 @@
-"""The hooks installed into transformers when clex is imported (once, idempotently).
+"""The hooks installed into transformers when clex is imported (once, idempotently; docs/design.md §9).
 
 They register the ``clex`` and ``ntk`` rope types, give any model whose config says ``rope_type = "clex"``
 its CLEX module at construction (so ``AutoModelForCausalLM.from_pretrained`` loads CLEX weights like any
@@ -18,7 +18,7 @@ from clex.dynamics import CLEXDynamics
 from clex.layouts import UnsupportedModelError
 from clex.methods import register_with_transformers
 from clex.models import clex_settings, rope_layer_type, rotary_modules, text_config, wrap_rotary
-from clex.rotary import ClexRotary, clex_modules
+from clex.rotary import CLEXRotary, clex_modules
 
 
 # --- construction hook: configs that say "clex" get their module at model init ----------------------
@@ -35,9 +35,10 @@ def _install_from_config(model: PreTrainedModel) -> None:
     if not rope or rope.get("rope_type", rope.get("type")) != "clex":
         return
     clex_config = clex_settings(rope, config, config.max_position_embeddings)
+    rope.pop("policy", None)  # the older name of t_rule
     rope.update(clex_config.to_rope_parameters())  # saved configs carry every setting, defaults included
     for parent, attr, module in rotary_modules(model):
-        if not isinstance(module, ClexRotary):
+        if not isinstance(module, CLEXRotary):
             setattr(parent, attr, wrap_rotary(module, clex_config, layer_type))
             install_cache_hook(parent, attr)
 

@@ -112,9 +112,14 @@ def causal_lm_class(config):
 
 
 def load_config(path):
-    """The model's config; invalid rope parameters (a CLEX ``max_factor`` of 0, say) name the file."""
+    """The model's config (for a LoRA run, its base model's, whose training length the run keeps); invalid rope
+    parameters (a CLEX ``max_factor`` of 0, say) name the file."""
     from huggingface_hub.errors import StrictDataclassClassValidationError
 
+    if os.path.exists(os.path.join(path, "adapter_config.json")):
+        from clex.adapters import adapter_base
+
+        path = adapter_base(path)
     if os.path.isdir(path) and not os.path.exists(os.path.join(path, "config.json")):
         raise ModelLoadError(f"{path} has no config.json: it is not a model directory")
     if os.path.isdir(path):

@@ -10,7 +10,6 @@ with validation beside them, so a saved config round-trips through plain transfo
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -31,11 +30,23 @@ class Method:
     # Whether transformers reads the pre-extension length from the config's max_position_embeddings
     # (dynamic) or from rope_parameters["original_max_position_embeddings"] (the others that need it).
     length_key: str | None = None
-    # Length the extended config should advertise, as a function of (params, L).
-    extended_length: Callable[[dict, int], int] | None = None
+
+    def supported_length(self, params: dict, L: int) -> int:
+        """The one answer to "how long a context is this method meant for", from training length ``L``:
+        CLEX max_factor · L, a fixed-factor method ⌈factor · L⌉, plain RoPE (and LongRoPE without a factor) L."""
+        if self.name == "clex":
+            return int(params.get("max_factor") or _CLEX_DEFAULTS["max_factor"]) * L
+        return _factor_length(params, L) if params.get("factor") else L
+
+    def advertised_length(self, params: dict, L: int) -> int:
+        """The ``max_position_embeddings`` a model with this method says: its supported length where
+        transformers reads L from ``original_max_position_embeddings``; L where it reads L from
+        ``max_position_embeddings`` itself (dynamic) or reads no length at all (pi, ntk, vanilla)."""
+        return self.supported_length(params, L) if self.length_key == "original_max_position_embeddings" else L
 
     def rope_parameters(self, params: dict, L: int, rope_theta: float) -> dict:
         """The ``rope_parameters`` dict for this method with ``params`` at training length ``L``."""
+        params = renamed_settings(params) if self.name == "clex" else params
         unknown = set(params) - set(self.required) - set(self.optional)
         if unknown:
             allowed = sorted(set(self.required) | set(self.optional)) or "none"
@@ -52,6 +63,17 @@ class Method:
             out["original_max_position_embeddings"] = L
         _check_factor(self.name, out)
         return out
+
+
+def renamed_settings(params: dict) -> dict:
+    """``params`` with CLEX's ``policy`` (the older name of ``t_rule``) under its new name."""
+    if "policy" not in params:
+        return params
+    params = dict(params)
+    old = params.pop("policy")
+    if params.setdefault("t_rule", old) != old:
+        raise ValueError(f"t_rule {params['t_rule']!r} and its older name policy {old!r} are both given and differ")
+    return params
 
 
 def _check_factor(name: str, params: dict) -> None:
@@ -80,7 +102,7 @@ def _factor_length(params: dict, L: int) -> int:
 
 _CLEX_DEFAULTS = {
     f: CLEXConfig.__dataclass_fields__[f].default
-    for f in ("max_factor", "param_factor", "act", "time_dt", "policy", "log_scale", "clamp")
+    for f in ("max_factor", "param_factor", "act", "time_dt", "t_rule", "log_scale", "clamp")
 }
 
 METHODS: dict[str, Method] = {
@@ -110,7 +132,6 @@ METHODS: dict[str, Method] = {
                 "truncate": None,
             },
             length_key="original_max_position_embeddings",
-            extended_length=_factor_length,
         ),
         Method(
             "longrope",
@@ -120,7 +141,6 @@ METHODS: dict[str, Method] = {
             # short_mscale / long_mscale: what vLLM and Phi-MoE read in place of attention_factor
             {"factor": None, "attention_factor": None, "short_mscale": None, "long_mscale": None},
             length_key="original_max_position_embeddings",
-            extended_length=lambda p, L: _factor_length(p, L) if "factor" in p else L,
         ),
         Method(
             "llama3",
@@ -129,7 +149,6 @@ METHODS: dict[str, Method] = {
             ("factor",),
             {"low_freq_factor": 1.0, "high_freq_factor": 4.0},
             length_key="original_max_position_embeddings",
-            extended_length=_factor_length,
         ),
         Method(
             "clex",
@@ -138,14 +157,13 @@ METHODS: dict[str, Method] = {
             (),
             {**_CLEX_DEFAULTS, "ode_base": None},
             length_key="original_max_position_embeddings",
-            extended_length=lambda p, L: p["max_factor"] * L,
         ),
     ]
 }
 
 
 def available_methods() -> list[str]:
-    """Names accepted by ``clex.apply`` and ``--methods``."""
+    """Names accepted by ``clex.apply`` and ``methods``."""
     return list(METHODS)
 
 
@@ -157,7 +175,10 @@ def get_method(name: str) -> Method:
 
 
 def parse_method(spec: str) -> tuple[str, dict]:
-    """``"yarn:factor=8,beta_fast=32"`` → ``("yarn", {"factor": 8, "beta_fast": 32})``."""
+    """``"yarn:factor=8,beta_fast=32"`` → ``("yarn", {"factor": 8, "beta_fast": 32})`` (the syntax only; a
+    :class:`MethodSpec` also checks the parameters). A ``MethodSpec`` is not parsed again."""
+    if isinstance(spec, MethodSpec):
+        return spec.name, dict(spec.params)
     name, _, rest = spec.strip().partition(":")
     get_method(name)
     params: dict = {}
@@ -172,21 +193,45 @@ def parse_method(spec: str) -> tuple[str, dict]:
     return name, params
 
 
+class MethodSpec(str):
+    """A method as written (``"yarn:factor=8"``), parsed and checked once: it knows its ``name``, its
+    ``params`` and its :meth:`supported_length`, and is still the string it was written as (results are keyed
+    by it). Every check that needs no model runs here (unknown or missing parameters, the range of ``factor``
+    and ``max_factor``, CLEX's settings), so a bad method is refused before any work."""
+
+    name: str
+    params: dict
+
+    def __new__(cls, spec: str) -> MethodSpec:
+        if isinstance(spec, MethodSpec):
+            return spec
+        self = super().__new__(cls, spec)
+        self.name, self.params = parse_method(spec)
+        params = dict(self.params)
+        L = params.pop("original_max_position_embeddings", 2)
+        if not isinstance(L, int) or isinstance(L, bool) or L < 1:
+            raise ValueError(f"original_max_position_embeddings in {spec!r} must be a positive integer, got {L!r}")
+        rope = self.method.rope_parameters(params, L, 10000.0)
+        if self.name == "clex":
+            try:
+                CLEXConfig.from_rope_parameters({k: v for k, v in rope.items() if v is not None}, L)
+            except ValueError as err:
+                raise ValueError(f"method {spec!r}: {err}") from None
+        return self
+
+    @property
+    def method(self) -> Method:
+        return METHODS[self.name]
+
+    def supported_length(self, L: int) -> int:
+        """How long a context this method is meant for, from training length ``L`` (see ``Method``)."""
+        return self.method.supported_length(self.params, L)
+
+
 def check_method(spec: str) -> tuple[str, dict]:
-    """``parse_method`` plus every check that needs no model (unknown or missing parameters, the range of
-    ``factor`` and ``max_factor``, CLEX's settings), so a bad ``--methods`` is refused before any work."""
-    name, params = parse_method(spec)
-    params = dict(params)
-    L = params.pop("original_max_position_embeddings", 2)
-    if not isinstance(L, int) or isinstance(L, bool) or L < 1:
-        raise ValueError(f"original_max_position_embeddings in {spec!r} must be a positive integer, got {L!r}")
-    rope = get_method(name).rope_parameters(params, L, 10000.0)
-    if name == "clex":
-        try:
-            CLEXConfig.from_rope_parameters({k: v for k, v in rope.items() if v is not None}, L)
-        except ValueError as err:
-            raise ValueError(f"method {spec!r}: {err}") from None
-    return name, parse_method(spec)[1]
+    """``(name, params)`` of a checked :class:`MethodSpec`."""
+    checked = MethodSpec(spec)
+    return checked.name, dict(checked.params)
 
 
 BASE_LENGTH_HELP = ("the length L the model was trained at, which every method extends from (default: the model's "
@@ -195,24 +240,24 @@ BASE_LENGTH_HELP = ("the length L the model was trained at, which every method e
 
 
 def declare_length(spec: str, base_length: int | None) -> str:
-    """``spec`` with the training length L declared (``--base-length``): the spec parameter
+    """``spec`` with the training length L declared (``base_length``): the spec parameter
     ``original_max_position_embeddings``, which ``clex.apply`` also takes as a keyword. A spec that already
     declares another L is refused."""
     if base_length is None:
         return spec
     if isinstance(base_length, bool) or not isinstance(base_length, int) or base_length < 1:
-        raise ValueError(f"base_length (--base-length) must be a positive integer (tokens), got {base_length!r}")
+        raise ValueError(f"`base_length` must be a positive integer (tokens), got {base_length!r}")
     name, params = parse_method(spec)
     given = params.get("original_max_position_embeddings")
     if given is not None and given != base_length:
-        raise ValueError(f"L given twice: original_max_position_embeddings={given} in {spec!r} and --base-length "
+        raise ValueError(f"L given twice: original_max_position_embeddings={given} in {spec!r} and `base_length` "
                          f"{base_length} (base_length); give it once")
     if given is not None:
         return spec
     return f"{spec}{',' if ':' in spec else ':'}original_max_position_embeddings={base_length}"
 
 
-def split_methods(text: str) -> list[str]:
+def split_methods(text: str) -> list[MethodSpec]:
     """``"vanilla,yarn:factor=8,beta_fast=32,clex"`` → ``["vanilla", "yarn:factor=8,beta_fast=32", "clex"]``:
     a comma-separated item with ``=`` but no ``:`` is another parameter of the method before it."""
     specs: list[str] = []
@@ -223,9 +268,7 @@ def split_methods(text: str) -> list[str]:
             specs[-1] += "," + item
         else:
             specs.append(item)
-    for spec in specs:
-        check_method(spec)
-    return specs
+    return [MethodSpec(spec) for spec in specs]
 
 
 def _parse_value(text: str):
@@ -261,7 +304,7 @@ def compute_ntk_parameters(config, device=None, seq_len=None, layer_type=None) -
 
 
 def compute_clex_parameters(config, device=None, seq_len=None, layer_type=None) -> tuple[torch.Tensor, float]:
-    """θ at t = 1. The learned θ(t) lives in ``clex.rotary.ClexRotary``, which wraps the model's
+    """θ at t = 1. The learned θ(t) lives in ``clex.rotary.CLEXRotary``, which wraps the model's
     rotary module built with these frequencies (``clex.models`` installs it on model init)."""
     _, base, dim = _rope_dims(config, layer_type)
     return plain_inv_freq(base, dim, device), 1.0

@@ -2,7 +2,7 @@
 
 A method is switched by writing its ``rope_parameters`` into the model's config and rebuilding the
 model's own rotary class from that config, so stock methods run on transformers' own code. CLEX
-wraps the rebuilt module in :class:`clex.rotary.ClexRotary`, which owns the two learned matrices
+wraps the rebuilt module in :class:`clex.rotary.CLEXRotary`, which owns the two learned matrices
 (``…rotary_emb.clex_ode.up_proj`` / ``down_proj`` in the state dict).
 
 Importing clex registers the ``clex`` and ``ntk`` rope types with transformers and hooks
@@ -26,15 +26,15 @@ from clex.cache import install_cache_hook
 from clex.composed import SCALED_FROM, base_frequencies, compose, context_length, shipped
 from clex.errors import describe
 from clex.layouts import UnsupportedModelError, build_rotary, check_family, check_round_trip, rotary_layout
-from clex.methods import get_method, parse_method
-from clex.rotary import CLEXConfig, ClexRotary, clex_modules
+from clex.methods import MethodSpec, get_method, parse_method, renamed_settings
+from clex.rotary import CLEXConfig, CLEXRotary, clex_modules
 
 GLOBAL_LAYER_TYPE = "full_attention"  # models with per-layer-type rope (Gemma 3): CLEX goes here
 
 
 # --- finding the rotary modules ---------------------------------------------------------------------
 def _is_rotary(module: nn.Module) -> bool:
-    return isinstance(module, ClexRotary) or (
+    return isinstance(module, CLEXRotary) or (
         type(module).__name__.endswith("RotaryEmbedding")
         and (hasattr(module, "inv_freq") or any(k.endswith("_inv_freq") for k in module._buffers))
     )
@@ -95,7 +95,7 @@ def unsupported(model_or_config, where=None) -> UnsupportedModelError:
         )
     return UnsupportedModelError(
         (f"{where}: " if where else "") + f"model type {model_type!r} has no rotary module clex can reach (none, or "
-        "one computed inside its attention layers); the families clex supports are listed in its README"
+        "one computed inside its attention layers); the families clex supports are listed in docs/families.md"
     )
 
 
@@ -128,6 +128,7 @@ def switch(model: PreTrainedModel, name: str, params: dict, spec: str | None = N
     """:func:`apply` with the method already parsed. ``shipped_as`` = ``(rope, max_position_embeddings)``
     overrides what the model counts as shipped (``clex export`` writes stock factors relative to the raw θ)."""
     spec = spec or name
+    params = renamed_settings(params) if name == "clex" else params
     found = list(rotary_modules(model))
     if not found:
         raise unsupported(model)
@@ -160,7 +161,7 @@ def switch(model: PreTrainedModel, name: str, params: dict, spec: str | None = N
         rope = copy.deepcopy(base)
     else:
         if name == "clex" and current.get("rope_type") == "clex":
-            # re-applying CLEX: unspecified settings stay as they are (its field, its t policy …)
+            # re-applying CLEX: unspecified settings stay as they are (its field, its t_rule …)
             previous = clex_settings(current, config, L)
             for key, value in asdict(previous).items():
                 if key != "original_max_position_embeddings":
@@ -188,7 +189,7 @@ def switch(model: PreTrainedModel, name: str, params: dict, spec: str | None = N
     if name == "vanilla":
         config.max_position_embeddings = base_max if L == context_length(base, base_max) else L
     else:
-        config.max_position_embeddings = method.extended_length(rope, L) if method.extended_length else L
+        config.max_position_embeddings = method.advertised_length(rope, L)
     try:
         config.validate_rope()
     except (KeyError, TypeError) as err:  # the family's own validation (Phi-MoE wants its mscale fields)
@@ -198,7 +199,7 @@ def switch(model: PreTrainedModel, name: str, params: dict, spec: str | None = N
 
     rebuilt = []
     for _, _, old in found:
-        original = old.original if isinstance(old, ClexRotary) else old
+        original = old.original if isinstance(old, CLEXRotary) else old
         buffer = next(iter(original.buffers()), None)
         new = build_rotary(type(original), config, buffer.device if buffer is not None else "cpu", spec)
         new = wrap_rotary(new, clex_config, layer_type, previous=old) if clex_config else new
@@ -207,7 +208,7 @@ def switch(model: PreTrainedModel, name: str, params: dict, spec: str | None = N
     _replace_config(model, new_root)
     for (parent, attr, _), new in zip(found, rebuilt, strict=True):
         setattr(parent, attr, new)
-        if isinstance(new, ClexRotary):
+        if isinstance(new, CLEXRotary):
             install_cache_hook(parent, attr)
     if shipped_as is None:
         model._clex_shipped = (base, base_max)  # the next method again starts from the model as shipped
@@ -258,11 +259,22 @@ def _replace_config(model: nn.Module, new_root) -> None:
 
 def use_method(model: PreTrainedModel, spec: str) -> PreTrainedModel:
     """``apply(model, spec)``, except that a bare ``clex`` on a CLEX model means its learned CLEX (with
-    settings, e.g. ``clex:policy=continuous``, it is re-applied and keeps its weights)."""
+    settings, e.g. ``clex:t_rule=continuous``, it is re-applied and keeps its weights)."""
     name, params = parse_method(spec)
     if name == "clex" and clex_modules(model) and not params:
         return model
     return apply(model, spec)
+
+
+def supported_length(model, spec: str) -> int:
+    """How long a context ``model``, switched to ``spec``, is meant for: the method's supported length from the
+    model's L, with CLEX's max_factor read from the model (a bare ``clex`` keeps a CLEX model's own)."""
+    spec = MethodSpec(spec)
+    params = dict(spec.params)
+    found = clex_modules(model)
+    if spec.name == "clex" and found:
+        params["max_factor"] = found[0].settings.max_factor
+    return spec.method.supported_length(params, training_length(model))
 
 
 def training_length(model_or_config) -> int:
@@ -279,15 +291,15 @@ def training_length(model_or_config) -> int:
 
 
 
-def wrap_rotary(rotary: nn.Module, config: CLEXConfig, layer_type: str | None, previous=None) -> ClexRotary:
+def wrap_rotary(rotary: nn.Module, config: CLEXConfig, layer_type: str | None, previous=None) -> CLEXRotary:
     device = next(iter(rotary.buffers())).device
-    wrapped = ClexRotary(rotary, config, layer_type).to(device)
+    wrapped = CLEXRotary(rotary, config, layer_type).to(device)
     rope = rotary.config.rope_parameters[layer_type] if layer_type else rotary.config.rope_parameters
     base = rope.get(SCALED_FROM) or {}
     if base.get("rope_type") == "longrope":  # at t = 1 the model as shipped: the short set below its L0
         wrapped.keep_short_set(base["original_max_position_embeddings"],
                                lambda device: base_frequencies(rotary.config, layer_type, device, short=True)[0])
-    if isinstance(previous, ClexRotary):
+    if isinstance(previous, CLEXRotary):
         old = previous.settings
         same_field = (previous.rotary_dim, old.param_factor, old.act, old.ode_base) == (
             wrapped.rotary_dim, config.param_factor, config.act, config.ode_base

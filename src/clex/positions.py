@@ -1,6 +1,6 @@
 """Where tokens sit: the positions a CLEX training step feeds, and the length each token's sequence has.
 
-Training (the reference's recipe, README "Fine-tuning"): one t' per step and ``length`` positions spanning
+Training (the reference's recipe, docs/design.md §6): one t' per step and ``length`` positions spanning
 ``0 … L·t' − 1``, so the rotary module infers exactly t'. Inference: every sequence of a batch follows its own
 length — a row of a padded batch, or each sequence packed into a row — so :func:`token_lengths` gives each token
 ``1 +`` the largest attended position of its sequence.
@@ -57,7 +57,7 @@ def extrapolated_positions(
     base_length: int | None = None,
 ) -> torch.Tensor:
     """Position ids for ``length`` training tokens that make the model see distances up to ``L·t``
-    (README, "Fine-tuning"), where ``L = base_length`` (default: ``length``).
+    (docs/design.md §6), where ``L = base_length`` (default: ``length``).
 
     First 0, last ``L·t − 1``, strictly increasing, so the CLEX rotary module infers exactly ``t``.
     ``scatter`` (the reference): ``length − 2`` inner positions drawn at random without replacement

@@ -1,4 +1,4 @@
-"""The CLEX rotary embedding: a drop-in for a model's own rotary module.
+"""The CLEX rotary embedding: a drop-in for a model's own rotary module (docs/design.md §4–5).
 
 It returns ``(cos, sin)`` exactly as the module it replaces does (shape, dtype, partial rotary
 width, ``attention_scaling``), with frequencies ``θ(t)`` from the CLEX ODE:
@@ -6,7 +6,7 @@ width, ``attention_scaling``), with frequencies ``θ(t)`` from the CLEX ODE:
 * inference — ``t`` from the current length ``n`` and the training length ``L``: ``ceil(n / L)`` (the
   reference) or ``n / L`` (``continuous``), clamped to ``[1, max_factor]``. ``n`` is each sequence's own:
   1 + the largest attended position of its row (or of each sequence packed into a row), so every row of a
-  padded batch computes what it computes alone (:meth:`ClexRotary.token_factors`). The integer grid
+  padded batch computes what it computes alone (:meth:`CLEXRotary.token_factors`). The integer grid
   ``θ(1) … θ(max_factor)`` is solved once and cached until the parameters change.
 * training — ``position_ids`` from :func:`extrapolated_positions` end at ``L·t' − 1``, and one ``t`` per step
   comes from the longest row, which gives back ``t = t'``; with gradients enabled the ODE is solved from 1 to
@@ -30,7 +30,7 @@ from clex.positions import (
     token_lengths,
 )
 
-POLICIES = ("ceil", "continuous")
+T_RULES = ("ceil", "continuous")  # how t follows the length: ⌈n/L⌉ or n/L
 # The largest scaling factor any method accepts (factor, CLEX's max_factor). Solving CLEX's grid θ(1) … θ(T)
 # costs about 1 ms per unit of T on one CPU core (1 s at 1024, measured; 1e9 ran out of memory), and a
 # factor of 1024 already means 1024·L tokens of context.
@@ -47,7 +47,7 @@ class CLEXConfig:
     act: str = "tanh"
     time_dt: float = 0.2  # RK4 step of our residual-form solver (the reference's 0.01 agrees to <1e-6)
     ode_base: float = 10000.0  # base of θ_ntk inside the field; the reference always uses 10000
-    policy: str = "ceil"
+    t_rule: str = "ceil"
     log_scale: bool = False  # the reference's query scaling by ln(n)/ln(L)
     clamp: bool = True  # beyond max_factor·L: warn and keep θ(max_factor); False raises
 
@@ -59,8 +59,8 @@ class CLEXConfig:
         if not isinstance(mf, int) or isinstance(mf, bool) or not 1 <= mf <= MAX_FACTOR:
             raise ValueError(f"max_factor must be an integer in 1 … {MAX_FACTOR}, got {mf!r}")
         validate_dynamics(4, self.param_factor, self.act, self.ode_base, self.time_dt)
-        if self.policy not in POLICIES:
-            raise ValueError(f"policy must be one of {POLICIES}, got {self.policy!r}")
+        if self.t_rule not in T_RULES:
+            raise ValueError(f"t_rule must be one of {T_RULES}, got {self.t_rule!r}")
         for name in ("log_scale", "clamp"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
@@ -73,10 +73,14 @@ class CLEXConfig:
     def from_rope_parameters(cls, params: dict, default_length: int) -> CLEXConfig:
         """Build from a ``rope_parameters`` dict (ours or the reference's ``rope_scaling``)."""
         known = {f.name for f in fields(cls)}
-        unknown = set(params) - known - cls.IGNORED_KEYS
+        unknown = set(params) - known - cls.IGNORED_KEYS - {"policy"}
         if unknown:
             raise ValueError(f"unknown CLEX parameter(s) {sorted(unknown)}; expected some of {sorted(known)}")
         kwargs = {k: v for k, v in params.items() if k in known}
+        if "policy" in params:  # the older name of t_rule, in configs saved before it was renamed
+            if "t_rule" in params and params["t_rule"] != params["policy"]:
+                raise ValueError(f"t_rule {params['t_rule']!r} and its older name policy {params['policy']!r} differ")
+            kwargs["t_rule"] = params["policy"]
         kwargs.setdefault("original_max_position_embeddings", default_length)
         if isinstance(kwargs.get("time_dt"), int) and not isinstance(kwargs.get("time_dt"), bool):
             kwargs["time_dt"] = float(kwargs["time_dt"])
@@ -88,7 +92,7 @@ class CLEXConfig:
         return {"rope_type": "clex", **asdict(self)}
 
 
-class ClexRotary(nn.Module):
+class CLEXRotary(nn.Module):
     """Wraps a model's rotary module (``original``) and replaces its frequencies with CLEX's.
 
     ``original`` still supplies θ (its ``inv_freq`` buffer), ``attention_scaling`` and, for models
@@ -108,8 +112,8 @@ class ClexRotary(nn.Module):
         self._continuous_memo: tuple | None = None
         self._warned = False
         self._decode_warned: set[str] = set()
-        # generation (clex.cache): the KV-cache policy, a fixed t, and state of the recompute policy
-        self.policy = "rerotate"
+        # generation (clex.cache): the KV-cache mode, a fixed t, and state of the recompute mode
+        self.cache_mode = "rerotate"
         self.t_override: float | None = None
         self._recorded_ids: torch.Tensor | None = None
         self._attend: torch.Tensor | None = None  # the attention mask of the current tokens, set by the decoder hook
@@ -181,10 +185,10 @@ class ClexRotary(nn.Module):
 
     # --- t and θ(t) -----------------------------------------------------------------------------
     def scaling_factor(self, n: int) -> float:
-        """t for a sequence of current length ``n`` under the configured policy, clamped."""
+        """t for a sequence of current length ``n`` under the configured t_rule, clamped."""
         cfg = self.settings
         L = cfg.original_max_position_embeddings
-        t = float(math.ceil(n / L)) if cfg.policy == "ceil" else n / L
+        t = float(math.ceil(n / L)) if cfg.t_rule == "ceil" else n / L
         if t > cfg.max_factor:
             msg = (
                 f"sequence length {n} exceeds CLEX's max_factor·L = {cfg.max_factor}·{L}; "
@@ -314,7 +318,7 @@ class ClexRotary(nn.Module):
         """:meth:`scaling_factor` for a tensor of lengths (the warning or refusal beyond max_factor·L once)."""
         cfg = self.settings
         L = cfg.original_max_position_embeddings
-        t = torch.ceil(n.double() / L) if cfg.policy == "ceil" else n.double() / L
+        t = torch.ceil(n.double() / L) if cfg.t_rule == "ceil" else n.double() / L
         low, high = (float(v) for v in torch.aminmax(t))  # one reduction, one sync
         if high > cfg.max_factor:
             self.scaling_factor(int(n.max()))  # warns once, or refuses with clamp=False
@@ -341,6 +345,7 @@ class ClexRotary(nn.Module):
             )
 
 
-def clex_modules(model: nn.Module) -> list[ClexRotary]:
+def clex_modules(model: nn.Module) -> list[CLEXRotary]:
     """The CLEX rotary modules of ``model`` (empty if it does not use CLEX)."""
-    return [m for m in model.modules() if isinstance(m, ClexRotary)]
+    return [m for m in model.modules() if isinstance(m, CLEXRotary)]
+ClexRotary = CLEXRotary  # the older spelling

@@ -6,12 +6,14 @@ import argparse
 import os
 import sys
 
+from clex.cache import CACHE_MODES
+from clex.generation import pad_id
 from clex.methods import BASE_LENGTH_HELP
 from clex.serve.chat import TextSink
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    """Generate from a prompt, streaming to stdout, with a KV-cache policy for CLEX models."""
+    """Generate from a prompt, streaming to stdout, with a KV-cache mode for CLEX models."""
     import torch
 
     from clex.data.tokens import encode, load_tokenizer
@@ -35,9 +37,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     streamer = TextSink(tok, lambda text: (sys.stdout.write(text), sys.stdout.flush()))
     sampling = args.temperature > 0
     extra = {"temperature": args.temperature, "top_p": args.top_p} if sampling else {}
-    pad = getattr(tok, "pad_token_id", None) or getattr(tok, "eos_token_id", None) or 0
+    pad = pad_id(tok, model)
     torch.manual_seed(args.seed)
-    generate(model, ids, policy=args.policy, max_new_tokens=args.max_new_tokens, do_sample=sampling,
+    generate(model, ids, args.cache_mode, max_new_tokens=args.max_new_tokens, do_sample=sampling,
              streamer=streamer, pad_token_id=pad, **extra)
     print()
     return 0
@@ -129,8 +131,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
     if args.method:
         model = use_method(model, declare_length(args.method, args.base_length))
     interactive = sys.stdin.isatty()
-    notice = lambda text: print(f"[{text}]", file=sys.stderr)  # noqa: E731
-    session = ChatSession(model, tok, args.system, args.max_context, args.max_new_tokens, args.policy,
+    notice = lambda text: print(f"[{args.flag_words(text)}]", file=sys.stderr)  # noqa: E731
+    session = ChatSession(model, tok, args.system, args.max_context, args.max_new_tokens, args.cache_mode,
                           args.temperature, notice)
     if interactive:
         print("clex chat: /reset clears the history, /exit leaves; end a line with \\ to continue it", file=sys.stderr)
@@ -174,8 +176,9 @@ def add_chat_parsers(sub) -> None:
     ch.add_argument("--max-context", type=int, default=None, help="tokens of history + answer kept; the oldest "
                     "exchanges are dropped beyond it (default: the config's max_position_embeddings)")
     ch.add_argument("--max-new-tokens", type=int, default=256)
-    ch.add_argument("--policy", default="rerotate", choices=["rerotate", "recompute", "frozen", "off"],
-                    help="CLEX KV-cache policy as the conversation grows (default: %(default)s)")
+    ch.add_argument("--cache-mode", "--policy", dest="cache_mode", default="rerotate", choices=CACHE_MODES,
+                    help="CLEX's KV cache as the conversation grows (default: %(default)s; --policy is its older "
+                    "name)")
     ch.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
     ch.add_argument("--tokenizer", default=None, help="tokenizer directory or `bytes` (default: the model's)")
     ch.set_defaults(func=cmd_chat)
@@ -184,9 +187,9 @@ def add_chat_parsers(sub) -> None:
     ge.add_argument("--model", required=True)
     ge.add_argument("--prompt-file", required=True, help="text file with the prompt (- for stdin)")
     ge.add_argument("--max-new-tokens", type=int, default=256)
-    ge.add_argument("--policy", default="rerotate", choices=["rerotate", "recompute", "frozen", "off"],
+    ge.add_argument("--cache-mode", "--policy", dest="cache_mode", default="rerotate", choices=CACHE_MODES,
                     help="KV cache when CLEX's t changes: rerotate cached keys once (default), recompute the "
-                    "prefix, freeze t from the final length, or off (stock behaviour)")
+                    "prefix, freeze t from the final length, or off (stock behaviour); --policy is its older name")
     ge.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
     ge.add_argument("--top-p", type=float, default=1.0)
     ge.add_argument("--seed", type=int, default=0)

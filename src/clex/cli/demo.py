@@ -14,10 +14,6 @@ last checkpoint. The defaults come from the measurements in docs/reproduction.md
 from __future__ import annotations
 
 import json
-import math
-import os
-import platform
-import statistics
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
@@ -25,7 +21,8 @@ from pathlib import Path
 
 import torch
 
-from clex.eval.ppl import PPLReport, PPLResult, evaluate_ppl
+from clex.cli.demo_report import BASELINE_NAMES, label, verdict, write_demo_report
+from clex.eval.ppl import evaluate_ppl
 from clex.io import outdir
 from clex.io.train_run import ARGS_FILE, checkpoints, finished
 from clex.jsonfile import read_json
@@ -34,7 +31,6 @@ from clex.training.loop import Interrupted, train
 from clex.training.options import TrainConfig
 
 CONFIG_FILE = "demo_config.json"
-BASELINE_NAMES = {"pi": "PI", "yarn": "YaRN", "ntk": "NTK"}
 TIMINGS_FILE = "timings.json"
 
 
@@ -61,7 +57,7 @@ class DemoConfig:
     # more fine-tuned baselines at L0 beside PI/YaRN/NTK ×factor. YaRN ×8 is tuned for half CLEX's range
     # and is the best baseline at 4× and 8× in the study: the verdict judges CLEX against it too.
     extra_baselines: tuple[str, ...] = ("yarn:factor=8",)
-    clex_lr: float = 1e-5  # the ODE's own learning rate, clipped on its own (README, "Fine-tuning")
+    clex_lr: float = 1e-5  # the ODE's own learning rate, clipped on its own (docs/design.md §6)
     layout: str = "chunks"  # CLEX's training positions: 2 contiguous runs with a random skip
     chunks: int = 2
     # evaluation
@@ -96,7 +92,7 @@ QUICK = dict(L0=64, layers=2, hidden=64, heads=4, intermediate=128, pretrain_ste
 
 
 def quick_config(**overrides) -> DemoConfig:
-    """The ``--quick`` pipeline (about a minute): same phases, a smaller model and budget."""
+    """The ``--quick`` pipeline (about 10 s on 2 cores): same phases, a smaller model and budget."""
     return DemoConfig(**{"out": "runs/demo-quick", **QUICK, **overrides})
 
 
@@ -117,13 +113,6 @@ def finetune_methods(cfg: DemoConfig) -> dict[str, str]:
         name, params = parse_method(spec)
         methods[f"{name}{params['factor']}"] = spec
     return methods
-
-
-def _label(spec: str) -> str:
-    name, params = parse_method(spec)
-    if name == "clex":
-        return f"CLEX fine-tuned (max_factor {params['max_factor']})"
-    return f"{BASELINE_NAMES[name]} ×{params['factor']} fine-tuned"
 
 
 def _model_config(cfg: DemoConfig):
@@ -149,7 +138,7 @@ def train_run(run_dir: Path, tokenizer: str | None = "bytes", **kwargs) -> None:
             run.remove(checkpoint.name)
 
 
-def pretrain(cfg: DemoConfig, out: Path, tokenizer: str | None = "bytes") -> None:
+def pretrain(cfg: DemoConfig, out: Path, tokenizer: str | None = "bytes", show_progress: bool = True) -> None:
     """Pre-train ``out/base`` from ``out/init``, a fresh byte-level model unless one is there already
     (a study's BPE model, with ``tokenizer=None`` to use its own tokenizer)."""
     from transformers import LlamaForCausalLM
@@ -161,17 +150,17 @@ def pretrain(cfg: DemoConfig, out: Path, tokenizer: str | None = "bytes") -> Non
     outdir.nest(out, "base", "train")
     train_run(out / "base", model=str(init), method="vanilla", data=cfg.train_data, steps=cfg.pretrain_steps,
               batch_size=cfg.batch_size, lr=cfg.pretrain_lr, seed=cfg.seed, save_every=cfg.save_every,
-              tokenizer=tokenizer)
+              tokenizer=tokenizer, show_progress=show_progress)
 
 
-def finetune(cfg: DemoConfig, out: Path, name: str, seed: int) -> None:
+def finetune(cfg: DemoConfig, out: Path, name: str, seed: int, show_progress: bool = True) -> None:
     spec = finetune_methods(cfg)[name]
     extra = dict(clex_lr=cfg.clex_lr, layout=cfg.layout, chunks=cfg.chunks) if name == "clex" else {}
     runs = out / "finetuned"
     outdir.nest(runs, f"{name}-seed{seed}", "train")  # recorded before it is written, as the demo's
     train_run(runs / f"{name}-seed{seed}", model=str(out / "base"), method=spec, data=cfg.train_data,
-           steps=cfg.finetune_steps, batch_size=cfg.batch_size, lr=cfg.lr, seed=seed, save_every=cfg.save_every,
-           **extra)
+              steps=cfg.finetune_steps, batch_size=cfg.batch_size, lr=cfg.lr, seed=seed, save_every=cfg.save_every,
+              show_progress=show_progress, **extra)
 
 
 def rows(cfg: DemoConfig, out: Path) -> list[tuple[str, str, str, int | None]]:
@@ -183,7 +172,7 @@ def rows(cfg: DemoConfig, out: Path) -> list[tuple[str, str, str, int | None]]:
     for name, spec in finetune_methods(cfg).items():
         for seed in _ft_seeds(cfg):
             model = str(out / "finetuned" / f"{name}-seed{seed}")
-            table.append((_label(spec), model, "clex" if name == "clex" else spec, seed))
+            table.append((label(spec), model, "clex" if name == "clex" else spec, seed))
     return table
 
 
@@ -226,8 +215,9 @@ def evaluate_row(cfg: DemoConfig, out: Path, data: str, row) -> dict:
 
 
 # --- the run ------------------------------------------------------------------------------------
-def run_demo(cfg: DemoConfig, overwrite: bool = False, log=print) -> Path:
-    """Run (or continue) every phase; returns the output directory holding report.md."""
+def run_demo(cfg: DemoConfig, overwrite: bool = False, log=print, show_progress: bool = True) -> Path:
+    """Run (or continue) every phase; returns the output directory holding report.md. ``show_progress``: the
+    training runs' progress bars (shown only on a terminal either way)."""
     out = Path(cfg.out)
     demo_dir = _check_config(cfg, out, overwrite)
     timings = read_json(out / TIMINGS_FILE) if demo_dir.holds(TIMINGS_FILE) else {}
@@ -235,12 +225,12 @@ def run_demo(cfg: DemoConfig, overwrite: bool = False, log=print) -> Path:
     ft_units = cfg.finetune_steps * 1.05  # a CLEX step costs about 5% more (benchmarks/train_step.py)
     eval_units = sum(cfg.eval_factors) * cfg.eval_samples / 48 + 5  # forward only, plus loading the model
     phases = [Phase("pretrain", f"pre-train the base model ({cfg.pretrain_steps} steps at L0 = {cfg.L0})",
-                    cfg.pretrain_steps, lambda: pretrain(cfg, out))]
+                    cfg.pretrain_steps, lambda: pretrain(cfg, out, show_progress=show_progress))]
     for seed in _ft_seeds(cfg):
         for name in finetune_methods(cfg):
             phases.append(Phase(f"finetune {name} seed {seed}", f"fine-tune {name} (seed {seed}, "
                                 f"{cfg.finetune_steps} steps)", ft_units,
-                                lambda name=name, seed=seed: finetune(cfg, out, name, seed)))
+                                lambda name=name, seed=seed: finetune(cfg, out, name, seed, show_progress)))
     records: list[dict] = []
     for data in cfg.eval_data:
         for row in rows(cfg, out):
@@ -298,119 +288,6 @@ def _check_config(cfg: DemoConfig, out: Path, overwrite: bool) -> outdir.OutDir:
 
 def _minutes(seconds: float) -> str:
     return f"{seconds / 60:.1f} min" if seconds >= 60 else f"{seconds:.0f} s"
-
-
-# --- the report ---------------------------------------------------------------------------------
-def summarise(cfg: DemoConfig, records: list[dict], data: str) -> dict[str, dict[int, tuple[float, float, float]]]:
-    """label → eval factor → (median, min, max) perplexity over fine-tuning seeds."""
-    table: dict[str, dict[int, list[float]]] = {}
-    for r in records:
-        if r["data"] == data:
-            for length, ppl in r["ppl"].items():
-                table.setdefault(r["label"], {}).setdefault(int(length) // cfg.L0, []).append(ppl)
-    return {label: {k: (statistics.median(v), min(v), max(v)) for k, v in by.items()} for label, by in table.items()}
-
-
-def verdict(cfg: DemoConfig, records: list[dict]) -> list[str]:
-    """The paper's qualitative claim checked against this run's numbers (first eval set)."""
-    t = summarise(cfg, records, cfg.eval_data[0])
-    f = cfg.factor
-    clex = t[_label(f"clex:max_factor={f}")]
-    rival_specs = [f"pi:factor={f}", f"yarn:factor={f}", *cfg.extra_baselines]
-    rivals = {_label(s).removesuffix(" fine-tuned"): t[_label(s)] for s in rival_specs}
-    claim = ("CLEX within 10% of its 1× perplexity at 4× and 8× L0 and better than "
-             + ", ".join(rivals) + " there")
-    if not {1, 4, 8} <= set(clex):
-        return [f"Verdict: not judged ({claim}): the evaluation lengths must include 1×, 4× and 8× L0."]
-    lines, holds = [], True
-    for k in (4, 8):
-        ratio = clex[k][0] / clex[1][0]
-        within = ratio <= 1.10
-        holds &= within
-        lines.append(f"CLEX at {k}× L0 is {ratio - 1:+.1%} from its 1× perplexity ({clex[k][0]:.3f} vs "
-                     f"{clex[1][0]:.3f}): {'within' if within else 'not within'} 10%.")
-        for name, rival in rivals.items():
-            beats = clex[k][0] < rival[k][0]
-            holds &= beats
-            overlap = cfg.seeds > 1 and clex[k][2] >= rival[k][1] and rival[k][2] >= clex[k][1]
-            lines.append(f"CLEX {'beats' if beats else 'does not beat'} {name} at {k}× "
-                         f"({clex[k][0]:.3f} vs {rival[k][0]:.3f}, {clex[k][0] / rival[k][0] - 1:+.1%})"
-                         + (" — the seed ranges overlap." if overlap else "."))
-    head = (f"Verdict: the paper's qualitative result ({claim}) {'holds' if holds else 'does NOT hold'} in this "
-            f"run ({'1 fine-tuning seed' if cfg.seeds == 1 else f'medians over {cfg.seeds} fine-tuning seeds'}).")
-    return [head, *lines]
-
-
-def _cell(stats: tuple[float, float, float] | None, seeds: int) -> str:
-    if stats is None:
-        return "–"
-    med, lo, hi = stats
-    fmt = (lambda x: f"{x:.3f}") if math.isfinite(med) and med < 1e4 else (lambda x: f"{x:.3g}")
-    return fmt(med) + (f" ({fmt(lo)}–{fmt(hi)})" if seeds > 1 and hi > lo else "")
-
-
-def write_demo_report(cfg: DemoConfig, out: Path, records: list[dict], timings: dict) -> Path:
-    from clex.eval import report as R
-
-    labels = list(dict.fromkeys(r["label"] for r in records))
-    lines = ["# clex demo: CLEX against PI, YaRN and NTK on a tiny byte-level Llama", ""]
-    head, *details = verdict(cfg, records)
-    lines += [head, "", *(f"- {line}" for line in details), ""]
-    for data in cfg.eval_data:
-        t = summarise(cfg, records, data)
-        note = f", median (range) over {cfg.seeds} fine-tuning seeds" if cfg.seeds > 1 else ", one fine-tuning seed"
-        lines += [f"## Perplexity per byte on `{data}` ({cfg.eval_samples} windows per length{note})", "",
-                  "| model | " + " | ".join(f"{k}× ({k * cfg.L0})" for k in cfg.eval_factors) + " |",
-                  "| --- |" + " --- |" * len(cfg.eval_factors)]
-        lines += [f"| {label} | " + " | ".join(_cell(t.get(label, {}).get(k), cfg.seeds) for k in cfg.eval_factors)
-                  + " |" for label in labels]
-        lines.append("")
-    lines += ["![perplexity against length](ppl.png)", "", "## Budget", ""]
-    model_params = sum(p.numel() for p in _load_base(out).parameters())
-    tokens = cfg.batch_size * cfg.L0
-    lines += [
-        f"- Base model: Llama, {cfg.layers} layers, hidden {cfg.hidden}, {cfg.heads} heads, {model_params / 1e6:.2f}M "
-        f"parameters, byte tokens, plain RoPE (θ base 10000) at L0 = {cfg.L0}.",
-        f"- Pre-training: {cfg.pretrain_steps} steps × {cfg.batch_size} × {cfg.L0} tokens of `{cfg.train_data}`, "
-        f"lr {cfg.pretrain_lr:g}, cosine, seed {cfg.seed}.",
-        f"- Fine-tuning, every method: {cfg.finetune_steps} steps × {tokens} tokens at L0 "
-        f"({cfg.finetune_steps * tokens / 1e6:.2f}M tokens), lr {cfg.lr:g}, cosine with 3% warm-up, gradient clip 1.0. "
-        f"PI, YaRN and NTK use factor {cfg.factor}"
-        + "".join(f", {_label(spec).removesuffix(' fine-tuned')} too" for spec in cfg.extra_baselines)
-        + f"; CLEX uses max_factor {cfg.factor}, t' uniform on 1…{cfg.factor}, "
-        + (f"position extrapolation in {cfg.chunks} contiguous chunks" if cfg.layout == "chunks"
-           else "positions scattered over 0 … t'·L0 (the reference)")
-        + f", the ODE's learning rate {cfg.clex_lr:g} and its gradients clipped on their own.",
-        f"- Evaluation: {cfg.eval_samples} windows per length cut from the start of each held-out document long "
-        "enough (the same windows for every row); CLEX picks t = ⌈n / L0⌉ (clamped at its max_factor).",
-        "",
-        "## Wall time",
-        "",
-        "| phase | seconds |",
-        "| --- | --- |",
-        *(f"| {name} | {secs:.0f} |" for name, secs in timings.items()),
-        f"| total | {sum(timings.values()):.0f} |",
-        "",
-        f"Machine: {platform.platform()}, {os.cpu_count()} CPUs, torch {torch.__version__} "
-        f"({torch.get_num_threads()} threads).",
-        "",
-    ]
-    demo = outdir.read(out)
-    demo.write_text("report.md", "\n".join(lines))
-    t = summarise(cfg, records, cfg.eval_data[0])
-    plot = PPLReport(model="clex demo", data=cfg.eval_data[0], training_length=cfg.L0,
-                     lengths=[k * cfg.L0 for k in cfg.eval_factors], methods=labels, settings={})
-    plot.results = [PPLResult(label, k * cfg.L0, stats[0], 0.0, 0, 0, 0.0, 0)
-                    for label, by in t.items() for k, stats in by.items()]
-    demo.write("ppl.png", lambda tmp: R.plot_ppl(plot, tmp))
-    demo.write_text("results.json", json.dumps({"config": cfg.budget(), "records": records}, indent=2))
-    return out / "report.md"
-
-
-def _load_base(out: Path):
-    from clex.loading import from_pretrained
-
-    return from_pretrained(out / "base")
 
 
 def with_overrides(cfg: DemoConfig, **kwargs) -> DemoConfig:

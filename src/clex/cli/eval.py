@@ -5,16 +5,17 @@ from __future__ import annotations
 import argparse
 import contextlib
 
+from clex.cache import CACHE_MODES
+from clex.io.eval_run import PARTIAL
 from clex.methods import BASE_LENGTH_HELP
 
-PARTIAL_FILE = "partial.jsonl"  # finished cells of a task evaluation, read back by a re-run
 OVERWRITE_HELP = ("replace the results clex wrote in --out (only files its manifest lists are removed; an --out "
                   "holding results is refused without it)")
 
 
 def _check_counts(args: argparse.Namespace) -> None:
-    """Counts that must be at least 1, refused before any work (names as on the command line)."""
-    from clex.eval.ppl import check_positive
+    """Counts that must be at least 1, refused before any work."""
+    from clex.eval.common import check_positive
 
     for name in ("samples", "trials", "batch_size", "max_new_tokens", "limit", "key_digits"):
         value = getattr(args, name, None)
@@ -23,30 +24,17 @@ def _check_counts(args: argparse.Namespace) -> None:
                 if not value > 0:
                     raise ValueError(f"--limit must be positive, got {value!r}")
                 continue
-            check_positive("--" + name.replace("_", "-"), value)
+            check_positive(name, value)
 
 
 @contextlib.contextmanager
 def _eval_out(args: argparse.Namespace, kind: str, files: tuple[str, ...] = ()):
-    """The command's --out, checked now (nothing written) and claimed once its arguments are valid. The
-    evaluations name their arguments as Python does (``batch_size``); here the error names the flag."""
+    """The command's --out, checked now (nothing written) and claimed once its arguments are valid."""
     from clex.io.eval_run import EvalOut
 
     _check_counts(args)
-    try:
-        with EvalOut(args.out, f"eval-{kind}", overwrite=args.overwrite, model=args.model, files=files) as dest:
-            yield dest
-    except ValueError as err:
-        _name_the_flag(err)
-        raise
-
-
-def _name_the_flag(err: ValueError) -> None:
-    """``stride 33 is larger …`` → ``--stride 33 is larger …`` for an error about one argument (its
-    ``argument``), in place."""
-    name, text = getattr(err, "argument", None), str(err)
-    if isinstance(name, str) and len(err.args) == 1 and text.startswith(name + " "):
-        err.args = ("--" + name.replace("_", "-") + text[len(name) :],)
+    with EvalOut(args.out, f"eval-{kind}", overwrite=args.overwrite, model=args.model, files=files) as dest:
+        yield dest
 
 
 def cmd_eval_ppl(args: argparse.Namespace) -> int:
@@ -97,15 +85,15 @@ def _task_run_args(args: argparse.Namespace, dest) -> dict:
     """Shared generation options; finished cells go to OUT/partial.jsonl, so a killed run resumes there."""
     from pathlib import Path
 
-    return {"tokenizer": args.tokenizer, "policy": args.policy, "batch_size": args.batch_size, "dtype": args.dtype,
-            "device": args.device, "show_progress": not args.no_progress,
-            "resume_file": Path(args.out) / PARTIAL_FILE, "ready": dest.ready,
+    return {"tokenizer": args.tokenizer, "cache_mode": args.cache_mode, "batch_size": args.batch_size,
+            "dtype": args.dtype, "device": args.device, "show_progress": not args.no_progress,
+            "resume_file": Path(args.out) / PARTIAL, "ready": dest.ready,
             "base_length": args.base_length}
 
 
 def _task_out(args: argparse.Namespace, kind: str):
     report = ("results.json", "results.md", "predictions.jsonl", f"{kind}.png", f"{kind}_heatmap.png")
-    return _eval_out(args, kind, files=(PARTIAL_FILE, *report))
+    return _eval_out(args, kind, files=(PARTIAL, *report))
 
 
 def _finish_task(report, dest) -> int:
@@ -114,8 +102,8 @@ def _finish_task(report, dest) -> int:
 
     out = dest.ready()
     path = write_task_report(report, out)
-    if PARTIAL_FILE in out.files:
-        out.remove(PARTIAL_FILE)  # the complete results.json replaces the checkpoint
+    if PARTIAL in out.files:
+        out.remove(PARTIAL)  # the complete results.json replaces the checkpoint
     print(task_markdown(report).split("| method | task | length")[0].rstrip())
     print(f"\nwrote {path / 'results.json'}, results.md, predictions.jsonl, {report.kind}.png")
     return 0
@@ -233,8 +221,9 @@ def _task_parsers(ev) -> None:
         p.add_argument("--lengths", required=True, help=lengths_help)
         p.add_argument("--base-length", type=int, default=None, help=BASE_LENGTH_HELP)
         p.add_argument("--tokenizer", default=None, help="tokenizer directory or `bytes` (default: the model's)")
-        p.add_argument("--policy", default="rerotate", choices=["rerotate", "recompute", "frozen", "off"],
-                       help="CLEX KV-cache policy while generating (default: %(default)s)")
+        p.add_argument("--cache-mode", "--policy", dest="cache_mode", default="rerotate", choices=CACHE_MODES,
+                       help="CLEX's KV cache while generating, as t grows (default: %(default)s; --policy is its "
+                       "older name)")
         p.add_argument("--batch-size", type=int, default=8, help="prompts of equal length generated together")
         p.add_argument("--dtype", default="auto", help="auto (fp32 on CPU, bf16 on GPU), float32, bfloat16, float16")
         p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")

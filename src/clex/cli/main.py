@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
+from dataclasses import MISSING, fields
 
 from clex.cli.chat import add_chat_parsers
 from clex.cli.eval import add_eval_parsers
 from clex.methods import BASE_LENGTH_HELP, METHODS
+from clex.training.options import TrainConfig
 
 
 def cmd_methods(args: argparse.Namespace) -> int:
@@ -45,14 +48,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
     cfg = with_overrides(cfg, out=args.out, seed=args.seed, seeds=args.seeds, pretrain_steps=args.pretrain_steps,
                          finetune_steps=args.finetune_steps,
                          eval_data=(*cfg.eval_data, *extra) if extra else None)
-    run_demo(cfg, overwrite=args.overwrite)
+    run_demo(cfg, overwrite=args.overwrite, show_progress=not args.no_progress)
     return 0
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     """Fine-tune a model with a method (CLEX or a baseline); resumable; runs under `accelerate launch`."""
     from clex.training.loop import train
-    from clex.training.options import TrainConfig
 
     method = args.method
     if args.max_factor is not None:
@@ -69,21 +71,30 @@ def cmd_train(args: argparse.Namespace) -> int:
         from clex.methods import declare_length
 
         method = declare_length(method, args.base_length)
-    cfg = TrainConfig(
-        model=args.model, out=args.out, method=method, data=args.data, text_field=args.text_field,
-        tokenizer=args.tokenizer, train_length=args.train_length, steps=args.steps, batch_size=args.batch_size,
-        grad_accum=args.grad_accum, lr=args.lr, clex_lr=args.clex_lr, weight_decay=args.weight_decay,
-        warmup=args.warmup, max_grad_norm=args.max_grad_norm,
-        clex_max_grad_norm=None if args.joint_clip else args.clex_max_grad_norm, layout=args.layout,
-        chunks=args.chunks, t_sampling=args.t_sampling, clex_warmup=args.clex_warmup, seed=args.seed,
-        lora=args.lora, merge=args.merge,
-        gradient_checkpointing=args.gradient_checkpointing, save_every=args.save_every, keep=args.keep,
-        resume=args.resume, overwrite=args.overwrite, show_progress=not args.no_progress, format=args.format,
-        pack=args.pack, on_bad_record=args.on_bad_record, precision=args.precision, fsdp=args.fsdp,
-    )
+    values = {f.name: getattr(args, f.name) for f in fields(TrainConfig)}
+    values.update(method=method, clex_max_grad_norm=None if args.joint_clip else args.clex_max_grad_norm)
+    cfg = TrainConfig(**values)
     out = train(cfg)
     print(f"trained model in {out} (load with clex.from_pretrained)")
     return 0
+
+
+
+def add_options(parser: argparse.ArgumentParser, config: type) -> None:
+    """One flag per field of the dataclass ``config``, with the help, default and choices the field declares
+    (``clex.training.options.option``): ``--<name>``, a switch for a bool, ``--no-<…>`` for a True one."""
+    for f in fields(config):
+        meta, kind = f.metadata, str(f.type).replace(" | None", "")
+        flag = meta.get("flag") or "--" + f.name.replace("_", "-")
+        required = f.default is MISSING
+        default = None if required else f.default
+        shown = "" if required or default is None or kind == "bool" else " (default: %(default)s)"
+        if kind == "bool":
+            action = "store_false" if default else "store_true"
+            parser.add_argument(flag, dest=f.name, action=action, help=meta.get("help"))
+        else:
+            parser.add_argument(flag, dest=f.name, type={"int": int, "float": float}.get(kind, str), default=default,
+                                required=required, choices=meta.get("choices"), help=meta.get("help", "") + shown)
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -116,10 +127,10 @@ def build_parser() -> argparse.ArgumentParser:
     info = sub.add_parser("info", help=cmd_info.__doc__)
     info.add_argument("--model", required=True, help="checkpoint directory (or hub name)")
     info.set_defaults(func=cmd_info)
-    demo = sub.add_parser("demo", help="the paper's experiment end to end (about 12 min on 2 CPU cores; --quick: 15 s)",
-                          description=cmd_demo.__doc__)
+    demo = sub.add_parser("demo", description=cmd_demo.__doc__,
+                          help="the paper's experiment end to end (about 15 min on 2 CPU cores; --quick: about 10 s)")
     demo.add_argument("--out", default=None, help="output directory (default: runs/demo, or runs/demo-quick)")
-    demo.add_argument("--quick", action="store_true", help="a smaller model and budget: the same phases in about 15 s")
+    demo.add_argument("--quick", action="store_true", help="a smaller model and budget: the same phases in about 10 s")
     demo.add_argument("--data", default=None, help="extra held-out text to evaluate on (anything `clex eval ppl "
                       "--data` takes; comma-separated), besides sotu:test")
     demo.add_argument("--seed", type=int, default=None, help="pre-training seed (default 0)")
@@ -128,66 +139,17 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--finetune-steps", type=int, default=None)
     demo.add_argument("--overwrite", action="store_true", help="start over when --out holds a run with other settings "
                       "(removes only what the demo wrote there)")
+    demo.add_argument("--no-progress", action="store_true", help="no progress bars (never shown off a terminal)")
     demo.set_defaults(func=cmd_demo)
 
     add_eval_parsers(sub)
 
 
     tr = sub.add_parser("train", help=cmd_train.__doc__, description=cmd_train.__doc__)
-    tr.add_argument("--model", required=True, help="model directory (or hub name)")
-    tr.add_argument("--method", default="clex", help="clex[:params], pi:factor=F, yarn:factor=F, ntk:factor=F, "
-                    "vanilla … (default: %(default)s)")
+    add_options(tr, TrainConfig)
     tr.add_argument("--max-factor", type=int, default=None, help="CLEX's max_factor (t' is drawn from 1 … this)")
     tr.add_argument("--base-length", type=int, default=None, help=BASE_LENGTH_HELP)
-    tr.add_argument("--train-length", type=int, default=None, help="tokens per sample (default: the model's L)")
-    tr.add_argument("--data", default="sotu:train", help="anything `clex eval ppl --data` takes (default: %(default)s)")
-    tr.add_argument("--text-field", default="text")
-    tr.add_argument("--format", default="text", choices=["text", "chat"],
-                    help="text: language modelling; chat: records with `messages` (system/user/assistant), loss on "
-                    "assistant tokens only (default: %(default)s)")
-    tr.add_argument("--pack", action="store_true", help="chat: pack several conversations per row, attention "
-                    "kept inside each (default: one conversation per row, padded)")
-    tr.add_argument("--on-bad-record", default="error", choices=["error", "skip"],
-                    help="chat: stop at a malformed record, or skip it and count it (default: %(default)s)")
-    tr.add_argument("--tokenizer", default=None, help="tokenizer directory or `bytes` (default: the model's)")
-    tr.add_argument("--steps", type=int, default=100)
-    tr.add_argument("--batch-size", type=int, default=1, help="samples per process and micro-step")
-    tr.add_argument("--grad-accum", type=int, default=1)
-    tr.add_argument("--lr", type=float, default=2e-5,
-                    help="learning rate of the model (0 freezes it: only the CLEX ODE learns, at --clex-lr)")
-    tr.add_argument("--clex-lr", type=float, default=None,
-                    help="learning rate of the CLEX matrices (default: --lr; 0 freezes them)")
-    tr.add_argument("--weight-decay", type=float, default=0.0)
-    tr.add_argument("--warmup", type=float, default=0.03, help="warm-up fraction of the cosine schedule")
-    tr.add_argument("--max-grad-norm", type=float, default=1.0)
-    tr.add_argument("--clex-max-grad-norm", type=float, default=1.0,
-                    help="CLEX's gradients are clipped on their own to this norm (default: %(default)s)")
     tr.add_argument("--joint-clip", action="store_true", help="one clipping norm for all parameters (the reference)")
-    tr.add_argument("--layout", default="scatter", choices=["scatter", "chunks"],
-                    help="CLEX training positions: scatter (reference) or chunks (contiguous runs)")
-    tr.add_argument("--chunks", type=int, default=2)
-    tr.add_argument("--t-sampling", default="uniform", choices=["uniform", "log"],
-                    help="CLEX's t' per step: uniform on 1…max_factor (reference) or log (P ∝ 1/t')")
-    tr.add_argument("--clex-warmup", type=float, default=None,
-                    help="CLEX's own linear warm-up, a fraction of the steps (default: --warmup)")
-    tr.add_argument("--seed", type=int, default=0)
-    tr.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
-                    help="bf16: autocast (weights, optimizer states and the CLEX ODE stay fp32), on CPU too; "
-                    "auto: bf16 on a GPU that supports it, else fp32 (default: %(default)s)")
-    tr.add_argument("--fsdp", default=None, choices=["full_shard"],
-                    help="shard the model over the launched processes (FSDP2; CLEX's module is its own unit)")
-    tr.add_argument("--lora", default=None, help="LoRA as r,alpha,target[,target…], e.g. 8,16,q_proj,v_proj")
-    tr.add_argument("--merge", action="store_true", help="with --lora: save merged weights")
-    tr.add_argument("--gradient-checkpointing", default="auto", choices=["auto", "on", "off"],
-                    help="auto: on from 2048 tokens (non-reentrant)")
-    tr.add_argument("--save-every", type=int, default=0, help="checkpoint every K steps (0: only the final model)")
-    tr.add_argument("--keep", type=int, default=2, help="checkpoints to keep (at least 1: the run resumes from them)")
-    tr.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint, with "
-                    "the same settings (refused otherwise; a finished run is left as it is)")
-    tr.add_argument("--overwrite", action="store_true", help="replace the run in --out (removes only what clex "
-                    "wrote there, as its manifest lists)")
-    tr.add_argument("--out", required=True)
-    tr.add_argument("--no-progress", action="store_true")
     tr.set_defaults(func=cmd_train)
 
     ex = sub.add_parser("export", help=cmd_export.__doc__, description=cmd_export.__doc__)
@@ -223,29 +185,55 @@ def _one_line(err: BaseException) -> str:
     return text.strip("'\"") if isinstance(err, KeyError) else text
 
 
+def _flags(parser: argparse.ArgumentParser, command: str | None) -> dict[str, str]:
+    """The subcommand's options by the name the library uses for them: ``{"max_factor": "--max-factor", …}``."""
+    found: dict[str, str] = {}
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            words = (command or "").split()
+            sub = action.choices.get(words[0]) if words else None
+            if sub is not None:
+                found.update(_flags(sub, " ".join(words[1:]) or None))
+        long = [o for o in action.option_strings if o.startswith("--")]
+        if long and action.dest not in found:
+            found[action.dest] = long[0]
+            found[long[0][2:].replace("-", "_")] = long[0]
+    return found
+
+
+def flag_words(text: str, flags: dict[str, str]) -> str:
+    """A library message in the command line's words: each `name` of an option becomes its flag."""
+    return re.sub(r"`([a-z][a-z0-9_]*)`", lambda m: flags.get(m.group(1), m.group(0)), text)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Every failure ends in one line on stderr and a non-zero status: 2 for a request that cannot be run as
     given, 1 for an unexpected failure, 130 for Ctrl-C; ``--debug`` re-raises with the traceback."""
     argv, debug = _debug_requested(list(sys.argv[1:] if argv is None else argv))
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    words = " ".join(w for w in (args.command, getattr(args, "evaluation", None)) if w)
+    flags = _flags(parser, words)
+    args.flag_words = lambda text: flag_words(text, flags)  # for what a command prints as it goes (chat notices)
     try:
         return args.func(args)
     except KeyboardInterrupt as err:
         if debug:
             raise
-        print(f"clex {args.command}: {_one_line(err) if str(err) else INTERRUPTED.get(args.command, 'interrupted')}",
-              file=sys.stderr)
+        line = flag_words(_one_line(err), flags) if str(err) else INTERRUPTED.get(args.command, "interrupted")
+        print(f"clex {args.command}: {line}", file=sys.stderr)
         return 130
     except (ValueError, OSError) as err:
         if debug:
             raise
-        print(f"clex {args.command}: error: {_one_line(err)}", file=sys.stderr)
+        print(f"clex {args.command}: error: {flag_words(_one_line(err), flags)}", file=sys.stderr)
         return 2
     except Exception as err:  # noqa: BLE001 - the one place that turns any failure into one line
         if debug:
             raise
-        print(f"clex {args.command}: error: {type(err).__name__}: {_one_line(err)} (unexpected; --debug or "
-              "CLEX_DEBUG=1 shows the traceback)", file=sys.stderr)
+        line = flag_words(_one_line(err), flags)
+        print(f"clex {args.command}: error: {type(err).__name__}: {line} (unexpected; --debug or CLEX_DEBUG=1 shows "
+              "the traceback)", file=sys.stderr)
         return 1
 
 

@@ -25,6 +25,7 @@ import numpy as np
 
 from clex import data as D
 from clex.errors import BadInput
+from clex.generation import pad_id
 
 ROLES = ("system", "user", "assistant")
 BAD_RECORD_ACTIONS = ("error", "skip")
@@ -81,7 +82,7 @@ def check_messages(messages, where: str) -> list[dict]:
 def load_conversations(source: str, on_bad_record: str = "error", stats: ChatStats | None = None) -> list[list[dict]]:
     """Conversations of a JSONL/parquet file or hub dataset with a ``messages`` field."""
     if on_bad_record not in BAD_RECORD_ACTIONS:
-        raise D.DataError(f"--on-bad-record must be one of {BAD_RECORD_ACTIONS}, got {on_bad_record!r}")
+        raise D.DataError(f"`on_bad_record` must be one of {BAD_RECORD_ACTIONS}, got {on_bad_record!r}")
     stats = stats if stats is not None else ChatStats()
     out = []
     for where, record in _records(source):
@@ -266,7 +267,7 @@ def build_rows(tokenizer, conversations: list[list[dict]], length: int, pack: bo
                stats: ChatStats | None = None) -> ChatRows:
     """Each conversation fitted to ``length``, then one per row (padded) or packed first-fit in order."""
     stats = stats if stats is not None else ChatStats()
-    pad = getattr(tokenizer, "pad_token_id", None) or getattr(tokenizer, "eos_token_id", None) or 0
+    pad = pad_id(tokenizer)
     encoded = []
     for i, conv in enumerate(conversations):
         fitted = fit_conversation(tokenizer, conv, length, f"conversation {i}")

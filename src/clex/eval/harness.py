@@ -2,7 +2,7 @@
 
 The model is loaded and switched to each method the way every clex evaluation does
 (``model_for_method``), then handed to lm-eval as an object (``HFLM(pretrained=model)``), so any
-harness task — a hub task, or a local YAML task through ``--include-path`` — runs on CLEX or a baseline.
+harness task — a hub task, or a local YAML task through ``include_path`` — runs on CLEX or a baseline.
 Generation tasks go through ``model.generate``, where CLEX's cache hook keeps keys right as t grows.
 """
 
@@ -17,17 +17,17 @@ import torch
 
 from clex import data as D
 from clex.errors import describe
-from clex.eval.ppl import (
-    _dtype,
+from clex.eval.common import (
     argument_error,
     check_model_arg,
     check_positive,
+    dtype_of,
     method_list,
     model_for_method,
     model_tokenizer_config,
     resolve_device,
 )
-from clex.methods import parse_method
+from clex.models import supported_length
 
 
 def _lm_eval():
@@ -84,7 +84,7 @@ def _recording_lengths(lm):
 
 
 def _task_list(tasks: str | Sequence[str]) -> list[str]:
-    """lm-eval task names; one string may name one task or several, comma-separated (as ``--tasks``)."""
+    """lm-eval task names; one string may name one task or several, comma-separated (as ``tasks``)."""
     if isinstance(tasks, str):
         tasks = [t.strip() for t in tasks.split(",") if t.strip()]
     elif not isinstance(tasks, Iterable) or isinstance(tasks, (bytes, dict)):
@@ -144,7 +144,7 @@ def evaluate_harness(
         if not Path(include_path).exists():
             raise argument_error("include_path", f"{include_path!r} does not exist (a folder of lm-eval task YAMLs)")
     device = resolve_device(device)
-    torch_dtype = _dtype(dtype, device)
+    torch_dtype = dtype_of(dtype, device)
     lm_eval, HFLM, TaskManager = _lm_eval()
     tok, config = model_tokenizer_config(model, tokenizer)
     if isinstance(tok, D.ByteTokenizer):
@@ -160,8 +160,10 @@ def evaluate_harness(
                  "methods": {}}
     for spec in methods:
         model_m = model_for_method(model, spec, torch_dtype, device)
+        # the context lm-eval may fill: what the method is meant for, at least the config's (a scaled model)
+        fill = max(model_m.config.get_text_config().max_position_embeddings, supported_length(model_m, spec))
         lm = _masked_hflm(HFLM)(pretrained=model_m, tokenizer=tok, batch_size=batch_size, device=device,
-                                max_length=max_length or _method_length(model_m, spec))
+                                max_length=max_length or fill)
         with _recording_lengths(lm):
             res = lm_eval.simple_evaluate(model=lm, tasks=list(tasks), task_manager=manager, limit=limit,
                                           num_fewshot=num_fewshot, log_samples=log_samples)
@@ -171,15 +173,6 @@ def evaluate_harness(
         out["methods"][spec] = entry
         del model_m, lm
     return out
-
-
-def _method_length(model, spec: str) -> int:
-    """The context a method is meant for: its factor × L, else the config's maximum (CLEX: max_factor × L)."""
-    from clex.models import training_length
-
-    mpe = model.config.get_text_config().max_position_embeddings
-    factor = parse_method(spec)[1].get("factor")
-    return max(mpe, int(factor * training_length(model))) if factor else mpe
 
 
 def harness_markdown(result: dict) -> str:

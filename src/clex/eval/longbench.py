@@ -87,7 +87,7 @@ def _check(rec, where: str, dataset: str | None) -> dict:
         name = name[:-2]  # LongBench-E uses the same templates and metrics
     if name not in LONGBENCH_METRICS:
         raise D.DataError(f"{where}: dataset {name!r} is not a LongBench dataset "
-                          f"(one of {', '.join(LONGBENCH_METRICS)}; or pass --dataset)")
+                          f"(one of {', '.join(LONGBENCH_METRICS)}; or pass `dataset`)")
     for answer in answers:
         if (why := unscorable(name, answer)) is not None:
             raise D.DataError(f"{where}: field 'answers': {why}, got {answer[:60]!r}")
@@ -115,7 +115,7 @@ def _uses_chat(tokenizer, chat: str, dataset: str) -> bool:
         raise D.DataError(f"chat must be auto, on or off, got {chat!r}")
     has_template = bool(getattr(tokenizer, "chat_template", None))
     if chat == "on" and not has_template:
-        raise D.DataError("--chat on needs a tokenizer with a chat template")
+        raise D.DataError("`chat` on needs a tokenizer with a chat template")
     return chat != "off" and has_template and dataset not in NO_CHAT
 
 

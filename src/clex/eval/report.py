@@ -84,8 +84,12 @@ def _against_length(table: dict, L: int, path, xlabel: str, ylabel: str, title: 
 
 def plot_ppl(report, path: str | Path) -> None:
     """Log-scale perplexity against length in multiples of L, L marked."""
-    _against_length(report.table(), report.training_length, path, "evaluation length / L", "perplexity",
-                    f"{Path(str(report.model)).name} on {report.data}", log_y=True)
+    plot_ppl_curves(report.table(), report.training_length, path, f"{Path(str(report.model)).name} on {report.data}")
+
+
+def plot_ppl_curves(table: dict[str, dict[int, float]], L: int, path: str | Path, title: str) -> None:
+    """``plot_ppl`` for curves given directly: label → length → perplexity."""
+    _against_length(table, L, path, "evaluation length / L", "perplexity", title, log_y=True)
 
 
 def plot_per_position(report, path: str | Path) -> None:

@@ -52,7 +52,7 @@ def haystack_prompt(
     if budget < 0:
         raise D.DataError(
             f"length {length} is shorter than the prompt without filler ({length - budget} tokens); "
-            "ask for longer lengths" + (" or drop the task line (--no-intro)" if head else "")
+            "ask for longer lengths" + (" or drop the task line (`no_intro`)" if head else "")
         )
     ids: list[int] = []
     boundaries = [0]
@@ -143,7 +143,7 @@ def niah_samples(
     (the expected answer); a needle without it needs ``answer``."""
     _check_counts(trials, key_digits)
     if "{key}" not in needle and not answer:
-        raise D.DataError("a needle without {key} needs the expected answer (--answer)")
+        raise D.DataError("a needle without {key} needs the expected answer (`answer`)")
     if not haystack:
         raise D.DataError("the haystack has no sentences")
     head = special_prefix(tokenizer)
@@ -181,7 +181,7 @@ def evaluate_passkey(
     model, methods, lengths, depths=(0, 50, 100), trials: int = 5, seed: int = 0, key_digits: int = 5,
     intro: bool = True, max_new_tokens: int = 12, **run,
 ) -> TaskReport:
-    """Passkey accuracy by method × length × depth (``run``: tokenizer, policy, batch_size, dtype, device …)."""
+    """Passkey accuracy by method × length × depth (``run``: tokenizer, cache_mode, batch_size, dtype, device …)."""
     depths = parse_depths(depths)
 
     def build(tok, n):

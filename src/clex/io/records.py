@@ -24,8 +24,8 @@ import stat
 from pathlib import Path
 
 from clex.errors import DamagedFile
+from clex.io.atomic import TMP_PREFIX
 
-TMP_PREFIX = ".clex-tmp-"  # clex's own temporaries: removed only when recorded
 TYPES = ("file", "log", "dir", "outdir", "link", "tmp")
 
 

@@ -2,7 +2,7 @@
 
 A run is identified by every argument that changes what is trained (all of ``TrainConfig`` but the
 output options below), the number of processes, and fingerprints of the model and of the packed data.
-``--resume`` continues a run only under the same identity; a finished run is left as it is. The
+``resume`` continues a run only under the same identity; a finished run is left as it is. The
 directory is claimed through :mod:`clex.outdir` (only what clex wrote is ever replaced or removed) and
 locked for the life of the run. Checkpoints are :mod:`clex.checkpoint` directories written under a
 temporary name and renamed; a damaged latest checkpoint is reported and an earlier intact one used.
@@ -22,6 +22,7 @@ from clex.errors import BadInput
 from clex.io import checkpoint as C
 from clex.io import outdir
 from clex.io import records as R
+from clex.io.fingerprint import model_fingerprint
 from clex.jsonfile import JSONFileError, loads, read_json
 
 STATE_FILE = C.STATE_FILE
@@ -37,24 +38,6 @@ TrainError = BadInput  # the name training code raises
 
 
 RunError = TrainError  # an output directory or resume request that cannot be honoured
-
-
-def _flag(key: str) -> str:
-    return "--" + key.replace("_", "-")
-
-
-def model_fingerprint(model: str) -> str:
-    """The model's config and the names and sizes of its weight files (cheap; catches a replaced model)."""
-    path = Path(model)
-    if not path.is_dir():
-        return model  # a hub name: the name is all we know
-    h = hashlib.sha256()
-    for item in sorted(path.iterdir()):
-        if item.name == "config.json":
-            h.update(item.read_bytes())
-        elif item.suffix == ".safetensors":
-            h.update(f"{item.name}:{item.stat().st_size}".encode())
-    return h.hexdigest()[:16]
 
 
 def run_identity(cfg, samples: np.ndarray, processes: int) -> dict:
@@ -74,7 +57,7 @@ def _previous(out: Path) -> dict:
         return ident
     except (OSError, JSONFileError):
         raise RunError(f"{out / ARGS_FILE} is missing or damaged, so the run cannot be resumed as the same run; "
-                       "start a new --out (or --overwrite)") from None
+                       "start a new `out` (or `overwrite`)") from None
 
 
 def _changed(previous: dict, current: dict, keys) -> list[str]:
@@ -89,7 +72,7 @@ def _describe(previous: dict, current: dict, keys: list[str]) -> str:
         elif k == "processes":
             shown.append(f"the number of processes ({previous.get(k)} → {current.get(k)})")
         else:
-            shown.append(f"{_flag(k)} ({previous.get(k)!r} → {current.get(k)!r})")
+            shown.append(f"`{k}` ({previous.get(k)!r} → {current.get(k)!r})")
     return ", ".join(shown)
 
 
@@ -118,7 +101,7 @@ def preflight(out: Path, cfg) -> bool:
     """Every refusal that needs no model or data, before anything is written. True: the run in ``out`` is
     finished under these settings (nothing to do)."""
     if cfg.resume and cfg.overwrite:
-        raise RunError("--resume continues the run in --out and --overwrite replaces it: pass one of them")
+        raise RunError("`resume` continues the run in `out` and `overwrite` replaces it: pass one of them")
     outdir.check_unlocked(out)
     if out.is_dir() and not (out / outdir.MANIFEST).exists() and (out / ARGS_FILE).exists():
         raise RunError(f"{out} holds a run from an older clex without a manifest (its checkpoints are pickles, "
@@ -127,10 +110,10 @@ def preflight(out: Path, cfg) -> bool:
     holds_run = existing is not None and existing.kind == KIND and existing.holds(ARGS_FILE)
     if existing is not None and ARGS_FILE in existing.entries and not holds_run and not cfg.overwrite:
         raise RunError(f"{out / ARGS_FILE} was changed since clex wrote it, so {out} cannot be continued as the "
-                       "same run; it is left alone: start a new --out")
+                       "same run; it is left alone: start a new `out`")
     if cfg.resume:
         if not holds_run:
-            raise RunError(f"--resume: {out} holds no run to resume")
+            raise RunError(f"`resume`: {out} holds no run to resume")
         previous = _previous(out)
         current = {k: v for k, v in asdict(cfg).items() if k not in NOT_IDENTITY}
         _refuse_changes(out, previous, current)
@@ -140,20 +123,20 @@ def preflight(out: Path, cfg) -> bool:
         return False
     if holds_run and not cfg.overwrite:
         what = "a finished training run" if finished(out) else "a training run"
-        raise RunError(f"{out} already holds {what}; pass --resume to continue it or --overwrite to replace it")
+        raise RunError(f"{out} already holds {what}; pass `resume` to continue it or `overwrite` to replace it")
     return False
 
 
 def check_identity(out: Path, identity: dict) -> None:
-    """--resume: the model, the data and the process count must be those of the run too."""
+    """`resume`: the model, the data and the process count must be those of the run too."""
     _refuse_changes(out, _previous(out), identity)
 
 
 def _refuse_changes(out: Path, previous: dict, current: dict) -> None:
     changed = _changed(previous, current, list(current))
     if changed:
-        raise RunError(f"--resume with other settings than the run in {out}: {_describe(previous, current, changed)}"
-                       "; a resume continues the same run (start a new --out for new settings)")
+        raise RunError(f"`resume` with other settings than the run in {out}: {_describe(previous, current, changed)}"
+                       "; a resume continues the same run (start a new `out` for new settings)")
 
 
 def checkpoints(out: Path) -> list[Path]:

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from clex import data as D
 from clex.data.chat import own_template, prompt_ids
 from clex.errors import NonFiniteLogits
-from clex.generation import refuse_nan
+from clex.generation import pad_id, refuse_nan
 
 END_MARKER = "<|end|>"  # the default template's end of a turn
 
@@ -77,18 +77,18 @@ def check_sampling(temperature: float, top_p: float | None = None) -> None:
     import math
 
     if not isinstance(temperature, (int, float)) or not math.isfinite(temperature) or temperature < 0:
-        raise D.DataError(f"--temperature must be 0 (greedy) or a finite positive number, got {temperature!r}")
+        raise D.DataError(f"`temperature` must be 0 (greedy) or a finite positive number, got {temperature!r}")
     if top_p is not None and (not isinstance(top_p, (int, float)) or not 0 < top_p <= 1):
-        raise D.DataError(f"--top-p must be in (0, 1], got {top_p!r}")
+        raise D.DataError(f"`top_p` must be in (0, 1], got {top_p!r}")
 
 
 def check_token_counts(max_new_tokens: int, max_context: int | None = None) -> None:
     """Token budgets ``clex chat`` / ``clex generate`` accept, each refused in the words of its own flag."""
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise D.DataError(f"--max-new-tokens must be an integer >= 1, got {max_new_tokens!r}")
+        raise D.DataError(f"`max_new_tokens` must be an integer >= 1, got {max_new_tokens!r}")
     if max_context is not None and (isinstance(max_context, bool) or not isinstance(max_context, int)
                                     or max_context < 2):
-        raise D.DataError(f"--max-context must be an integer >= 2 (a prompt token and an answer token), got "
+        raise D.DataError(f"`max_context` must be an integer >= 2 (a prompt token and an answer token), got "
                           f"{max_context!r}")
 
 
@@ -96,17 +96,19 @@ class ChatSession:
     """A conversation with a model: the history is kept and re-rendered with the chat template at each turn;
     the oldest exchanges are dropped (``notice`` is called) when prompt + answer budget outgrow
     ``max_context``. Generation is greedy unless ``temperature`` > 0, through ``clex.generate`` (CLEX's t
-    follows the conversation's length under the cache ``policy``)."""
+    follows the conversation's length under ``cache_mode``; ``policy`` is its older name)."""
 
     def __init__(self, model, tokenizer, system: str | None = None, max_context: int | None = None,
-                 max_new_tokens: int = 256, policy: str = "rerotate", temperature: float = 0.0, notice=None):
+                 max_new_tokens: int = 256, cache_mode: str = "rerotate", temperature: float = 0.0, notice=None,
+                 *, policy: str | None = None):
         self.model, self.tokenizer, self.system = model, tokenizer, system
         check_token_counts(max_new_tokens, max_context)
         self.max_context = max_context or model.config.get_text_config().max_position_embeddings
         if self.max_context <= max_new_tokens:
-            raise D.DataError(f"--max-context ({self.max_context}) must exceed --max-new-tokens ({max_new_tokens})")
+            raise D.DataError(f"`max_context` ({self.max_context}) must exceed `max_new_tokens` ({max_new_tokens})")
         check_sampling(temperature)
-        self.max_new_tokens, self.policy, self.temperature = max_new_tokens, policy, temperature
+        self.max_new_tokens, self.temperature = max_new_tokens, temperature
+        self.cache_mode = policy if policy is not None else cache_mode
         self.notice = notice or (lambda text: None)
         self.history: list[dict] = []
         self.last_prompt: list[int] = []
@@ -131,12 +133,12 @@ class ChatSession:
         while len(ids) + self.max_new_tokens > self.max_context and len(self.history) > 1:
             starts = [i for i, m in enumerate(self.history) if m["role"] == "user" and i > 0]
             self.history = self.history[starts[0] :]
-            self.notice(f"history: dropped the oldest exchange to fit --max-context {self.max_context}")
+            self.notice(f"history: dropped the oldest exchange to fit `max_context` {self.max_context}")
             ids = prompt_ids(self.tokenizer, self._messages())
         if len(ids) + self.max_new_tokens > self.max_context:
             self.history.pop()
             raise D.DataError(f"this message alone needs {len(ids)} tokens + {self.max_new_tokens} to answer, "
-                              f"beyond --max-context {self.max_context}")
+                              f"beyond `max_context` {self.max_context}")
         self.last_prompt = ids
         device = next(self.model.parameters()).device
         x = torch.tensor([ids], dtype=torch.long, device=device)
@@ -147,9 +149,9 @@ class ChatSession:
         criteria = StoppingCriteriaList([_StopOnText(self.tokenizer, len(ids), self.stops)] if self.stops else [])
         try:
             with torch.no_grad():
-                out = generate(self.model, x, policy=self.policy, max_new_tokens=self.max_new_tokens, streamer=sink,
+                out = generate(self.model, x, self.cache_mode, max_new_tokens=self.max_new_tokens, streamer=sink,
                                stopping_criteria=criteria, attention_mask=torch.ones_like(x),
-                               pad_token_id=eos[0] if eos else 0, logits_processor=[refuse_nan],
+                               pad_token_id=pad_id(self.tokenizer, self.model), logits_processor=[refuse_nan],
                                **extra)
         except NonFiniteLogits:
             self.history.pop()

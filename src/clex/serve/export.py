@@ -28,8 +28,9 @@ import torch
 
 from clex.composed import SCALED_FROM
 from clex.errors import BadInput
-from clex.io.outdir import fresh_temp_dir
-from clex.loading import check_model_path, from_pretrained
+from clex.io.atomic import fresh_temp_dir
+from clex.io.outdir import check_outside
+from clex.loading import check_model_path, from_pretrained, load_config
 from clex.methods import plain_inv_freq
 from clex.models import module_rope, switch, training_length
 from clex.rotary import clex_modules
@@ -52,9 +53,9 @@ def longrope_parameters(model, factor: int) -> dict:
     module = modules[0]
     cfg = module.settings
     if isinstance(factor, bool) or not isinstance(factor, int) or factor < 1:
-        raise ExportError(f"--factor must be an integer t >= 1, got {factor!r}")
+        raise ExportError(f"`factor` must be an integer t >= 1, got {factor!r}")
     if factor > cfg.max_factor:
-        raise ExportError(f"--factor {factor} exceeds the model's CLEX max_factor {cfg.max_factor}")
+        raise ExportError(f"`factor` {factor} exceeds the model's CLEX max_factor {cfg.max_factor}")
     if cfg.log_scale:
         raise ExportError("the model uses log_scale (attention scaled by ln n / ln L per length); longrope "
                           "has one fixed scale, so the export would not reproduce it")
@@ -72,8 +73,9 @@ def longrope_parameters(model, factor: int) -> dict:
 
 def no_profiles_reason(rope: dict) -> str:
     """Why a CLEX rope (its rope parameters) cannot be served at per-request integer t; empty when it can."""
-    if rope.get("policy", "ceil") != "ceil":
-        return (f"the model's CLEX policy is {rope['policy']!r}: its t is not an integer, and the profiles serve "
+    t_rule = rope.get("t_rule", rope.get("policy", "ceil"))
+    if t_rule != "ceil":
+        return (f"the model's CLEX t_rule is {t_rule!r}: its t is not an integer, and the profiles serve "
                 "t = 1 … T")
     if (rope.get(SCALED_FROM) or {}).get("rope_type") == "longrope":
         return "the model keeps a LongRoPE base's short set below its original length, which no profile holds"
@@ -99,34 +101,32 @@ def export(model_dir: str | Path, out: str | Path, to: str = "longrope", factor:
 
     Every refusal comes before any work; a failure later leaves nothing behind (no temporary directory)."""
     if to not in EXPORT_FORMATS:
-        raise ExportError(f"--to must be one of {EXPORT_FORMATS}, got {to!r}")
+        raise ExportError(f"`to` must be one of {EXPORT_FORMATS}, got {to!r}")
     if outtype is not None and to != "gguf":
         raise ExportError(f"outtype {outtype!r} applies only to a GGUF export (to gguf); a {to} export keeps the "
                           "model's weights as they are")
     if factor is None:
-        raise ExportError("--factor T is required: the exported model uses CLEX's frequencies at t = T")
+        raise ExportError("`factor` T is required: the exported model uses CLEX's frequencies at t = T")
     check_model_path(model_dir)
     out = Path(out)
     if out.is_symlink():  # a link (dangling or not) would be written through, or fail only after the conversion
         raise ExportError(f"{out} is a symbolic link (to {os.readlink(out)}); export writes a new path, never "
                           "through a link: choose another output path")
     outtype = outtype or "f32"
-    source = Path(model_dir).resolve()
-    if out.resolve() == source or source in out.resolve().parents:
-        raise ExportError(f"--out {out} is inside --model {model_dir}; write the export somewhere else")
+    check_outside(out, model_dir)
     if to == "gguf":
         from clex.serve.gguf import GGUF_TYPES, check_family, write_gguf
 
         if out.suffix != ".gguf":
-            raise ExportError(f"--to gguf writes one file: --out must end in .gguf, got {out}")
+            raise ExportError(f"`to` gguf writes one file: `out` must end in .gguf, got {out}")
         if out.exists():
-            raise ExportError(f"{out} exists; choose a new --out")
+            raise ExportError(f"{out} exists; choose a new `out`")
         if not out.parent.is_dir():
-            raise ExportError(f"the folder of --out, {out.parent}, does not exist")
+            raise ExportError(f"the folder of `out`, {out.parent}, does not exist")
         if outtype not in GGUF_TYPES:
-            raise ExportError(f"--outtype must be one of {GGUF_TYPES}, got {outtype!r}")
+            raise ExportError(f"`outtype` must be one of {GGUF_TYPES}, got {outtype!r}")
     elif out.exists() and any(out.iterdir()):
-        raise ExportError(f"{out} exists and is not empty; choose a new --out")
+        raise ExportError(f"{out} exists and is not empty; choose a new `out`")
     model = from_pretrained(model_dir)
     if to == "gguf":
         check_family(model.config.get_text_config())
@@ -157,10 +157,9 @@ def export(model_dir: str | Path, out: str | Path, to: str = "longrope", factor:
 def serving_hint(model_dir: str | Path, factor: int, to: str = "longrope", out: str | Path | None = None) -> str:
     """:func:`serving_settings` for the model in ``model_dir`` (its training length L from its config), and, for a
     ``longrope`` export at ``out``, how to serve it at each request's own t with clex's vLLM plugin."""
-    from clex.adapters import model_config
     from clex.jsonfile import read_json
 
-    config = model_config(model_dir)
+    config = load_config(model_dir)
     L = training_length(config)
     hint = serving_settings(L, factor, to)
     if to != "longrope" or out is None or factor == 1:

@@ -22,14 +22,13 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
-import os
 import re
 from pathlib import Path
 
 import numpy as np
 
 from clex.errors import BadInput
-from clex.io.outdir import fresh_temp_file
+from clex.io.atomic import atomic_write
 
 # model_type → llama.cpp architecture name (gguf.MODEL_ARCH member)
 GGUF_ARCHS = {"llama": "LLAMA", "mistral": "LLAMA", "mixtral": "LLAMA", "phi3": "PHI3"}
@@ -41,7 +40,7 @@ GGUFExportError = BadInput  # the name GGUF export code raises
 
 def _gguf():
     if importlib.util.find_spec("gguf") is None:
-        raise GGUFExportError("--to gguf needs the `gguf` package: pip install gguf")
+        raise GGUFExportError("`to` gguf needs the `gguf` package: pip install gguf")
     import gguf
 
     return gguf
@@ -52,8 +51,8 @@ def check_family(config) -> str:
     family = config.model_type
     if family not in GGUF_ARCHS:
         raise GGUFExportError(
-            f"--to gguf supports {sorted(GGUF_ARCHS)} (the families whose llama.cpp graph applies per-pair rope "
-            f"factors); {family!r} is not one of them: use --to longrope and serve it with vLLM or transformers"
+            f"`to` gguf supports {sorted(GGUF_ARCHS)} (the families whose llama.cpp graph applies per-pair rope "
+            f"factors); {family!r} is not one of them: use `to` longrope and serve it with vLLM or transformers"
         )
     return GGUF_ARCHS[family]
 
@@ -172,7 +171,7 @@ def write_gguf(model, model_dir: str | Path, out: str | Path, rope: dict, outtyp
     """Write ``model`` (already switched to ``longrope`` parameters ``rope``) as a GGUF file ``out``."""
     gguf = _gguf()
     if outtype not in GGUF_TYPES:
-        raise GGUFExportError(f"--outtype must be one of {GGUF_TYPES}, got {outtype!r}")
+        raise GGUFExportError(f"`outtype` must be one of {GGUF_TYPES}, got {outtype!r}")
     config = model.config
     arch_name = check_family(config)
     arch = gguf.MODEL_ARCH_NAMES[getattr(gguf.MODEL_ARCH, arch_name)]
@@ -187,9 +186,9 @@ def write_gguf(model, model_dir: str | Path, out: str | Path, rope: dict, outtyp
         raise GGUFExportError(f"{len(long_factor)} rope factors for a rotary width of {rope_dims}; cannot export")
     ftype = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
              "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[outtype]
-    tmp = fresh_temp_file(out)  # created here, so never someone else's file
-    writer = gguf.GGUFWriter(str(tmp), arch)
-    try:
+
+    def fill(tmp: Path) -> None:
+        writer = gguf.GGUFWriter(str(tmp), arch)
         try:
             writer.add_name(_model_name(model_dir))
             writer.add_block_count(config.num_hidden_layers)
@@ -226,11 +225,8 @@ def write_gguf(model, model_dir: str | Path, out: str | Path, rope: dict, outtyp
             writer.write_tensors_to_file()
         finally:
             writer.close()
-        os.replace(tmp, out)
-    except BaseException:
-        tmp.unlink(missing_ok=True)  # a failed export leaves no partial file behind
-        raise
-    return out
+
+    return atomic_write(out, fill)  # a failed export leaves no partial file behind
 
 
 def _add(writer, gguf, name: str, data: np.ndarray, outtype: str) -> None:

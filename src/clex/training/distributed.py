@@ -15,7 +15,7 @@ FSDP_MODES = ("full_shard",)
 
 
 def fsdp_plugin(cfg, model):
-    """FSDP2 (``fully_shard``) for ``--fsdp full_shard`` or an accelerate FSDP config (its other settings are
+    """FSDP2 (``fully_shard``) for ``fsdp="full_shard"`` or an accelerate FSDP config (its other settings are
     read from the environment). CLEX's rotary module is its own unit beside the decoder layers, so the CLEX
     matrices stay fp32 whatever the layers' dtype and take no part in the layers' reductions."""
     from_config = os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true")
@@ -25,8 +25,8 @@ def fsdp_plugin(cfg, model):
 
     layers = list(getattr(model, "_no_split_modules", None) or [])
     if not layers:
-        raise TrainError(f"--fsdp: {type(model).__name__} names no decoder-layer class to shard by")
-    wrap = layers + (["ClexRotary"] if clex_modules(model) else [])
+        raise TrainError(f"`fsdp`: {type(model).__name__} names no decoder-layer class to shard by")
+    wrap = layers + (["CLEXRotary"] if clex_modules(model) else [])
     return FullyShardedDataParallelPlugin(fsdp_version=2, reshard_after_forward=True, state_dict_type="FULL_STATE_DICT",
                                           auto_wrap_policy="transformer_based_wrap", cpu_ram_efficient_loading=False,
                                           transformer_cls_names_to_wrap=wrap)
@@ -39,7 +39,7 @@ def require_fsdp(accelerator, plugin) -> None:
     if accelerator.distributed_type == DistributedType.FSDP:
         return
     if accelerator.distributed_type != DistributedType.MULTI_CPU:
-        raise TrainError("--fsdp shards a model over several processes: launch with `accelerate launch` or "
+        raise TrainError("`fsdp` shards a model over several processes: launch with `accelerate launch` or "
                          "`python -m torch.distributed.run --nproc_per_node N -m clex train …`")
     fsdp_on_cpu(accelerator, plugin)
 

@@ -2,7 +2,7 @@
 
 One loop for every method. Each optimizer step consumes one global batch of ``train_length``-token
 samples from a seeded permutation of the packed data; CLEX draws one t' per step and feeds the
-extrapolated position ids of README "Fine-tuning" (with an all-ones attention mask), fixed-factor methods
+extrapolated position ids of docs/design.md §6 (with an all-ones attention mask), fixed-factor methods
 train on positions 0 … train_length − 1.
 
 Everything random about a step — the sample order, t', the positions — is a function of the seed
@@ -28,6 +28,7 @@ import torch
 from clex import data as D
 from clex.adapters import unfreeze_clex
 from clex.io.checkpoint import full_model_state, is_sharded
+from clex.io.progress import progress_bar
 from clex.io.train_run import (
     ARGS_FILE,
     CHAT_STATS_FILE,
@@ -42,11 +43,11 @@ from clex.io.train_run import (
 from clex.io.train_run import checkpoints as _checkpoints
 from clex.io.train_run import trim_metrics as _trim_metrics
 from clex.loading import check_model_path, from_pretrained
-from clex.methods import parse_method
-from clex.models import training_length, use_method
+from clex.methods import MethodSpec, parse_method
+from clex.models import supported_length, training_length, use_method
 from clex.rotary import clex_modules
 from clex.training.distributed import fresh_precision, fsdp_plugin, require_fsdp
-from clex.training.options import TrainConfig, _supported_length, _validate, parse_lora
+from clex.training.options import TrainConfig, parse_lora, validate
 from clex.training.step import (
     clex_batch,
     clip_gradients,
@@ -92,22 +93,19 @@ def prepare_model(cfg: TrainConfig):
     model = use_method(from_pretrained(cfg.model, attn_implementation="sdpa"), cfg.method)
     L = training_length(model)
     length = cfg.train_length or L
-    name, _ = parse_method(cfg.method)
-    text = model.config.get_text_config()
-    rope = text.rope_parameters.get("full_attention", text.rope_parameters)
-    supported = _supported_length(name, rope, L)
+    name, supported = MethodSpec(cfg.method).name, supported_length(model, cfg.method)
     if name == "clex" and length < L:
         raise TrainError(
             f"train length {length} is shorter than the model's training length L = {L}: CLEX training places a "
             f"row's {length} tokens over positions 0 … L·t′ − 1, so each row would be a sparse sample of a context "
             f"{L // length}× longer than itself at every t′ (not a regime CLEX is trained in). Train at "
-            f"--train-length {L} or more, or, if the model was really trained at {length} tokens, declare that L: "
-            f"--base-length {length}"
+            f"`train_length` {L} or more, or, if the model was really trained at {length} tokens, declare that L: "
+            f"`base_length` {length}"
         )
     if length > supported:
         raise TrainError(
             f"train length {length} is longer than {cfg.method} supports on this model ({supported} tokens: "
-            f"L = {L}); use a scaling factor of at least {math.ceil(length / L)} or a shorter --train-length"
+            f"L = {L}); use a scaling factor of at least {math.ceil(length / L)} or a shorter `train_length`"
         )
     return model, L, length
 
@@ -120,7 +118,7 @@ def add_lora(model, spec: str):
     r, alpha, targets = parse_lora(spec)
     unknown = [t for t in targets if not any(name.split(".")[-1] == t for name, _ in model.named_modules())]
     if unknown:
-        raise TrainError(f"--lora targets {unknown} name no module of the model (e.g. q_proj, v_proj)")
+        raise TrainError(f"`lora` targets {unknown} name no module of the model (e.g. q_proj, v_proj)")
     base = getattr(model, "name_or_path", "") or ""
     peft_model = get_peft_model(model, LoraConfig(r=r, lora_alpha=alpha, target_modules=targets, lora_dropout=0.0))
     if base and os.path.isdir(base):  # recorded absolute: the adapter reloads from any working directory
@@ -141,7 +139,7 @@ def train(cfg: TrainConfig) -> Path:
     directory is locked for the run, and only what clex writes there is ever replaced."""
     from accelerate import Accelerator, DistributedDataParallelKwargs
 
-    _validate(cfg)
+    validate(cfg)
     out = Path(cfg.out)
     if preflight(out, cfg):
         print(f"{out} holds a finished run of these settings ({cfg.steps} steps); nothing to do", flush=True)
@@ -253,8 +251,8 @@ def _loop(cfg, accelerator, model, optimizer, scheduler, run, samples, chat, L, 
             if not math.isfinite(loss_mean):
                 if step == 0:
                     raise TrainError(f"the loss is {loss_mean} at step 1, before any update: the model {cfg.model} "
-                                     "gives non-finite logits on this data; check its weights (not --lr)")
-                raise TrainError(f"loss became {loss_mean} at step {step + 1}; lower --lr (checkpoints kept)")
+                                     "gives non-finite logits on this data; check its weights (not `lr`)")
+                raise TrainError(f"loss became {loss_mean} at step {step + 1}; lower `lr` (checkpoints kept)")
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -282,8 +280,8 @@ def _loop(cfg, accelerator, model, optimizer, scheduler, run, samples, chat, L, 
 def _interrupted_message(out: Path, cfg: TrainConfig) -> str:
     checkpoints = _checkpoints(out)
     where = f"the last checkpoint is {checkpoints[-1].name}" if checkpoints else "no checkpoint was written yet"
-    return (f"training interrupted; {where} in {out}: run the same command with --resume to continue"
-            + ("" if cfg.save_every else " (pass --save-every to checkpoint during a run)"))
+    return (f"training interrupted; {where} in {out}: run the same command with `resume` to continue"
+            + ("" if cfg.save_every else " (pass `save_every` to checkpoint during a run)"))
 
 
 def _chat_rows(chat, idx: np.ndarray, cfg: TrainConfig, device) -> dict:
@@ -309,17 +307,14 @@ def _packed_mask_dtype(model, accelerator, cfg: TrainConfig):
         return torch.bool
     if impl == "eager":
         return torch.bfloat16 if accelerator.mixed_precision == "bf16" else torch.float32
-    raise TrainError(f"--pack needs sdpa or eager attention (a 4-D mask), not {impl}")
+    raise TrainError(f"`pack` needs sdpa or eager attention (a 4-D mask), not {impl}")
 
 
 
 
 def _bar(cfg: TrainConfig, accelerator, start: int):
-    if not (cfg.show_progress and accelerator.is_main_process):
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=cfg.steps, initial=start, unit="step", desc=f"train {cfg.method}")
+    show = cfg.show_progress and accelerator.is_main_process
+    return progress_bar(cfg.steps, show, initial=start, unit="step", desc=f"train {cfg.method}")
 
 
 def _save_final(accelerator, model, run: Run, cfg: TrainConfig, tok) -> None:

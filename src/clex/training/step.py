@@ -1,6 +1,6 @@
 """CLEX's training step, shared by ``clex train`` and the stacks people already train with.
 
-The step (README, "Fine-tuning"): one t' per optimizer step, drawn from (seed, step) alone; the rows' positions
+The step (docs/design.md §6): one t' per optimizer step, drawn from (seed, step) alone; the rows' positions
 extrapolated to span ``0 … L·t' − 1`` with an explicit attention mask (packed rows: per segment, at a
 fixed t'); the CLEX matrices in their own parameter group (``clex_lr``, no weight decay) and clipped on
 their own; the same cosine schedule with CLEX's own warm-up. ``clex train`` calls these functions, and
