@@ -391,12 +391,12 @@ def test_export_refuses_outtype_without_gguf(world, tmp_path, capsys):
     argv = ["export", "--model", str(world / "cx"), "--to", "longrope", "--factor", "2", "--out", str(tmp_path / "o")]
     for outtype in ("q8_0", "f32"):  # an explicit f32 is refused too: --outtype means nothing for longrope
         assert main([*argv, "--outtype", outtype]) == 2
-        assert "--outtype applies only to --to gguf" in one_error_line(capsys)
+        assert f"--outtype {outtype!r} applies only to --to gguf" in one_error_line(capsys)
     assert main(argv[:3] + argv[5:] + ["--outtype", "f16"]) == 2  # --to left at its default, longrope
     one_error_line(capsys)
     assert tree(tmp_path) == before
     refused(lambda: export(world / "cx", tmp_path / "o", to="longrope", factor=2, outtype="q8_0"), ExportError,
-            "outtype 'q8_0' applies only to a GGUF export")
+            "`outtype` 'q8_0' applies only to `to` gguf")
     assert tree(tmp_path) == before
 
 

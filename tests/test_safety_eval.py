@@ -159,7 +159,7 @@ CASES = [
     ("absurd-factor", lambda s, t: ppl_argv(s, t / "out", "--methods", "yarn:factor=1e9"),
      "factor for method 'yarn' must be a number in 1 … 1024"),
     ("absurd-max-factor", lambda s, t: ppl_argv(s, t / "out", "--methods", "clex:max_factor=1000000000"),
-     "max_factor for method 'clex' must be an integer in 1 … 1024"),
+     "method 'clex:max_factor=1000000000': max_factor must be an integer in 1 … 1024"),
     ("bad-clex-setting", lambda s, t: ppl_argv(s, t / "out", "--methods", "clex:policy=floor"),
      "method 'clex:policy=floor': t_rule must be one of"),
     ("stride-larger-than-window", lambda s, t: ppl_argv(s, t / "out", "--stride", "33"),

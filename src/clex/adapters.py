@@ -13,7 +13,14 @@ import os
 from torch import nn
 
 from clex.errors import describe
-from clex.loading import ModelLoadError, ModelNotFoundError, _json_file, _set_clex_weights, from_pretrained
+from clex.loading import (
+    ModelLoadError,
+    ModelNotFoundError,
+    _json_file,
+    _set_clex_weights,
+    from_pretrained,
+    is_local_path,
+)
 from clex.models import PreTrainedModel, apply
 from clex.rotary import clex_modules
 
@@ -33,7 +40,7 @@ def adapter_base(path) -> str:
     for candidate in ((base,) if os.path.isabs(base) else (os.path.join(path, base), base)):
         if os.path.isdir(candidate):
             return candidate
-    if os.path.isabs(base) or base.startswith(".") or base.count("/") > 1:
+    if is_local_path(base):
         raise ModelNotFoundError(f"{adapter_file} names the base model {base}, which is not there; put it back or "
                                  "edit base_model_name_or_path")
     return base  # a hub name

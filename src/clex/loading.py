@@ -29,16 +29,20 @@ class ModelNotFoundError(ModelLoadError, FileNotFoundError):
     """A local model path that does not exist (also a FileNotFoundError, so either ``except`` catches it)."""
 
 
+def is_local_path(text: str) -> bool:
+    """Whether ``text`` can only be a local path: it starts with ``.``, ``/`` or ``~``, or has more separators
+    than a hub name (``name`` or ``org/name``) has. ``dir/model`` stays ambiguous and is tried on disk first."""
+    backslash = os.sep != "/" and os.sep in text  # Windows: hub names never hold one
+    return text.startswith((".", "/", "~")) or text.count("/") > 1 or backslash
+
+
 def check_model_path(path) -> None:
     """A clear error for a local model directory that does not exist, before the hub would read the path as a
     malformed repo id. A path is local when it starts with ``.``, ``/`` or ``~``, or has more separators than a
     hub name (``name`` or ``org/name``) has; hub names pass."""
     text = str(path)
-    backslash = os.sep != "/" and os.sep in text  # Windows: hub names never hold one
-    local = text.startswith((".", "/", "~")) or text.count("/") > 1 or backslash
-    if local and not os.path.exists(os.path.expanduser(text)):
+    if is_local_path(text) and not os.path.exists(os.path.expanduser(text)):
         raise ModelNotFoundError(f"no model directory at {text}: the path does not exist")
-
 
 
 # --- loading ----------------------------------------------------------------------------------------

@@ -81,11 +81,6 @@ def _check_factor(name: str, params: dict) -> None:
         f = params["factor"]
         if not isinstance(f, (int, float)) or isinstance(f, bool) or not math.isfinite(f) or not 1 <= f <= MAX_FACTOR:
             raise ValueError(f"factor for method {name!r} must be a number in 1 … {MAX_FACTOR}, got {f!r}")
-    if "max_factor" in params:
-        f = params["max_factor"]
-        if not isinstance(f, int) or isinstance(f, bool) or not 1 <= f <= MAX_FACTOR:
-            raise ValueError(f"max_factor for method {name!r} must be an integer in 1 … {MAX_FACTOR} "
-                             f"(θ(1) … θ(max_factor) are solved as one grid), got {f!r}")
     for key in ("long_factor", "short_factor"):
         if key in params:
             v = params[key]

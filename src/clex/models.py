@@ -18,7 +18,6 @@ import warnings
 from collections.abc import Iterator
 from dataclasses import asdict
 
-import torch
 from torch import nn
 from transformers import PreTrainedModel
 
@@ -27,7 +26,7 @@ from clex.composed import SCALED_FROM, base_frequencies, compose, context_length
 from clex.errors import describe
 from clex.layouts import UnsupportedModelError, build_rotary, check_family, check_round_trip, rotary_layout
 from clex.methods import MethodSpec, get_method, parse_method, renamed_settings
-from clex.rotary import CLEXConfig, CLEXRotary, clex_modules
+from clex.rotary import CLEXConfig, CLEXRotary, clex_modules, inv_freq_buffer
 
 GLOBAL_LAYER_TYPE = "full_attention"  # models with per-layer-type rope (Gemma 3): CLEX goes here
 
@@ -154,7 +153,7 @@ def switch(model: PreTrainedModel, name: str, params: dict, spec: str | None = N
         raise ValueError(f"original_max_position_embeddings must be a positive integer, got {L!r}")
     method = get_method(name)
     if name != "vanilla":
-        check_family(config, name, 2 * _theta(found[0][2], layer_type).numel(), current)
+        check_family(config, name, 2 * inv_freq_buffer(found[0][2], layer_type).numel(), current)
     clex_config = None
     if name == "vanilla":
         method.rope_parameters(params, L, current["rope_theta"])  # refuses any parameter
@@ -219,13 +218,6 @@ def clex_settings(rope: dict, config, L: int) -> CLEXConfig:
     """CLEX's settings from a rope dict, without the keys the family keeps there for its own code."""
     own = set(getattr(config, "ignore_keys_at_rope_validation", None) or ())
     return CLEXConfig.from_rope_parameters({k: v for k, v in rope.items() if k not in own}, L)
-
-
-def _theta(module: nn.Module, layer_type: str | None) -> torch.Tensor:
-    """The θ buffer of a rotary module (of ``layer_type``'s layers where it keeps one per type)."""
-    module = getattr(module, "original", module)
-    named = getattr(module, f"{layer_type}_inv_freq" if layer_type else "inv_freq", None)
-    return named if torch.is_tensor(named) else next(iter(module.buffers()))
 
 
 def _clex_config(module: nn.Module, config, layer_type: str | None, rope: dict, L: int) -> CLEXConfig:

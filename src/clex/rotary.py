@@ -57,7 +57,8 @@ class CLEXConfig:
             raise ValueError(f"original_max_position_embeddings must be a positive integer, got {L!r}")
         mf = self.max_factor
         if not isinstance(mf, int) or isinstance(mf, bool) or not 1 <= mf <= MAX_FACTOR:
-            raise ValueError(f"max_factor must be an integer in 1 … {MAX_FACTOR}, got {mf!r}")
+            raise ValueError(f"max_factor must be an integer in 1 … {MAX_FACTOR} (θ(1) … θ(max_factor) are solved as "
+                             f"one grid), got {mf!r}")
         validate_dynamics(4, self.param_factor, self.act, self.ode_base, self.time_dt)
         if self.t_rule not in T_RULES:
             raise ValueError(f"t_rule must be one of {T_RULES}, got {self.t_rule!r}")
@@ -90,6 +91,14 @@ class CLEXConfig:
 
     def to_rope_parameters(self) -> dict:
         return {"rope_type": "clex", **asdict(self)}
+
+
+def inv_freq_buffer(module: nn.Module, layer_type: str | None = None) -> torch.Tensor:
+    """The θ buffer of a rotary module (CLEX's: of the module it wraps), of ``layer_type``'s layers where the
+    module keeps one per layer type (Gemma 3)."""
+    module = getattr(module, "original", module)
+    named = getattr(module, f"{layer_type}_inv_freq" if layer_type else "inv_freq", None)
+    return named if torch.is_tensor(named) else next(iter(module.buffers()))
 
 
 class CLEXRotary(nn.Module):
@@ -151,8 +160,7 @@ class CLEXRotary(nn.Module):
         self.original.config = value
 
     def _inv_freq_buffer(self) -> torch.Tensor:
-        name = "inv_freq" if self.layer_type is None else f"{self.layer_type}_inv_freq"
-        return getattr(self.original, name)
+        return inv_freq_buffer(self.original, self.layer_type)
 
     def _base_inv_freq(self) -> torch.Tensor:
         """θ: the wrapped module's buffer, or its exact fp32 values when ``model.to(dtype)`` has rounded it."""

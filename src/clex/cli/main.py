@@ -11,6 +11,7 @@ from dataclasses import MISSING, fields
 from clex.cli.chat import add_chat_parsers
 from clex.cli.eval import add_eval_parsers
 from clex.methods import BASE_LENGTH_HELP, METHODS
+from clex.serve.gguf import GGUF_TYPES
 from clex.training.options import TrainConfig
 
 
@@ -100,11 +101,8 @@ def add_options(parser: argparse.ArgumentParser, config: type) -> None:
 def cmd_export(args: argparse.Namespace) -> int:
     """Write a CLEX model's frequencies at t = T as a stock `longrope` checkpoint (no clex needed to load it)
     or a GGUF file for llama.cpp."""
-    from clex.serve.export import ExportError, export, serving_hint
+    from clex.serve.export import export, serving_hint
 
-    if args.outtype is not None and args.to != "gguf":
-        raise ExportError(f"--outtype applies only to --to gguf (a {args.to} export keeps the model's weights as "
-                          "they are)")
     out = export(args.model, args.out, to=args.to, factor=args.factor, outtype=args.outtype)
     where = "llama.cpp loads it" if args.to == "gguf" else "stock transformers and vLLM load it"
     print(f"wrote {out}: {where}; {serving_hint(args.model, args.factor, args.to, out)}")
@@ -157,7 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--to", default="longrope", choices=["longrope", "gguf"],
                     help="longrope: a transformers/vLLM checkpoint directory; gguf: one llama.cpp file (default: "
                          "%(default)s)")
-    ex.add_argument("--outtype", default=None, choices=["f32", "f16", "q8_0"],
+    ex.add_argument("--outtype", default=None, choices=GGUF_TYPES,
                     help="with --to gguf only: weight type (default: f32)")
     ex.add_argument("--factor", type=int, required=True, help="t = T whose frequencies are exported (1 … max_factor)")
     ex.add_argument("--out", required=True, help="new output directory (gguf: a new FILE.gguf)")

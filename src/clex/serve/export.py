@@ -103,8 +103,8 @@ def export(model_dir: str | Path, out: str | Path, to: str = "longrope", factor:
     if to not in EXPORT_FORMATS:
         raise ExportError(f"`to` must be one of {EXPORT_FORMATS}, got {to!r}")
     if outtype is not None and to != "gguf":
-        raise ExportError(f"outtype {outtype!r} applies only to a GGUF export (to gguf); a {to} export keeps the "
-                          "model's weights as they are")
+        raise ExportError(f"`outtype` {outtype!r} applies only to `to` gguf; a {to} export keeps the model's weights "
+                          "as they are")
     if factor is None:
         raise ExportError("`factor` T is required: the exported model uses CLEX's frequencies at t = T")
     check_model_path(model_dir)
