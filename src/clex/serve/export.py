@@ -28,7 +28,7 @@ import torch
 
 from clex.composed import SCALED_FROM
 from clex.errors import BadInput
-from clex.io.atomic import fresh_temp_dir
+from clex.io.atomic import atomic_dir
 from clex.io.outdir import check_outside
 from clex.loading import check_model_path, from_pretrained, load_config
 from clex.methods import plain_inv_freq
@@ -138,20 +138,15 @@ def export(model_dir: str | Path, out: str | Path, to: str = "longrope", factor:
         return write_gguf(model, model_dir, out, model.config.rope_parameters, outtype)
     if profiles is not None:  # read by clex's vLLM plugin; engines without it ignore the key
         setattr(model.config, PROFILES_KEY, profiles)
-    tmp = fresh_temp_dir(out)  # clex's own name beside --out, never one someone else may own
-    try:
+
+    def fill(tmp: Path) -> None:
         model.save_pretrained(tmp)
         for pattern in TOKENIZER_FILES:
             for item in Path(model_dir).glob(pattern):
                 if item.is_file():
                     shutil.copy2(item, tmp / item.name)
-        if out.exists():
-            out.rmdir()
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)  # our own fresh directory: nothing of anyone else's is in it
-        raise
-    return out
+
+    return atomic_dir(out, fill)  # out is missing or empty (checked above)
 
 
 def serving_hint(model_dir: str | Path, factor: int, to: str = "longrope", out: str | Path | None = None) -> str:
