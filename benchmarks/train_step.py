@@ -34,7 +34,7 @@ CONFIGS = {
 
 CHILD = """
 import json, resource, statistics, sys
-from clex.train import TrainConfig, train
+from clex.training import TrainConfig, train
 cfg = TrainConfig(**json.loads(sys.argv[1]))
 out = train(cfg)
 rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
