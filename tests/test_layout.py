@@ -94,3 +94,20 @@ def test_the_check_sees_a_violation():
     assert not allowed("clex.eval.ppl", "clex.training.loop")
     assert not allowed("clex.data.tokens", "clex.cli.main")
     assert allowed("clex.cli.main", "clex.eval.ppl") and allowed("clex.eval.ppl", "clex.data.tokens")
+
+
+def test_old_module_paths_are_the_new_modules():
+    import importlib
+
+    from clex._moved import MOVED
+
+    for old, new in MOVED.items():
+        assert importlib.import_module(old) is importlib.import_module(new), old
+    import clex.chat
+    import clex.data
+    import clex.training
+
+    assert clex.chat.DEFAULT_TEMPLATE and clex.chat.ChatSession
+    assert clex.data.load_documents and clex.training.CLEXTrainerMixin and clex.training.train
+    with pytest.raises(AttributeError, match="clex.training"):
+        clex.training.nothing  # noqa: B018

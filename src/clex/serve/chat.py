@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from clex import data as D
-from clex.data.chat import own_template, prompt_ids
+from clex.data.chat import DEFAULT_TEMPLATE, own_template, prompt_ids  # noqa: F401 (DEFAULT_TEMPLATE: also at clex.chat)
 from clex.errors import NonFiniteLogits
 from clex.generation import pad_id, refuse_nan
 

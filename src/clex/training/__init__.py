@@ -37,6 +37,8 @@ __all__ = [
 
 def __getattr__(name: str):
     """``CLEXTrainer`` and ``CLEXSFTTrainer`` are built on first use (TRL is imported only then)."""
-    from clex.training import trainer
+    if name in ("CLEXTrainer", "CLEXSFTTrainer"):
+        from clex.training import trainer
 
-    return getattr(trainer, name)
+        return getattr(trainer, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
