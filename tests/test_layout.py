@@ -104,6 +104,7 @@ def test_old_module_paths_are_the_new_modules():
     for old, new in MOVED.items():
         assert importlib.import_module(old) is importlib.import_module(new), old
     import clex.chat
+
     import clex.data
     import clex.training
 
