@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import importlib
-import inspect
 import io
 import json
 import re
@@ -51,39 +49,12 @@ EXTERNAL = {"vllm": "vLLM, in its own environment (docs/export.md)"}
 RUN = [("methods",), ("info",), ("generate",), ("export",), ("train",)]
 # Run shortened: these flags are replaced (or added) so that the run takes seconds on the stand-in model.
 SHORTENED = {("train",): {"--steps": "2", "--batch-size": "1", "--grad-accum": "1", "--train-length": "64",
-                          "--save-every": "0"}}  # fmt: skip
-
-# Names the pages use that the code is being renamed to (docs use the new ones). While the installed clex has only
-# the old name, an example runs with the old one. An entry can go once every clex in use has the new name.
-PENDING = [
-    ("cache_mode=", "policy=", lambda: "cache_mode" in inspect.signature(_clex().generate).parameters),
-    ("t_rule=", "policy=", lambda: "t_rule" in {f.name for f in dataclasses.fields(_clex().CLEXConfig)}),
-    ("clex.data.chat", "clex.chat", lambda: _importable("clex.data.chat")),
-    ("clex.serve.chat", "clex.chat", lambda: _importable("clex.serve.chat")),
-    ("--cache-mode", "--policy", lambda: "--cache-mode" in _help(("generate",))),
-]
-
+                          "--save-every": "0"}}
 
 def _clex():
     import clex
 
     return clex
-
-
-def _importable(name: str) -> bool:
-    try:
-        importlib.import_module(name)
-    except ImportError:
-        return False
-    return True
-
-
-def rewrite(text: str) -> str:
-    """``text`` with each pending new name the installed clex lacks replaced by its old name."""
-    for new, old, present in PENDING:
-        if new in text and not present():
-            text = text.replace(new, old)
-    return text
 
 
 # --- the blocks ---------------------------------------------------------------------------------------------
@@ -116,7 +87,7 @@ def blocks(path: Path) -> list[Block]:
         before = next((lines[j] for j in range(start - 1, -1, -1) if lines[j].strip()), "")
         marker = re.fullmatch(r"\s*<!--\s*not run:\s*(.+?)\s*-->\s*", before)
         out.append(Block(str(path.relative_to(ROOT)), start + 1, match.group(1).lower(), "\n".join(body) + "\n",
-                         marker.group(1) if marker else None))  # fmt: skip
+                         marker.group(1) if marker else None))
         i += 1
     return out
 
@@ -220,9 +191,9 @@ def clex_words(words: list[str]) -> list[str] | None:
 
 # --- the stand-ins ---------------------------------------------------------------------------------------------
 TEXT = ("The State of the Union is strong. Congress shall make no law. We the people of the nation seek peace, "
-        "and the pass key is 41852. ") * 40  # fmt: skip
+        "and the pass key is 41852. ") * 40
 CHATS = [{"messages": [{"role": "user", "content": f"what is {i} plus {i}?"},
-                       {"role": "assistant", "content": f"{i} plus {i} is {2 * i}."}]} for i in range(8)]  # fmt: skip
+                       {"role": "assistant", "content": f"{i} plus {i} is {2 * i}."}]} for i in range(8)]
 L = 64  # the stand-in models' context
 
 
@@ -234,7 +205,7 @@ def _tokenizer():
     tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tk.decoder = decoders.ByteLevel()
     bpe = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|end|>", "</s>", "<pad>"],
-                              initial_alphabet=pre_tokenizers.ByteLevel.alphabet())  # fmt: skip
+                              initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tk.train_from_iterator([TEXT, *(json.dumps(c) for c in CHATS)], bpe)
     return PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="</s>", pad_token="<pad>")
 
@@ -252,7 +223,7 @@ def stand_ins(tmp_path_factory):
     torch.manual_seed(0)
     config = tf.LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=L,
-                            eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)  # fmt: skip
+                            eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     model = tf.LlamaForCausalLM(config)
     for where in ("path/to/model", "runs/clex"):
         (root / where).mkdir(parents=True)
@@ -263,7 +234,7 @@ def stand_ins(tmp_path_factory):
     (root / "prompt.txt").write_text("The State of the Union")
     (root / "chats.jsonl").write_text("".join(json.dumps(c) + "\n" for c in CHATS))
     record = {"input": "What is the pass key?", "context": TEXT, "answers": ["41852"], "all_classes": None,
-              "length": 200, "dataset": "passage_retrieval_en"}  # fmt: skip
+              "length": 200, "dataset": "passage_retrieval_en"}
     (root / "records.jsonl").write_text(json.dumps(record) + "\n")
     return root
 
@@ -282,7 +253,7 @@ def workdir(stand_ins, tmp_path, monkeypatch):
 # --- the tests -------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("block", PYTHON, ids=[b.id for b in PYTHON])
 def test_python_example_runs_as_written(block, workdir):
-    source = rewrite(block.text)
+    source = block.text
     code = compile(source, f"{block.id} (python example)", "exec")
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
@@ -294,7 +265,7 @@ COMMANDS = [(b, n, words) for b in SHELL_BLOCKS for n, words in commands(b)]
 
 @pytest.mark.parametrize("block,line,words", COMMANDS, ids=[f"{b.page}:{n}" for b, n, _ in COMMANDS])
 def test_shell_line_names_what_exists(block, line, words, workdir):
-    words = shlex.split(rewrite(shlex.join(words)))
+    words = list(words)
     argv = clex_words(words)
     if argv is not None:
         path = check_clex(argv)
@@ -326,7 +297,7 @@ def test_shell_line_names_what_exists(block, line, words, workdir):
 def _extras() -> set[str]:
     """The extras pyproject.toml defines (read without tomllib, which Python 3.10 lacks)."""
     section = re.search(r"^\[project\.optional-dependencies\]\n(.*?)(?=^\[)", (ROOT / "pyproject.toml").read_text(),
-                        re.S | re.M)  # fmt: skip
+                        re.S | re.M)
     return set(re.findall(r"^([\w-]+)\s*=", section.group(1), re.M))
 
 
