@@ -66,7 +66,7 @@ def _fetched(out: Path) -> bool:
     except outdir.OutDirError as err:
         raise FetchError(str(err)) from None
     if done is None or done.kind != KIND or outdir.foreign(out) or done.changed() or not done.holds("config.json"):
-        raise FetchError(f"{out} holds files clex fetch did not write (or changed since); choose a new --out, or "
+        raise FetchError(f"{out} holds files clex fetch did not write (or changed since); choose a new `out`, or "
                          "move them away")
     return True
 

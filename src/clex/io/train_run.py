@@ -105,7 +105,7 @@ def preflight(out: Path, cfg) -> bool:
     outdir.check_unlocked(out)
     if out.is_dir() and not (out / outdir.MANIFEST).exists() and (out / ARGS_FILE).exists():
         raise RunError(f"{out} holds a run from an older clex without a manifest (its checkpoints are pickles, "
-                       "which clex no longer reads); move it aside or choose a new --out")
+                       "which clex no longer reads); move it aside or choose a new `out`")
     existing = outdir.claim(out, KIND, overwrite=cfg.overwrite and not cfg.resume, source=cfg.model, dry_run=True)
     holds_run = existing is not None and existing.kind == KIND and existing.holds(ARGS_FILE)
     if existing is not None and ARGS_FILE in existing.entries and not holds_run and not cfg.overwrite:
