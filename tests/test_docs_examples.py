@@ -242,18 +242,13 @@ def _tokenizer():
 @pytest.fixture(scope="module")
 def stand_ins(tmp_path_factory):
     """A directory of the files the examples name; each test works in a copy of it."""
-    import torch
-    import transformers as tf
-
     import clex
+    from tiny import tiny_llama
 
     root = tmp_path_factory.mktemp("stand-ins")
     tok = _tokenizer()
-    torch.manual_seed(0)
-    config = tf.LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=L,
-                            eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)  # fmt: skip
-    model = tf.LlamaForCausalLM(config)
+    model = tiny_llama(vocab_size=len(tok), max_position_embeddings=L, eos_token_id=tok.eos_token_id,
+                       pad_token_id=tok.pad_token_id)  # fmt: skip
     for where in ("path/to/model", "runs/clex"):
         (root / where).mkdir(parents=True)
         tok.save_pretrained(root / where)

@@ -12,7 +12,7 @@ import torch
 import clex
 from clex.cli.main import main
 from clex.serve.export import ExportError, export
-from conftest import L, make_model, randomize_clex, tokens
+from tiny import L, make_model, randomize_clex, tokens
 
 STOCK = """
 import json, sys

@@ -26,24 +26,14 @@ L = 32
 
 
 @pytest.fixture
-def corpus(tmp_path):
-    path = tmp_path / "corpus.txt"
-    rng = np.random.default_rng(0)
-    words = ["the", "state", "of", "union", "is", "strong", "congress", "people", "nation", "peace"]
-    path.write_text(" ".join(rng.choice(words, 3000)))
-    return str(path)
+def corpus(words_corpus):
+    return str(words_corpus)
 
 
 @pytest.fixture
-def model_dir(tmp_path):
-    torch.manual_seed(0)
-    config = tf.LlamaConfig(
-        vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=L,
-    )
-    path = tmp_path / "base"
-    tf.LlamaForCausalLM(config).save_pretrained(path)
-    return str(path)
+def model_dir(llama_dir):
+    assert tf.AutoConfig.from_pretrained(llama_dir).max_position_embeddings == L
+    return str(llama_dir)
 
 
 def cfg(model_dir, corpus, out, **kw) -> TrainConfig:

@@ -17,6 +17,7 @@ from clex.training import CLEXTrainer
 from clex.training.loop import batch_indices, pack, train
 from clex.training.options import TrainConfig
 from clex.training.trainer import CLEXDataCollator
+from tiny import save_llama
 
 L = 32
 STEPS = 12
@@ -25,10 +26,7 @@ STEPS = 12
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("training")
-    torch.manual_seed(0)
-    config = tf.LlamaConfig(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=L)
-    tf.LlamaForCausalLM(config).save_pretrained(root / "base")
+    save_llama(root / "base", max_position_embeddings=L)
     rng = np.random.default_rng(0)
     words = ["the", "state", "of", "union", "is", "strong", "congress", "people", "nation", "peace"]
     (root / "corpus.txt").write_text(" ".join(rng.choice(words, 3000)))
