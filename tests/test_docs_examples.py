@@ -287,7 +287,13 @@ def test_python_example_runs_as_written(block, workdir):
 COMMANDS = [(b, n, words) for b in SHELL_BLOCKS for n, words in commands(b)]
 
 
-@pytest.mark.parametrize("block,line,words", COMMANDS, ids=[f"{b.page}:{n}" for b, n, _ in COMMANDS])
+def _case(block, line: int, words: list[str]):
+    """One shell line; a `clex train` line that runs (a shortened training) is marked slow."""
+    trains = words[:1] == ["clex"] and clex_words(words)[:1] == ["train"]
+    return pytest.param(block, line, words, id=f"{block.page}:{line}", marks=[pytest.mark.slow] if trains else [])
+
+
+@pytest.mark.parametrize("block,line,words", [_case(*c) for c in COMMANDS])
 def test_shell_line_names_what_exists(block, line, words, workdir):
     words = shlex.split(rewrite(shlex.join(words)))
     argv = clex_words(words)

@@ -17,6 +17,8 @@ from clex.eval.common import model_for_method  # noqa: E402
 from clex.eval.harness import evaluate_harness  # noqa: E402
 from tiny import save_llama  # noqa: E402
 
+pytestmark = pytest.mark.slow  # every test runs lm-eval over a model under each method
+
 QUESTIONS = [
     {"question": "The grass is", "choices": ["green", "blue", "loud"], "label": 0},
     {"question": "The sky is blue. The sun is yellow. The grass is green. The sky is", "choices": ["blue", "red"],

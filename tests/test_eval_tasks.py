@@ -232,6 +232,7 @@ def test_ruler_prompts_fill_the_length_and_answers_are_in_them():
         RU.ruler_samples(BYTES, 100, tasks=["kv"], res=res)
 
 
+@pytest.mark.slow
 def test_longbench_file_is_scored_end_to_end(oracle, tmp_path):
     records = LB.load_records(str(DATA / "longbench_tiny.jsonl"))
     assert len({r["dataset"] for r in records}) >= 6

@@ -263,6 +263,7 @@ def test_a_live_lock_refuses_a_second_run_and_a_stale_one_is_taken_over(world, t
     assert not (out / outdir.LOCK).exists()
 
 
+@pytest.mark.slow
 def test_two_runs_at_once_on_one_directory(world, tmp_path):
     import signal
     import time

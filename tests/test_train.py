@@ -153,6 +153,7 @@ def _cli(model_dir, corpus, out, *extra):
             "--out", str(out), "--no-progress", *extra]
 
 
+@pytest.mark.slow
 def test_kill_and_resume_matches_an_uninterrupted_run(model_dir, corpus, tmp_path):
     # train length 4L: the long regime (fractional positions), and steps slow enough to kill mid-run
     long = ("--train-length", str(4 * L))
@@ -179,6 +180,7 @@ def test_kill_and_resume_matches_an_uninterrupted_run(model_dir, corpus, tmp_pat
         torch.testing.assert_close(sa[key], sb[key], rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_two_processes_take_the_same_steps_as_one(model_dir, corpus, tmp_path):
     one = tmp_path / "one"
     subprocess.run(_cli(model_dir, corpus, one, "--steps", "6"), check=True, capture_output=True)
@@ -229,6 +231,7 @@ def test_refusals(model_dir, corpus, tmp_path):
         train(cfg(model_dir, corpus, out, steps=2, t_sampling="log", resume=True))
 
 
+@pytest.mark.slow
 def test_fsdp_over_two_processes_takes_the_steps_of_one_and_resumes(model_dir, corpus, tmp_path):
     from safetensors.torch import load_file
 

@@ -144,6 +144,7 @@ def test_trainer_takes_the_steps_of_clex_train(setup, tmp_path):
     assert len(groups) == 2 and groups[1]["weight_decay"] == 0.0
 
 
+@pytest.mark.slow
 def test_a_trainer_checkpoint_resumes_to_the_same_weights(setup, tmp_path):
     full = run_trainer(setup, tmp_path / "full")
     out = tmp_path / "stopped"
@@ -217,6 +218,7 @@ def test_trl_sft_on_conversations_trains_assistant_tokens_and_saves_a_clex_model
 
 
 # --- bf16 -------------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_bf16_autocast_on_cpu_keeps_clex_fp32_with_finite_gradients_and_the_fp32_losses(setup, tmp_path):
     runs = {}
     for precision in ("fp32", "bf16"):
@@ -235,6 +237,7 @@ def test_bf16_autocast_on_cpu_keeps_clex_fp32_with_finite_gradients_and_the_fp32
 
 
 # --- FSDP -------------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_clex_trainer_under_fsdp_on_two_processes_takes_the_steps_of_one(setup, tmp_path):
     import os
     import subprocess
