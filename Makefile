@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.clex-installed
 QUIET_PIP = $(PY) -m pip install -q --disable-pip-version-check
 
-.PHONY: demo test lint bench setup clean test-engines
+.PHONY: demo test test-fast lint bench setup clean test-engines
 
 setup: $(STAMP)
 
@@ -22,8 +22,11 @@ demo: $(STAMP)
 test: $(STAMP)
 	@$(PY) -m pytest
 
+test-fast: $(STAMP)
+	@$(PY) -m pytest -m "not slow"
+
 lint: $(STAMP)
-	@$(VENV)/bin/ruff check src tests benchmarks
+	@$(VENV)/bin/ruff check src tests benchmarks engines experiments
 
 bench: $(STAMP)
 	@$(PY) benchmarks/overhead.py

@@ -13,6 +13,7 @@ import transformers as tf
 
 import clex
 from clex.cli.main import main
+from tiny import save_llama
 
 LORA = "4,8,q_proj,v_proj"
 
@@ -22,10 +23,7 @@ def run(tmp_path_factory):
     """A tiny Llama (L = 32) and a LoRA CLEX run trained on it, started from the model's folder with relative
     paths (as a user types them)."""
     root = tmp_path_factory.mktemp("adapters")
-    torch.manual_seed(0)
-    config = tf.LlamaConfig(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
-    tf.LlamaForCausalLM(config).save_pretrained(root / "base")
+    save_llama(root / "base", max_position_embeddings=32)
     (root / "corpus.txt").write_text(" ".join(["the state of the union is strong"] * 400))
     here = os.getcwd()
     os.chdir(root)

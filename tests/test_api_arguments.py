@@ -28,16 +28,10 @@ from clex.loading import ModelLoadError, ModelNotFoundError, check_model_path
 from clex.serve.export import ExportError, export
 from clex.training.step import cosine_schedule, param_groups
 from clex.training.trainer import CLEXDataCollator
+from tiny import LLAMA, tiny_llama
 
-L = 32
-VOCAB = 256
-
-
-def tiny_llama(seed: int = 0) -> tf.LlamaForCausalLM:
-    torch.manual_seed(seed)
-    config = tf.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=L)
-    return tf.LlamaForCausalLM(config).eval()
+L = LLAMA["max_position_embeddings"]  # 32: the tiny Llama's, as tiny_llama() builds it
+VOCAB = LLAMA["vocab_size"]  # 256
 
 
 @pytest.fixture(scope="module")

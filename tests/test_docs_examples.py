@@ -213,18 +213,13 @@ def _tokenizer():
 @pytest.fixture(scope="module")
 def stand_ins(tmp_path_factory):
     """A directory of the files the examples name; each test works in a copy of it."""
-    import torch
-    import transformers as tf
-
     import clex
+    from tiny import tiny_llama
 
     root = tmp_path_factory.mktemp("stand-ins")
     tok = _tokenizer()
-    torch.manual_seed(0)
-    config = tf.LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=L,
-                            eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    model = tf.LlamaForCausalLM(config)
+    model = tiny_llama(vocab_size=len(tok), max_position_embeddings=L, eos_token_id=tok.eos_token_id,
+                       pad_token_id=tok.pad_token_id)
     for where in ("path/to/model", "runs/clex"):
         (root / where).mkdir(parents=True)
         tok.save_pretrained(root / where)
@@ -263,7 +258,13 @@ def test_python_example_runs_as_written(block, workdir):
 COMMANDS = [(b, n, words) for b in SHELL_BLOCKS for n, words in commands(b)]
 
 
-@pytest.mark.parametrize("block,line,words", COMMANDS, ids=[f"{b.page}:{n}" for b, n, _ in COMMANDS])
+def _case(block, line: int, words: list[str]):
+    """One shell line; a `clex train` line that runs (a shortened training) is marked slow."""
+    trains = words[:1] == ["clex"] and clex_words(words)[:1] == ["train"]
+    return pytest.param(block, line, words, id=f"{block.page}:{line}", marks=[pytest.mark.slow] if trains else [])
+
+
+@pytest.mark.parametrize("block,line,words", [_case(*c) for c in COMMANDS])
 def test_shell_line_names_what_exists(block, line, words, workdir):
     words = list(words)
     argv = clex_words(words)

@@ -14,11 +14,10 @@ from pathlib import Path
 
 import pytest
 import torch
-import transformers as tf
 
 import clex
 from clex.serve.export import export
-from conftest import randomize_clex
+from tiny import randomize_clex, tiny_llama
 
 ROOT = Path(__file__).resolve().parents[1]
 VLLM_PYTHON = ROOT / ".engines" / "vllm" / "bin" / "python"
@@ -34,11 +33,9 @@ def test_vllm_serves_the_longrope_export_like_the_clex_model(tmp_path):
     from clex.data.fetch import gguf_to_safetensors
     from test_fetch import write_tiny_llama_gguf
 
-    torch.manual_seed(0)
-    config = tf.LlamaConfig(vocab_size=257, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                            num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=L,
-                            tie_word_embeddings=False)
-    write_tiny_llama_gguf(tmp_path / "tiny.gguf", tf.LlamaForCausalLM(config))  # a model with a tokenizer (vLLM's)
+    model = tiny_llama(vocab_size=257, hidden_size=128, intermediate_size=256, num_attention_heads=2,
+                       max_position_embeddings=L, tie_word_embeddings=False)
+    write_tiny_llama_gguf(tmp_path / "tiny.gguf", model)  # a model with a tokenizer (vLLM's)
     base = gguf_to_safetensors(tmp_path / "tiny.gguf", tmp_path / "base")
     model = clex.from_pretrained(base).eval()
     clex.apply(model, "clex", max_factor=4)

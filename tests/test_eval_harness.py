@@ -15,6 +15,9 @@ from clex.cli.main import main  # noqa: E402
 from clex.data.types import DataError  # noqa: E402
 from clex.eval.common import model_for_method  # noqa: E402
 from clex.eval.harness import evaluate_harness  # noqa: E402
+from tiny import save_llama  # noqa: E402
+
+pytestmark = pytest.mark.slow  # every test runs lm-eval over a model under each method
 
 QUESTIONS = [
     {"question": "The grass is", "choices": ["green", "blue", "loud"], "label": 0},
@@ -36,12 +39,8 @@ def setup(tmp_path_factory):
                            trainers.BpeTrainer(vocab_size=300, special_tokens=["</s>"],
                                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     tok = tf.PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="</s>")
-    torch.manual_seed(0)
-    config = tf.LlamaConfig(vocab_size=tk.get_vocab_size(), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=8,
-                            bos_token_id=None, eos_token_id=tok.eos_token_id)
-    model_dir = root / "model"
-    tf.LlamaForCausalLM(config).save_pretrained(model_dir)
+    model_dir = save_llama(root / "model", vocab_size=tk.get_vocab_size(), max_position_embeddings=8,
+                           bos_token_id=None, eos_token_id=tok.eos_token_id)
     tok.save_pretrained(model_dir)
     data = root / "questions.jsonl"
     data.write_text("".join(json.dumps(q) + "\n" for q in QUESTIONS))

@@ -14,6 +14,7 @@ import clex
 from clex import data as D
 from clex.cli.main import main
 from clex.eval import ppl as P
+from tiny import save_llama
 
 L = 32
 
@@ -31,20 +32,8 @@ def corpus(tmp_path):
 
 @pytest.fixture
 def model_dir(tmp_path):
-    torch.manual_seed(0)
-    config = tf.LlamaConfig(
-        vocab_size=256,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=L,
-        initializer_range=0.3,
-    )  # a large init: sharp attention, so position handling shows in the loss
-    path = tmp_path / "model"
-    tf.LlamaForCausalLM(config).save_pretrained(path)
-    return str(path)
+    # a large init: sharp attention, so position handling shows in the loss
+    return str(save_llama(tmp_path / "model", max_position_embeddings=L, initializer_range=0.3))
 
 
 def run(model_dir, corpus, **kwargs):

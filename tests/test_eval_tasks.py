@@ -11,6 +11,7 @@ import pytest
 import torch
 import transformers as tf
 
+import tiny
 from clex.cli.main import main
 from clex.data.tokens import ByteTokenizer
 from clex.data.types import DataError
@@ -45,11 +46,8 @@ def bpe():
 
 
 def tiny_llama(vocab: int = 256, cls=tf.LlamaForCausalLM, L: int = 64):
-    torch.manual_seed(0)
-    config = tf.LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=L,
-                            eos_token_id=None, bos_token_id=None, pad_token_id=None)
-    return cls(config).eval()
+    return tiny.tiny_llama(cls=cls, vocab_size=vocab, max_position_embeddings=L, eos_token_id=None,
+                           bos_token_id=None, pad_token_id=None)
 
 
 class Oracle(tf.LlamaForCausalLM):
@@ -234,6 +232,7 @@ def test_ruler_prompts_fill_the_length_and_answers_are_in_them():
         RU.ruler_samples(BYTES, 100, tasks=["kv"], res=res)
 
 
+@pytest.mark.slow
 def test_longbench_file_is_scored_end_to_end(oracle, tmp_path):
     records = LB.load_records(str(DATA / "longbench_tiny.jsonl"))
     assert len({r["dataset"] for r in records}) >= 6

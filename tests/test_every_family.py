@@ -67,6 +67,7 @@ def test_the_guard_sees_the_families_people_extend():
     assert "gpt2" not in FAMILIES and "bloom" not in FAMILIES  # no rotary embedding
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("family", FAMILIES)
 def test_every_method_is_applied_and_right_or_refused_in_one_line(family, variant):
@@ -102,6 +103,7 @@ def _block(path: Path, name: str = "table") -> str:
     return match.group(1)
 
 
+@pytest.mark.slow  # runs the whole guard (reused from the test above when that ran first)
 def test_the_families_tables_are_what_the_guard_finds():
     short, full = _tables()
     page = ROOT / "docs" / "families.md"

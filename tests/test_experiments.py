@@ -86,14 +86,10 @@ def test_gpu_sweep_plan_fits_its_budget_at_its_own_assumptions():
 
 
 def test_context_value_is_zero_at_L0_and_scores_the_same_tokens(corpus, tmp_path):
-    import torch
-    import transformers as tf
+    from tiny import save_llama
 
     cv = _module("context_value")
-    torch.manual_seed(0)
-    config = tf.LlamaConfig(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                            num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=16)
-    tf.LlamaForCausalLM(config).save_pretrained(tmp_path / "m")
+    save_llama(tmp_path / "m", num_key_value_heads=4, max_position_embeddings=16)
     out = cv.context_value(str(tmp_path / "m"), "clex:max_factor=4", f"{corpus}:all", [1, 4], samples=3, stride=4)
     assert out[1]["worth"] == 0 and out[1]["full"] == out[1]["last_L0"]
     assert out[4]["tokens"] == 3 * (4 * 16 - 1) and out[4]["full"] != out[4]["last_L0"]

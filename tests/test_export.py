@@ -12,7 +12,7 @@ import torch
 import clex
 from clex.cli.main import main
 from clex.serve.export import ExportError, export
-from conftest import L, make_model, randomize_clex, tokens
+from tiny import L, make_model, randomize_clex, tokens
 
 STOCK = """
 import json, sys
@@ -45,6 +45,7 @@ def _clex_model(family: str, max_factor: int = 4):
     return model
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["llama", "phi3", "gpt_neox"])  # plain, L kept twice, partial rotary
 def test_exported_longrope_equals_clex_in_its_range(family, tmp_path):
     model = _clex_model(family)

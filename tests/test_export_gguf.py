@@ -23,7 +23,7 @@ import clex
 from clex.cli.main import main
 from clex.data.fetch import gguf_to_safetensors
 from clex.serve.export import ExportError, export, longrope_parameters
-from conftest import randomize_clex
+from tiny import randomize_clex, tiny_llama
 
 gguf = pytest.importorskip("gguf")
 from test_fetch import write_tiny_llama_gguf  # noqa: E402
@@ -33,19 +33,13 @@ ROOT = Path(__file__).resolve().parents[1]
 ENGINE_PYTHON = ROOT / ".engines" / "llamacpp" / "bin" / "python"
 
 
-def _tiny_llama() -> tf.LlamaForCausalLM:
-    torch.manual_seed(0)
-    config = tf.LlamaConfig(vocab_size=257, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=L,
-                            tie_word_embeddings=False)
-    return tf.LlamaForCausalLM(config).eval()
-
-
 @pytest.fixture(scope="module")
 def fetched(tmp_path_factory) -> Path:
     """A tiny Llama written as GGUF and converted as `clex fetch` converts SmolLM2."""
     tmp = tmp_path_factory.mktemp("fetched")
-    write_tiny_llama_gguf(tmp / "tiny.gguf", _tiny_llama())
+    model = tiny_llama(vocab_size=257, hidden_size=64, intermediate_size=128, max_position_embeddings=L,
+                       tie_word_embeddings=False)
+    write_tiny_llama_gguf(tmp / "tiny.gguf", model)
     return gguf_to_safetensors(tmp / "tiny.gguf", tmp / "hf")
 
 

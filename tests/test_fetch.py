@@ -8,6 +8,7 @@ import torch
 import transformers as tf
 
 from clex.data.fetch import FetchError, fetch, gguf_to_safetensors
+from tiny import tiny_llama
 
 gguf = pytest.importorskip("gguf")
 
@@ -73,11 +74,7 @@ def write_tiny_llama_gguf(path, model: tf.LlamaForCausalLM) -> None:
 
 
 def test_gguf_converts_to_an_equal_safetensors_model(tmp_path):
-    torch.manual_seed(0)
-    config = tf.LlamaConfig(vocab_size=257, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                            tie_word_embeddings=False)
-    model = tf.LlamaForCausalLM(config).eval()
+    model = tiny_llama(vocab_size=257, max_position_embeddings=64, tie_word_embeddings=False)
     write_tiny_llama_gguf(tmp_path / "tiny.gguf", model)
     out = gguf_to_safetensors(tmp_path / "tiny.gguf", tmp_path / "hf")
     assert (out / "model.safetensors").exists() and not list(out.glob("*.gguf"))

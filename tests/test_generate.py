@@ -12,7 +12,7 @@ from transformers import DynamicCache
 from transformers.models.llama.modeling_llama import rotate_half
 
 import clex
-from conftest import make_model, randomize_clex
+from tiny import make_model, randomize_clex
 
 L = 16
 

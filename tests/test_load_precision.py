@@ -11,8 +11,8 @@ from torchdiffeq import odeint
 
 import clex
 from clex.loading import ModelLoadError
-from conftest import L, make_model, randomize_clex, tokens
 from test_reference_import import write_reference_checkpoint
+from tiny import L, make_model, randomize_clex, tokens
 
 
 def _theta_grid(model) -> torch.Tensor:

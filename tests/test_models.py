@@ -10,7 +10,7 @@ import torch
 import transformers as tf
 
 import clex
-from conftest import FAMILIES, L, clone, make_model, randomize_clex, tokens
+from tiny import FAMILIES, L, clone, make_model, randomize_clex, tokens
 
 
 def logits(model, ids, **kwargs):

@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 from torchdiffeq import odeint
 
 import clex
-from conftest import L, make_model, tokens
+from tiny import L, make_model, tokens
 
 
 def write_reference_checkpoint(path, rope_theta: float, log_scale: bool, seed: int = 0):

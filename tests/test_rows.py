@@ -8,7 +8,7 @@ import torch
 
 import clex
 from clex.positions import token_lengths
-from conftest import L, make_model, randomize_clex, tokens
+from tiny import L, make_model, randomize_clex, tokens
 
 LENGTHS = (5, 20, 40)  # t = 1, 2, 3 over L = 16 at the prompt, each crossing into the next t while generating
 NEW = 30

@@ -23,6 +23,7 @@ from safetensors.torch import load_file, save_file
 import clex
 from clex.cli.main import main
 from clex.io import outdir, records
+from tiny import tiny_llama
 
 L = 32
 
@@ -38,10 +39,7 @@ def world(tmp_path_factory):
 
 
 def _build_world(root):
-    torch.manual_seed(0)
-    config = tf.LlamaConfig(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=L)
-    model = tf.LlamaForCausalLM(config)
+    model = tiny_llama(max_position_embeddings=L)
     model.save_pretrained(root / "base")
     clex.apply(model, "clex", max_factor=4)
     model.save_pretrained(root / "cx")
@@ -265,6 +263,7 @@ def test_a_live_lock_refuses_a_second_run_and_a_stale_one_is_taken_over(world, t
     assert not (out / outdir.LOCK).exists()
 
 
+@pytest.mark.slow
 def test_two_runs_at_once_on_one_directory(world, tmp_path):
     import signal
     import time

@@ -14,11 +14,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import transformers as tf
 
 import clex
 from clex.cli.main import main
 from clex.eval import tasks as T
+from tiny import tiny_llama
 
 L = 32  # the tiny model's training length
 MANIFEST = ".clex-manifest.json"
@@ -27,11 +27,7 @@ GREEDY = T.greedy_answers
 
 # --- fixtures and helpers --------------------------------------------------------------------------------
 def save_tiny(path: Path, seed: int = 0, nan: bool = False, L: int = L) -> Path:
-    torch.manual_seed(seed)
-    config = tf.LlamaConfig(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=L,
-                            eos_token_id=None, bos_token_id=None, pad_token_id=None)
-    model = tf.LlamaForCausalLM(config).eval()
+    model = tiny_llama(seed, max_position_embeddings=L, eos_token_id=None, bos_token_id=None, pad_token_id=None)
     if nan:
         with torch.no_grad():
             model.model.norm.weight.fill_(float("nan"))
@@ -371,7 +367,7 @@ def test_ppl_failing_at_the_longest_length_writes_the_finished_ones(shared, tmp_
 
 # --- methods in Python ----------------------------------------------------------------------------------------
 def test_apply_refuses_a_parameter_given_twice():
-    from conftest import make_model
+    from tiny import make_model
 
     model = make_model("llama")
     before = model.config.to_dict()
@@ -385,7 +381,7 @@ def test_apply_refuses_a_parameter_given_twice():
 
 
 def test_clamp_false_says_it_refused():
-    from conftest import make_model, tokens
+    from tiny import make_model, tokens
 
     model = clex.apply(make_model("llama"), "clex", max_factor=2, clamp=False)
     with pytest.raises(ValueError, match=r"^refused: sequence length 48 exceeds .* clamp=False"):

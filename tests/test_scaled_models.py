@@ -14,7 +14,7 @@ import clex
 from clex.layouts import UnsupportedModelError
 from clex.models import rotary_modules, training_length
 from clex.serve.export import export
-from conftest import COMMON, randomize_clex, tokens
+from tiny import COMMON, randomize_clex, tokens
 
 SMALL = {k: v for k, v in COMMON.items() if k != "max_position_embeddings"}
 LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "original_max_position_embeddings": 8, "low_freq_factor": 1.0,

@@ -15,7 +15,7 @@ import clex
 from clex.cli.main import main
 from clex.serve.export import export
 from clex_vllm.profiles import CONFIG_KEY, ProfileError, Profiles, offset
-from conftest import L, make_model, randomize_clex
+from tiny import L, make_model, randomize_clex
 
 T = 4
 

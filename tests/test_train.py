@@ -26,24 +26,14 @@ L = 32
 
 
 @pytest.fixture
-def corpus(tmp_path):
-    path = tmp_path / "corpus.txt"
-    rng = np.random.default_rng(0)
-    words = ["the", "state", "of", "union", "is", "strong", "congress", "people", "nation", "peace"]
-    path.write_text(" ".join(rng.choice(words, 3000)))
-    return str(path)
+def corpus(words_corpus):
+    return str(words_corpus)
 
 
 @pytest.fixture
-def model_dir(tmp_path):
-    torch.manual_seed(0)
-    config = tf.LlamaConfig(
-        vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=L,
-    )
-    path = tmp_path / "base"
-    tf.LlamaForCausalLM(config).save_pretrained(path)
-    return str(path)
+def model_dir(llama_dir):
+    assert tf.AutoConfig.from_pretrained(llama_dir).max_position_embeddings == L
+    return str(llama_dir)
 
 
 def cfg(model_dir, corpus, out, **kw) -> TrainConfig:
@@ -163,6 +153,7 @@ def _cli(model_dir, corpus, out, *extra):
             "--out", str(out), "--no-progress", *extra]
 
 
+@pytest.mark.slow
 def test_kill_and_resume_matches_an_uninterrupted_run(model_dir, corpus, tmp_path):
     # train length 4L: the long regime (fractional positions), and steps slow enough to kill mid-run
     long = ("--train-length", str(4 * L))
@@ -189,6 +180,7 @@ def test_kill_and_resume_matches_an_uninterrupted_run(model_dir, corpus, tmp_pat
         torch.testing.assert_close(sa[key], sb[key], rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_two_processes_take_the_same_steps_as_one(model_dir, corpus, tmp_path):
     one = tmp_path / "one"
     subprocess.run(_cli(model_dir, corpus, one, "--steps", "6"), check=True, capture_output=True)
@@ -239,6 +231,7 @@ def test_refusals(model_dir, corpus, tmp_path):
         train(cfg(model_dir, corpus, out, steps=2, t_sampling="log", resume=True))
 
 
+@pytest.mark.slow
 def test_fsdp_over_two_processes_takes_the_steps_of_one_and_resumes(model_dir, corpus, tmp_path):
     from safetensors.torch import load_file
 

@@ -17,6 +17,7 @@ from clex.training import CLEXTrainer
 from clex.training.loop import batch_indices, pack, train
 from clex.training.options import TrainConfig
 from clex.training.trainer import CLEXDataCollator
+from tiny import save_llama
 
 L = 32
 STEPS = 12
@@ -25,10 +26,7 @@ STEPS = 12
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("training")
-    torch.manual_seed(0)
-    config = tf.LlamaConfig(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=L)
-    tf.LlamaForCausalLM(config).save_pretrained(root / "base")
+    save_llama(root / "base", max_position_embeddings=L)
     rng = np.random.default_rng(0)
     words = ["the", "state", "of", "union", "is", "strong", "congress", "people", "nation", "peace"]
     (root / "corpus.txt").write_text(" ".join(rng.choice(words, 3000)))
@@ -146,6 +144,7 @@ def test_trainer_takes_the_steps_of_clex_train(setup, tmp_path):
     assert len(groups) == 2 and groups[1]["weight_decay"] == 0.0
 
 
+@pytest.mark.slow
 def test_a_trainer_checkpoint_resumes_to_the_same_weights(setup, tmp_path):
     full = run_trainer(setup, tmp_path / "full")
     out = tmp_path / "stopped"
@@ -219,6 +218,7 @@ def test_trl_sft_on_conversations_trains_assistant_tokens_and_saves_a_clex_model
 
 
 # --- bf16 -------------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_bf16_autocast_on_cpu_keeps_clex_fp32_with_finite_gradients_and_the_fp32_losses(setup, tmp_path):
     runs = {}
     for precision in ("fp32", "bf16"):
@@ -237,6 +237,7 @@ def test_bf16_autocast_on_cpu_keeps_clex_fp32_with_finite_gradients_and_the_fp32
 
 
 # --- FSDP -------------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_clex_trainer_under_fsdp_on_two_processes_takes_the_steps_of_one(setup, tmp_path):
     import os
     import subprocess

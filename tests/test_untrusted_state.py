@@ -19,6 +19,7 @@ from clex.io import checkpoint as C
 from clex.io import outdir, records
 from test_safety import last_line, run_cli, snapshot, train_args, unfinished_copy
 from test_safety_eval import passkey_argv, save_tiny
+from tiny import tiny_llama
 
 MANIFEST = outdir.MANIFEST
 
@@ -265,16 +266,12 @@ def test_a_lock_that_is_a_folder_is_named(world, tmp_path, capsys):
 # --- clex fetch --------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def gguf(tmp_path_factory):
-    import transformers as tf
-
     from test_fetch import write_tiny_llama_gguf
 
-    torch.manual_seed(0)
-    config = tf.LlamaConfig(vocab_size=257, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                            num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64,
-                            tie_word_embeddings=False)
+    model = tiny_llama(vocab_size=257, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                       num_attention_heads=2, max_position_embeddings=64, tie_word_embeddings=False)
     path = tmp_path_factory.mktemp("gguf") / "tiny.gguf"
-    write_tiny_llama_gguf(path, tf.LlamaForCausalLM(config))
+    write_tiny_llama_gguf(path, model)
     return path
 
 
