@@ -264,7 +264,7 @@ def supported_length(model, spec: str) -> int:
     spec = MethodSpec(spec)
     params = dict(spec.params)
     found = clex_modules(model)
-    if spec.name == "clex" and found:
+    if spec.name == "clex" and found and "max_factor" not in params:
         params["max_factor"] = found[0].settings.max_factor
     return spec.method.supported_length(params, training_length(model))
 

@@ -1,8 +1,8 @@
 """The one fingerprint of a model: what a training run's identity and an evaluation's resume key compare.
 
-A model directory is hashed by the content of every file in it (small files whole; large weight files by
-size, mtime and their first and last MiB) and, for a LoRA adapter, its base model's; a model object by its
-config and every tensor; a hub name by its name. A resume is refused when the fingerprint differs.
+A model directory is hashed by its resolved path and the content of every file in it (small files whole; large
+weight files by size, mtime and their first and last MiB) and, for a LoRA adapter, its base model's; a model
+object by its config and every tensor; a hub name by its name. A resume is refused when the fingerprint differs.
 """
 
 from __future__ import annotations
