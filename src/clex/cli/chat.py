@@ -166,6 +166,13 @@ def cmd_chat(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_cache_mode(parser: argparse.ArgumentParser, when: str) -> None:
+    """``--cache-mode`` (``--policy``, its older name), as every generating command takes it."""
+    parser.add_argument("--cache-mode", "--policy", dest="cache_mode", default="rerotate", choices=CACHE_MODES,
+                        help=f"CLEX's KV cache {when}: rerotate cached keys once (default), recompute the prefix, "
+                        "freeze t from the final length, or off (stock behaviour)")
+
+
 def add_chat_parsers(sub) -> None:
     """The ``chat`` and ``generate`` subcommands."""
     ch = sub.add_parser("chat", help=cmd_chat.__doc__.split(".")[0], description=cmd_chat.__doc__)
@@ -176,9 +183,7 @@ def add_chat_parsers(sub) -> None:
     ch.add_argument("--max-context", type=int, default=None, help="tokens of history + answer kept; the oldest "
                     "exchanges are dropped beyond it (default: the config's max_position_embeddings)")
     ch.add_argument("--max-new-tokens", type=int, default=256)
-    ch.add_argument("--cache-mode", "--policy", dest="cache_mode", default="rerotate", choices=CACHE_MODES,
-                    help="CLEX's KV cache as the conversation grows (default: %(default)s; --policy is its older "
-                    "name)")
+    add_cache_mode(ch, "as the conversation grows")
     ch.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
     ch.add_argument("--tokenizer", default=None, help="tokenizer directory or `bytes` (default: the model's)")
     ch.set_defaults(func=cmd_chat)
@@ -187,9 +192,7 @@ def add_chat_parsers(sub) -> None:
     ge.add_argument("--model", required=True)
     ge.add_argument("--prompt-file", required=True, help="text file with the prompt (- for stdin)")
     ge.add_argument("--max-new-tokens", type=int, default=256)
-    ge.add_argument("--cache-mode", "--policy", dest="cache_mode", default="rerotate", choices=CACHE_MODES,
-                    help="KV cache when CLEX's t changes: rerotate cached keys once (default), recompute the "
-                    "prefix, freeze t from the final length, or off (stock behaviour); --policy is its older name")
+    add_cache_mode(ge, "as t changes")
     ge.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
     ge.add_argument("--top-p", type=float, default=1.0)
     ge.add_argument("--seed", type=int, default=0)

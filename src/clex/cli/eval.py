@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 
-from clex.cache import CACHE_MODES
+from clex.cli.chat import add_cache_mode
 from clex.io.eval_run import PARTIAL
 from clex.methods import BASE_LENGTH_HELP
 
@@ -221,9 +221,7 @@ def _task_parsers(ev) -> None:
         p.add_argument("--lengths", required=True, help=lengths_help)
         p.add_argument("--base-length", type=int, default=None, help=BASE_LENGTH_HELP)
         p.add_argument("--tokenizer", default=None, help="tokenizer directory or `bytes` (default: the model's)")
-        p.add_argument("--cache-mode", "--policy", dest="cache_mode", default="rerotate", choices=CACHE_MODES,
-                       help="CLEX's KV cache while generating, as t grows (default: %(default)s; --policy is its "
-                       "older name)")
+        add_cache_mode(p, "while generating, as t grows")
         p.add_argument("--batch-size", type=int, default=8, help="prompts of equal length generated together")
         p.add_argument("--dtype", default="auto", help="auto (fp32 on CPU, bf16 on GPU), float32, bfloat16, float16")
         p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
