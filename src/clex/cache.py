@@ -244,8 +244,3 @@ def _recompute(rot: CLEXRotary, decoder: nn.Module, cache, t_new: float, attenti
         _, _, src = _slots(new)
         old.keys[:, :, dst] = new.keys[:, :, src]
         old.values[:, :, dst] = new.values[:, :, src]
-
-
-# --- generation -------------------------------------------------------------------------------------
-
-

@@ -39,8 +39,6 @@ COMPOSABLE = ("linear", "ntk", "yarn", "llama3", "longrope")  # static per-pair 
 PLAIN = ("default", "dynamic")  # the raw θ inside the model's context
 
 
-
-
 def context_length(rope: dict, max_position_embeddings: int) -> int:
     """The context a rope serves: ``max_position_embeddings``, or factor × original length where the rope says
     more (Qwen's ``yarn`` block leaves ``max_position_embeddings`` at the original 32k)."""

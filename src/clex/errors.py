@@ -65,6 +65,3 @@ def check_number(name: str, value, ok, rule: str, integer: bool = False, optiona
         raise TypeError(f"{name} must be {rule}, got {describe(value)}")
     if not math.isfinite(value) or not ok(value):
         raise ValueError(f"{name} must be {rule}, got {value!r}")
-
-
-

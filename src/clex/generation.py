@@ -160,5 +160,3 @@ def generate(model, input_ids: torch.Tensor, cache_mode: str = "rerotate", *, po
     finally:
         for m, (p, t, ids) in zip(modules, saved, strict=True):
             m.cache_mode, m.t_override, m._recorded_ids = p, t, ids
-
-

@@ -104,7 +104,4 @@ def _accept_registered_rope_types() -> None:
             validators[:] = [validate_rope if v is own else v for v in validators]
 
 
-
 _patch_transformers()
-
-

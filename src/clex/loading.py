@@ -231,6 +231,3 @@ def _reference_weights(path, files: list[str]) -> dict[str, torch.Tensor] | None
                     if key.endswith(suffix):
                         found[suffix] = f.get_tensor(key).float()
     return found if len(found) == 2 else None
-
-
-

@@ -282,7 +282,6 @@ def training_length(model_or_config) -> int:
     return context_length(rope, config.max_position_embeddings)
 
 
-
 def wrap_rotary(rotary: nn.Module, config: CLEXConfig, layer_type: str | None, previous=None) -> CLEXRotary:
     device = next(iter(rotary.buffers())).device
     wrapped = CLEXRotary(rotary, config, layer_type).to(device)
@@ -305,6 +304,3 @@ def wrap_rotary(rotary: nn.Module, config: CLEXConfig, layer_type: str | None, p
                 stacklevel=3,
             )
     return wrapped
-
-
-

@@ -133,5 +133,3 @@ def write_demo_report(cfg: DemoConfig, out: Path, records: list[dict], timings: 
     demo.write("ppl.png", lambda tmp: R.plot_ppl_curves(curves, cfg.L0, tmp, f"clex demo on {cfg.eval_data[0]}"))
     demo.write_text("results.json", json.dumps({"config": cfg.budget(), "records": records}, indent=2))
     return out / "report.md"
-
-

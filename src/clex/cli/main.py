@@ -80,7 +80,6 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-
 def add_options(parser: argparse.ArgumentParser, config: type) -> None:
     """One flag per field of the dataclass ``config``, with the help, default and choices the field declares
     (``clex.training.options.option``): ``--<name>``, a switch for a bool, ``--no-<…>`` for a True one."""

@@ -318,7 +318,3 @@ def packed_inputs(segments, dtype=None):
     index = torch.arange(n).expand(b, n)
     last_start = torch.where(starts, index, torch.zeros_like(index)).cummax(dim=1).values
     return mask, index - last_start
-
-
-
-

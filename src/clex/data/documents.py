@@ -219,8 +219,3 @@ def _text(value, where: str, text_field: str) -> str:
     if not isinstance(value, str):
         raise field_error(where, text_field, "a string", value)
     return value
-
-
-# --- tokenizers -------------------------------------------------------------------------------------
-
-

@@ -184,5 +184,3 @@ def parse_length(text: str | int) -> int:
     if value < 2:
         raise DataError(f"length {text!r} must be at least 2 tokens")
     return value
-
-

@@ -157,5 +157,3 @@ def dtype_of(name: str | torch.dtype, device: str) -> torch.dtype:
     if not isinstance(name, str) or name not in DTYPES:
         raise argument_error("dtype", f"must be auto or one of {sorted(DTYPES)}, got {name!r}")
     return DTYPES[name]
-
-

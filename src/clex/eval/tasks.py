@@ -94,8 +94,6 @@ class TaskReport:
 ScoreFn = Callable[[str, Sample], float]
 
 
-
-
 def greedy_answers(
     model, tokenizer, samples: Sequence[Sample], cache_mode: str = "rerotate", batch_size: int = 8,
     progress: Callable[[int], None] | None = None,

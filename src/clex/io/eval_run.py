@@ -108,4 +108,3 @@ def as_outdir(out: str | Path | O.OutDir, kind: str) -> O.OutDir:
     if claimed.files:
         claimed.clear()
     return claimed
-

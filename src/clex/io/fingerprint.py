@@ -66,5 +66,3 @@ def model_fingerprint(model, _depth: int = 0) -> str:
         except (RuntimeError, TypeError):  # a tensor without plain bytes (meta, quantized): its sums
             digest.update(repr((float(t.float().sum()), float(t.float().abs().sum()))).encode())
     return digest.hexdigest()[:16]
-
-

@@ -42,8 +42,6 @@ def _own(name: str) -> bool:
     return name in (MANIFEST, LOCK) or name.startswith(TMP_PREFIX)
 
 
-
-
 class OutDir:
     """A claimed output directory and its manifest (name → record of what clex wrote there)."""
 
@@ -362,5 +360,3 @@ def claim(path: str | Path, kind: str, *, overwrite: bool = False, source: str |
     out = OutDir(path, kind, {}, existed=False)
     out._save()
     return out
-
-

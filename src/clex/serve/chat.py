@@ -161,5 +161,3 @@ class ChatSession:
             answer = answer.split(s, 1)[0]
         self.history.append({"role": "assistant", "content": answer})
         return answer
-
-

@@ -110,8 +110,6 @@ def prepare_model(cfg: TrainConfig):
     return model, L, length
 
 
-
-
 def add_lora(model, spec: str):
     from peft import LoraConfig, get_peft_model
 
@@ -310,8 +308,6 @@ def _packed_mask_dtype(model, accelerator, cfg: TrainConfig):
     raise TrainError(f"`pack` needs sdpa or eager attention (a 4-D mask), not {impl}")
 
 
-
-
 def _bar(cfg: TrainConfig, accelerator, start: int):
     show = cfg.show_progress and accelerator.is_main_process
     return progress_bar(cfg.steps, show, initial=start, unit="step", desc=f"train {cfg.method}")
@@ -339,5 +335,3 @@ def _save_final(accelerator, model, run: Run, cfg: TrainConfig, tok) -> None:
     run.dir.remove(tmp.name)
     run.dir.note(METRICS_FILE)
     run.dir.write_text(STATE_FILE, json.dumps({"step": cfg.steps, "final": True}))
-
-

@@ -1,5 +1,4 @@
-"""The options of a training run (``TrainConfig``), each declared once, and their validation.
-"""
+"""The options of a training run (``TrainConfig``), each declared once, and their validation."""
 
 from __future__ import annotations
 
@@ -7,10 +6,8 @@ import math
 from dataclasses import MISSING, dataclass, field, fields
 
 from clex.data.chat import BAD_RECORD_ACTIONS
-from clex.io.train_run import (
-    TrainError,
-)
-from clex.methods import parse_method
+from clex.io.train_run import TrainError
+from clex.methods import MethodSpec
 from clex.positions import LAYOUTS, T_SAMPLINGS
 from clex.training.distributed import FSDP_MODES, PRECISIONS
 
@@ -77,9 +74,6 @@ class TrainConfig:
                                 choices=BAD_RECORD_ACTIONS)
 
 
-# --- data -----------------------------------------------------------------------------------------
-
-
 def parse_lora(spec: str) -> tuple[int, float, list[str]]:
     """``r,alpha,target[,target…]``, checked."""
     parts = [p.strip() for p in spec.split(",") if p.strip()]
@@ -93,11 +87,9 @@ def parse_lora(spec: str) -> tuple[int, float, list[str]]:
     return r, alpha, targets
 
 
-
-
 def validate(cfg: TrainConfig) -> None:
     """Every option checked before any work, each refusal naming its option (`steps`)."""
-    parse_method(cfg.method)
+    method = MethodSpec(cfg.method)
     for f in fields(cfg):
         choices, value = f.metadata.get("choices"), getattr(cfg, f.name)
         if choices and value not in choices and not (value is None and f.default is None):
@@ -110,7 +102,7 @@ def validate(cfg: TrainConfig) -> None:
         raise TrainError(f"`train_length` must be at least 2, got {cfg.train_length}")
     if not (cfg.lr >= 0 and math.isfinite(cfg.lr)) or (cfg.clex_lr is not None and not cfg.clex_lr >= 0):
         raise TrainError(f"learning rates must be finite and >= 0, got lr={cfg.lr}, clex_lr={cfg.clex_lr}")
-    if cfg.lr == 0 and (parse_method(cfg.method)[0] != "clex" or cfg.clex_lr in (None, 0) or cfg.lora):
+    if cfg.lr == 0 and (method.name != "clex" or cfg.clex_lr in (None, 0) or cfg.lora):
         raise TrainError("`lr` 0 freezes the base model, so only the CLEX ODE can learn: it needs `method` clex, "
                          "`clex_lr` above 0, and no `lora`")
     for name in ("warmup", "clex_warmup"):
@@ -145,7 +137,3 @@ def validate(cfg: TrainConfig) -> None:
         raise TrainError("`fsdp` with `lora` is not supported: LoRA's trainable weights are small, use DDP")
     if cfg.lora:
         parse_lora(cfg.lora)
-
-
-
-

@@ -167,8 +167,3 @@ def cosine_schedule(steps: int, warmup: float, clex_warmup: float | None = None)
         return base(step) * (min(1.0, step / clex_warm) if clex_warm > warm else 1.0)
 
     return base, clex
-
-
-# --- CLEX weights beside a LoRA adapter -------------------------------------------------------------
-
-
