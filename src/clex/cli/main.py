@@ -169,6 +169,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _quiet_library_bars() -> None:
+    """transformers' and the hub's own progress bars (loading and writing weights) off, as clex's own are off a
+    terminal: a log gets one line per event, not a bar redrawn."""
+    from huggingface_hub.utils import disable_progress_bars
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    disable_progress_bars()
+
+
 def _debug_requested(argv: list[str]) -> tuple[list[str], bool]:
     """``--debug`` anywhere on the command line (or ``CLEX_DEBUG=1``) shows tracebacks."""
     debug = os.environ.get("CLEX_DEBUG", "") not in ("", "0")
@@ -209,6 +219,8 @@ def main(argv: list[str] | None = None) -> int:
     argv, debug = _debug_requested(list(sys.argv[1:] if argv is None else argv))
     parser = build_parser()
     args = parser.parse_args(argv)
+    if getattr(args, "no_progress", False) or not sys.stderr.isatty():
+        _quiet_library_bars()
     words = " ".join(w for w in (args.command, getattr(args, "evaluation", None)) if w)
     flags = _flags(parser, words)
     args.flag_words = lambda text: flag_words(text, flags)  # for what a command prints as it goes (chat notices)
