@@ -47,7 +47,10 @@ def main(path: str) -> None:
     for variant in study["variants"]:
         trained = by_name[variant.get("reuse", variant["name"])]
         spec = trained["method"]
-        eval_spec = variant.get("eval") or ("clex" if spec.startswith("clex") and "untrained" not in trained else spec)
+        # a fine-tuned run is evaluated as trained: its own rope is the model as shipped ("vanilla"; its spec again
+        # would scale on top of it), CLEX's learned path "clex"; the untrained base under the method itself
+        as_trained = "clex" if spec.startswith("clex") else "vanilla"
+        eval_spec = variant.get("eval") or (spec if "untrained" in trained else as_trained)
         if "untrained" in trained:  # the base model itself under the method: one row, no seeds
             results = [_evaluate(base, eval_spec, study, tokenizer, out / slug(trained["name"]))]
             seeds = []

@@ -130,3 +130,27 @@ def test_extra_baselines_are_fine_tuned_tabulated_and_judged(tmp_path):
     verdict = report.splitlines()[2]
     assert "better than PI ×4, YaRN ×4, YaRN ×2 there" in verdict
     assert re.search(r"CLEX (beats|does not beat) YaRN ×2 at 8×", report)
+
+
+def test_fine_tuned_baselines_are_evaluated_as_trained(tmp_path):
+    """A baseline's row evaluates its fine-tuned model as shipped (``vanilla``): its spec applied again would scale
+    on top of the rope it was trained with (PI ×4 twice is PI ×16), and CLEX's row uses its learned path."""
+    import torch
+
+    import clex
+    from clex.cli.demo import finetune_methods, rows
+    from tiny import make_model, tokens
+
+    cfg = _micro(tmp_path)
+    row_method = {seed_label: method for seed_label, _, method, seed in rows(cfg, tmp_path) if seed is not None}
+    trained = finetune_methods(cfg)
+    assert {row_method[label] for label in row_method} == {"clex", "vanilla"}
+    assert sum(method == "vanilla" for method in row_method.values()) == len(trained) - 1
+    pi = clex.apply(make_model("llama"), "pi:factor=4")
+    pi.save_pretrained(tmp_path / "pi")  # as a fine-tuning run leaves it: PI is now the rope it ships with
+    as_trained = clex.apply(clex.from_pretrained(tmp_path / "pi", attn_implementation="eager").eval(), "vanilla")
+    again = clex.apply(clex.from_pretrained(tmp_path / "pi", attn_implementation="eager").eval(), "pi:factor=4")
+    x = tokens(24)
+    with torch.no_grad():
+        torch.testing.assert_close(as_trained(x).logits, pi(x).logits, rtol=0, atol=0)
+        assert not torch.allclose(again(x).logits, pi(x).logits, atol=1e-4)

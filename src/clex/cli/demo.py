@@ -172,7 +172,9 @@ def rows(cfg: DemoConfig, out: Path) -> list[tuple[str, str, str, int | None]]:
     for name, spec in finetune_methods(cfg).items():
         for seed in _ft_seeds(cfg):
             model = str(out / "finetuned" / f"{name}-seed{seed}")
-            table.append((label(spec), model, "clex" if name == "clex" else spec, seed))
+            # as trained: a baseline's own rope is the model's as shipped ("vanilla"); its spec applied again would
+            # scale on top of it (factor², see docs/design.md §8); CLEX's learned path is "clex"
+            table.append((label(spec), model, "clex" if name == "clex" else "vanilla", seed))
     return table
 
 
