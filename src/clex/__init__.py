@@ -2,13 +2,16 @@
 
 Public API::
 
-    clex.apply(model, "clex", max_factor=16)      # or "yarn:factor=8", "pi", "ntk", "dynamic", …
-    clex.from_pretrained(path)                     # clex, reference-CLEX or plain checkpoints
-    clex.generate(model, ids, cache_mode="rerotate")   # generation with a KV cache kept right as t changes
+    clex.apply(model, "clex", max_factor=16)           # or "yarn:factor=8", "pi:factor=4", "ntk:factor=4", …
+    clex.from_pretrained(path)                          # clex, reference-CLEX or plain checkpoints
+    clex.generate(model, ids, cache_mode="rerotate")    # generation with a KV cache kept right as t changes
     clex.available_methods()
     clex.sample_training_positions(L, max_factor, generator)   # a CLEX training step's (t', position_ids)
-    clex.unfreeze_clex(peft_model)                 # CLEX trainable again after peft's get_peft_model
-    clex.restore_clex(peft_model, adapter_dir)     # CLEX back on a model peft's own loaders built
+    clex.unfreeze_clex(peft_model)                      # CLEX trainable again after peft's get_peft_model
+    clex.restore_clex(peft_model, adapter_dir)          # CLEX back on a model peft's own loaders built
+
+The package is laid out in layers (docs/design.md; tests/test_layout.py checks the direction): the core
+modules at the top level, then ``io`` and ``data``, then ``training``, ``eval`` and ``serve``, then ``cli``.
 """
 
 from clex import _moved, hooks  # noqa: F401  (installs the transformers hooks: rope types, CLEX at model init)
