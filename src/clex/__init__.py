@@ -10,7 +10,7 @@ Public API::
     clex.unfreeze_clex(peft_model)                      # CLEX trainable again after peft's get_peft_model
     clex.restore_clex(peft_model, adapter_dir)          # CLEX back on a model peft's own loaders built
 
-The package is laid out in layers (docs/design.md; tests/test_layout.py checks the direction): the core
+The package is laid out in layers (the README's module map; tests/test_layout.py checks the direction): the core
 modules at the top level, then ``io`` and ``data``, then ``training``, ``eval`` and ``serve``, then ``cli``.
 """
 
