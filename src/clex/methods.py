@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import modeling_rope_utils as mru
 
-from clex.rotary import MAX_FACTOR, CLEXConfig
+from clex.rotary import MAX_FACTOR, CLEXConfig, renamed_settings
 
 
 @dataclass(frozen=True)
@@ -63,17 +63,6 @@ class Method:
             out["original_max_position_embeddings"] = L
         _check_factor(self.name, out)
         return out
-
-
-def renamed_settings(params: dict) -> dict:
-    """``params`` with CLEX's ``policy`` (the older name of ``t_rule``) under its new name."""
-    if "policy" not in params:
-        return params
-    params = dict(params)
-    old = params.pop("policy")
-    if params.setdefault("t_rule", old) != old:
-        raise ValueError(f"t_rule {params['t_rule']!r} and its older name policy {old!r} are both given and differ")
-    return params
 
 
 def _check_factor(name: str, params: dict) -> None:

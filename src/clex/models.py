@@ -25,8 +25,8 @@ from clex.cache import install_cache_hook
 from clex.composed import SCALED_FROM, base_frequencies, compose, context_length, shipped
 from clex.errors import describe
 from clex.layouts import UnsupportedModelError, build_rotary, check_family, check_round_trip, rotary_layout
-from clex.methods import MethodSpec, get_method, parse_method, renamed_settings
-from clex.rotary import CLEXConfig, CLEXRotary, clex_modules, inv_freq_buffer
+from clex.methods import MethodSpec, get_method, parse_method
+from clex.rotary import CLEXConfig, CLEXRotary, clex_modules, inv_freq_buffer, renamed_settings
 
 GLOBAL_LAYER_TYPE = "full_attention"  # models with per-layer-type rope (Gemma 3): CLEX goes here
 

@@ -37,6 +37,17 @@ T_RULES = ("ceil", "continuous")  # how t follows the length: ⌈n/L⌉ or n/L
 MAX_FACTOR = 1024
 
 
+def renamed_settings(params: dict) -> dict:
+    """``params`` with CLEX's ``policy`` (the older name of ``t_rule``) under its new name."""
+    if "policy" not in params:
+        return params
+    params = dict(params)
+    old = params.pop("policy")
+    if params.setdefault("t_rule", old) != old:
+        raise ValueError(f"t_rule {params['t_rule']!r} and its older name policy {old!r} are both given and differ")
+    return params
+
+
 @dataclass(frozen=True)
 class CLEXConfig:
     """CLEX's settings; stored in ``config.rope_parameters`` with ``rope_type = "clex"``."""
@@ -74,14 +85,11 @@ class CLEXConfig:
     def from_rope_parameters(cls, params: dict, default_length: int) -> CLEXConfig:
         """Build from a ``rope_parameters`` dict (ours or the reference's ``rope_scaling``)."""
         known = {f.name for f in fields(cls)}
-        unknown = set(params) - known - cls.IGNORED_KEYS - {"policy"}
+        params = renamed_settings(params)  # configs saved before the rename say policy
+        unknown = set(params) - known - cls.IGNORED_KEYS
         if unknown:
             raise ValueError(f"unknown CLEX parameter(s) {sorted(unknown)}; expected some of {sorted(known)}")
         kwargs = {k: v for k, v in params.items() if k in known}
-        if "policy" in params:  # the older name of t_rule, in configs saved before it was renamed
-            if "t_rule" in params and params["t_rule"] != params["policy"]:
-                raise ValueError(f"t_rule {params['t_rule']!r} and its older name policy {params['policy']!r} differ")
-            kwargs["t_rule"] = params["policy"]
         kwargs.setdefault("original_max_position_embeddings", default_length)
         if isinstance(kwargs.get("time_dt"), int) and not isinstance(kwargs.get("time_dt"), bool):
             kwargs["time_dt"] = float(kwargs["time_dt"])

@@ -90,10 +90,11 @@ def chat_data(cfg: TrainConfig, tok, length: int):
 def prepare_model(cfg: TrainConfig):
     """Load the model, switch its method, check the train length. Returns (model, L, train length)."""
     check_model_path(cfg.model)
-    model = use_method(from_pretrained(cfg.model, attn_implementation="sdpa"), cfg.method)
+    spec = MethodSpec(cfg.method)  # parsed once: use_method and supported_length take it as it is
+    model = use_method(from_pretrained(cfg.model, attn_implementation="sdpa"), spec)
     L = training_length(model)
     length = cfg.train_length or L
-    name, supported = MethodSpec(cfg.method).name, supported_length(model, cfg.method)
+    name, supported = spec.name, supported_length(model, spec)
     if name == "clex" and length < L:
         raise TrainError(
             f"train length {length} is shorter than the model's training length L = {L}: CLEX training places a "
